@@ -1,0 +1,1 @@
+//! warmroll-agent library.

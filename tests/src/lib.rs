@@ -1,0 +1,8 @@
+//! The warmroll test bed: real containerd and a real OCI registry started per test,
+//! an in-process Kubernetes API stand-in, and the image builder that feeds them.
+//!
+//! Everything a test starts is owned by a guard value; dropping it (also while a failed
+//! test unwinds) stops the processes, unmounts and removes the temp dirs.
+
+pub mod scratch;
+pub mod tls;
