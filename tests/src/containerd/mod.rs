@@ -1,0 +1,550 @@
+//! A real containerd (with its built-in CRI v1 plugin) per test.
+//!
+//! [`Containerd::start`] runs `/usr/bin/containerd` with its own root, state, socket,
+//! runc root and registry hosts dir under a `warmroll-testbed-ctrd-*` temp dir, with the
+//! CRI settings this machine needs (see `shared/TESTBED.md`): `restrict_oom_score_adj`,
+//! a sandbox image served by a test registry, a `config_path` hosts dir that
+//! [`Containerd::trust_host`] fills at runtime. Pods run the way kubelet runs them
+//! ([`Containerd::run_pod`]), with host networking so no CNI is needed.
+//!
+//! Dropping the guard (also while a failed test unwinds) removes every sandbox through
+//! CRI, stops containerd, force-deletes what runc still knows under our runc root, ends
+//! the shims this containerd started (found by pid via their `-address <our socket>`
+//! argument), lazily unmounts what is left under the temp dir and deletes it.
+
+mod cleanup;
+mod pod;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{
+    AuthConfig, Container, ContainerStatus, ContainerStatusRequest, Image, ImageSpec,
+    ImageStatusRequest, ListContainersRequest, ListImagesRequest, PullImageRequest, VersionRequest,
+    VersionResponse,
+};
+use nix::sys::signal::Signal;
+use tempfile::TempDir;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tower::service_fn;
+
+use crate::scratch;
+
+pub use cleanup::{mounts_under, processes_mentioning};
+pub use pod::{ContainerSpec, ImagePull, PodSpec, RunningContainer, RunningPod};
+
+/// The containerd binary the test bed runs (Debian package `containerd`).
+pub const CONTAINERD_BIN: &str = "/usr/bin/containerd";
+/// The containerd namespace the CRI plugin uses.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+
+// Generous: the whole suite starts many containerds at once on small machines.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_GRACE: Duration = Duration::from_secs(15);
+const LOG_TAIL_LINES: usize = 40;
+
+/// A CRI gRPC channel over a unix socket (lazy: it connects on first use and reconnects
+/// after the runtime restarts). Must be called inside a tokio runtime.
+///
+/// This is how any test (or the agent under test) talks CRI to a test containerd:
+/// `RuntimeServiceClient::new(unix_channel(containerd.socket())?)`.
+pub fn unix_channel(socket: &Path) -> Result<Channel> {
+    let socket = socket.to_path_buf();
+    // The URI is ignored by the connector; tonic only needs a syntactically valid one.
+    let endpoint = Endpoint::try_from("http://[::1]:0").context("building CRI endpoint")?;
+    Ok(
+        endpoint.connect_with_connector_lazy(service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
+        })),
+    )
+}
+
+/// Paths of one test containerd, all under its temp dir.
+#[derive(Clone, Debug)]
+struct Paths {
+    dir: PathBuf,
+    config: PathBuf,
+    socket: PathBuf,
+    hosts: PathBuf,
+    runc_root: PathBuf,
+    pod_logs: PathBuf,
+    log: PathBuf,
+}
+
+impl Paths {
+    fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            config: dir.join("config.toml"),
+            // Short on purpose: unix socket paths are limited to 108 bytes.
+            socket: dir.join("c.sock"),
+            hosts: dir.join("hosts"),
+            runc_root: dir.join("runc"),
+            pod_logs: dir.join("pods"),
+            log: dir.join("containerd.log"),
+        }
+    }
+}
+
+/// A running test containerd. See the module docs.
+pub struct Containerd {
+    /// `None` once dropped.
+    dir: Option<TempDir>,
+    paths: Paths,
+    sandbox_image: String,
+    process: Option<Child>,
+    channel: Channel,
+}
+
+impl std::fmt::Debug for Containerd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Containerd")
+            .field("dir", &self.paths.dir)
+            .field("sandbox_image", &self.sandbox_image)
+            .field("pid", &self.pid())
+            .finish()
+    }
+}
+
+impl Containerd {
+    /// Starts containerd whose pod sandboxes use `sandbox_image` (an image a test
+    /// registry serves; trust that registry with [`Self::trust_host`] before running
+    /// a pod), and waits until CRI `Version` answers.
+    ///
+    /// Fails with a message naming what to install when not root or when containerd,
+    /// runc or the runc shim are missing.
+    pub async fn start(sandbox_image: &str) -> Result<Self> {
+        preflight()?;
+        let dir = scratch::temp_dir("ctrd")?;
+        let paths = Paths::new(dir.path());
+        for d in [&paths.hosts, &paths.pod_logs] {
+            fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        fs::write(&paths.config, config_toml(&paths, sandbox_image))
+            .with_context(|| format!("writing {}", paths.config.display()))?;
+        let channel = unix_channel(&paths.socket)?;
+        let mut containerd = Self {
+            dir: Some(dir),
+            paths,
+            sandbox_image: sandbox_image.to_string(),
+            process: None,
+            channel,
+        };
+        // On error `containerd` is dropped here, which cleans up what was started.
+        containerd.spawn()?;
+        containerd.wait_ready().await?;
+        Ok(containerd)
+    }
+
+    /// The CRI (and containerd API) socket.
+    pub fn socket(&self) -> &Path {
+        &self.paths.socket
+    }
+
+    /// The temp dir everything of this containerd lives under.
+    pub fn dir(&self) -> &Path {
+        &self.paths.dir
+    }
+
+    /// The sandbox (pause) image pods use.
+    pub fn sandbox_image(&self) -> &str {
+        &self.sandbox_image
+    }
+
+    /// The pid of the running containerd process, `None` after [`Self::stop`] /
+    /// [`Self::kill`].
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Child::id)
+    }
+
+    /// The CRI channel (lazy; reconnects after a restart).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    pub fn runtime(&self) -> RuntimeServiceClient<Channel> {
+        RuntimeServiceClient::new(self.channel())
+    }
+
+    pub fn images(&self) -> ImageServiceClient<Channel> {
+        ImageServiceClient::new(self.channel())
+    }
+
+    /// CRI `Version`.
+    pub async fn version(&self) -> Result<VersionResponse> {
+        Ok(self
+            .runtime()
+            .version(VersionRequest {
+                version: "v1".into(),
+            })
+            .await
+            .context("CRI Version")?
+            .into_inner())
+    }
+
+    /// Writes `hosts/<host>/hosts.toml` for a registry at `host` (`host:port`): plain
+    /// HTTP when `ca_pem` is `None`, else HTTPS trusting that CA.
+    pub fn trust_host(&self, host: &str, ca_pem: Option<&str>) -> Result<()> {
+        let dir = self.paths.hosts.join(host);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let ca_file = match ca_pem {
+            Some(pem) => {
+                let file = dir.join("ca.crt");
+                fs::write(&file, pem).with_context(|| format!("writing {}", file.display()))?;
+                Some(file)
+            }
+            None => None,
+        };
+        let file = dir.join("hosts.toml");
+        fs::write(&file, hosts_toml(host, ca_file.as_deref()))
+            .with_context(|| format!("writing {}", file.display()))
+    }
+
+    /// CRI `PullImage`; returns the image id (the config digest, `sha256:…`).
+    pub async fn pull(&self, image: &str, auth: Option<AuthConfig>) -> Result<String> {
+        let response = self
+            .images()
+            .pull_image(PullImageRequest {
+                image: Some(image_spec(image)),
+                auth,
+                sandbox_config: None,
+            })
+            .await
+            .with_context(|| format!("CRI PullImage {image}"))?;
+        Ok(response.into_inner().image_ref)
+    }
+
+    /// CRI `ImageStatus`: the image a reference (tag, digest or id) points to on this
+    /// node, `None` when absent.
+    pub async fn image_status(&self, image: &str) -> Result<Option<Image>> {
+        let response = self
+            .images()
+            .image_status(ImageStatusRequest {
+                image: Some(image_spec(image)),
+                verbose: false,
+            })
+            .await
+            .with_context(|| format!("CRI ImageStatus {image}"))?;
+        Ok(response.into_inner().image)
+    }
+
+    /// CRI `ListImages`.
+    pub async fn list_images(&self) -> Result<Vec<Image>> {
+        let response = self
+            .images()
+            .list_images(ListImagesRequest { filter: None })
+            .await
+            .context("CRI ListImages")?;
+        Ok(response.into_inner().images)
+    }
+
+    /// CRI `ListContainers` (all states).
+    pub async fn list_containers(&self) -> Result<Vec<Container>> {
+        let response = self
+            .runtime()
+            .list_containers(ListContainersRequest { filter: None })
+            .await
+            .context("CRI ListContainers")?;
+        Ok(response.into_inner().containers)
+    }
+
+    /// CRI `ContainerStatus`.
+    pub async fn container_status(&self, container_id: &str) -> Result<ContainerStatus> {
+        let response = self
+            .runtime()
+            .container_status(ContainerStatusRequest {
+                container_id: container_id.to_string(),
+                verbose: false,
+            })
+            .await
+            .with_context(|| format!("CRI ContainerStatus {container_id}"))?;
+        response
+            .into_inner()
+            .status
+            .ok_or_else(|| anyhow!("CRI ContainerStatus {container_id}: no status"))
+    }
+
+    /// Stops containerd gracefully (SIGTERM). Shims and containers keep running, as
+    /// with `systemctl stop containerd`; [`Self::restart`] brings it back.
+    pub async fn stop(&mut self) -> Result<()> {
+        self.end_process(Signal::SIGTERM).await
+    }
+
+    /// Kills containerd (SIGKILL), leaving shims and containers running: "the runtime
+    /// died in the middle".
+    pub async fn kill(&mut self) -> Result<()> {
+        self.end_process(Signal::SIGKILL).await
+    }
+
+    /// Starts containerd again on the same root, state and socket (stopping it first
+    /// if it runs) and waits until CRI answers.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.end_process(Signal::SIGTERM).await?;
+        self.spawn()?;
+        self.wait_ready().await
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.paths.log)
+            .with_context(|| format!("opening {}", self.paths.log.display()))?;
+        let log_err = log
+            .try_clone()
+            .context("duplicating the containerd log file")?;
+        let child = Command::new(CONTAINERD_BIN)
+            .arg("--config")
+            .arg(&self.paths.config)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .with_context(|| format!("starting {CONTAINERD_BIN}"))?;
+        self.process = Some(child);
+        Ok(())
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(child) = self.process.as_mut()
+                && let Some(status) = child.try_wait().context("waiting for containerd")?
+            {
+                self.process = None;
+                bail!(
+                    "containerd exited ({status}) before CRI answered; log tail:\n{}",
+                    log_tail(&self.paths.log)
+                );
+            }
+            let last_error =
+                match tokio::time::timeout(Duration::from_secs(2), self.version()).await {
+                    Ok(Ok(_)) => return Ok(()),
+                    Ok(Err(e)) => format!("{e:#}"),
+                    Err(_) => "CRI Version timed out".to_string(),
+                };
+            if Instant::now() > deadline {
+                bail!(
+                    "containerd CRI did not answer within {READY_TIMEOUT:?} on {} \
+                     (last error: {last_error}); log tail:\n{}",
+                    self.paths.socket.display(),
+                    log_tail(&self.paths.log)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn end_process(&mut self, signal: Signal) -> Result<()> {
+        let Some(mut child) = self.process.take() else {
+            return Ok(());
+        };
+        cleanup::signal_child(&child, signal)?;
+        let deadline = Instant::now() + STOP_GRACE;
+        loop {
+            if child
+                .try_wait()
+                .context("waiting for containerd")?
+                .is_some()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                cleanup::signal_child(&child, Signal::SIGKILL)?;
+                child.wait().context("waiting for killed containerd")?;
+                bail!("containerd did not exit within {STOP_GRACE:?} of {signal}; killed it");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let Some(dir) = self.dir.take() else {
+            return;
+        };
+        let problems = cleanup::tear_down(&self.paths, self.process.take());
+        for problem in &problems {
+            eprintln!(
+                "containerd test bed cleanup of {}: {problem}",
+                self.paths.dir.display()
+            );
+        }
+        if let Err(e) = dir.close() {
+            eprintln!(
+                "containerd test bed cleanup: removing {}: {e}",
+                self.paths.dir.display()
+            );
+        }
+    }
+}
+
+fn image_spec(image: &str) -> ImageSpec {
+    ImageSpec {
+        image: image.to_string(),
+        ..Default::default()
+    }
+}
+
+/// Root, the binaries containerd runs, and the shim: named with the package to install.
+fn preflight() -> Result<()> {
+    // /proc/self belongs to the effective uid.
+    let uid = fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .context("reading /proc/self")?;
+    if uid != 0 {
+        bail!(
+            "the containerd test bed must run as root (running as uid {uid}): \
+             run the suite as root, e.g. `sudo scripts/test`"
+        );
+    }
+    if !Path::new(CONTAINERD_BIN).is_file() {
+        bail!("{CONTAINERD_BIN} not found: install the Debian package `containerd`");
+    }
+    for (binary, package) in [("containerd-shim-runc-v2", "containerd"), ("runc", "runc")] {
+        if find_in_path(binary).is_none() {
+            bail!("`{binary}` not found in PATH: install the Debian package `{package}`");
+        }
+    }
+    Ok(())
+}
+
+fn find_in_path(binary: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(binary))
+        .find(|candidate| candidate.is_file())
+}
+
+/// Last lines of containerd's log, for error messages.
+fn log_tail(log: &Path) -> String {
+    match fs::read_to_string(log) {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            let start = lines.len().saturating_sub(LOG_TAIL_LINES);
+            lines.get(start..).unwrap_or_default().join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", log.display()),
+    }
+}
+
+/// A TOML basic string.
+fn toml_str(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+fn toml_path(p: &Path) -> String {
+    toml_str(&p.to_string_lossy())
+}
+
+/// containerd 1.6 config (version 2) for one test instance.
+fn config_toml(paths: &Paths, sandbox_image: &str) -> String {
+    let dir = &paths.dir;
+    let cri = r#"plugins."io.containerd.grpc.v1.cri""#;
+    format!(
+        r#"version = 2
+root = {root}
+state = {state}
+disabled_plugins = [
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+]
+
+[grpc]
+  address = {socket}
+
+[ttrpc]
+  address = {ttrpc}
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = {opt}
+
+[{cri}]
+  sandbox_image = {sandbox_image}
+  # Lowering oom_score_adj is denied here; without this every RunPodSandbox fails.
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+
+[{cri}.containerd]
+  snapshotter = "overlayfs"
+  default_runtime_name = "runc"
+
+[{cri}.containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+
+[{cri}.containerd.runtimes.runc.options]
+  # Our own runc state, so cleanup can force-delete what containerd left behind.
+  Root = {runc_root}
+
+[{cri}.cni]
+  bin_dir = {cni_bin}
+  conf_dir = {cni_conf}
+
+[{cri}.registry]
+  config_path = {hosts}
+"#,
+        root = toml_path(&dir.join("root")),
+        state = toml_path(&dir.join("state")),
+        socket = toml_path(&paths.socket),
+        ttrpc = toml_path(&dir.join("c.sock.ttrpc")),
+        opt = toml_path(&dir.join("opt")),
+        sandbox_image = toml_str(sandbox_image),
+        runc_root = toml_path(&paths.runc_root),
+        cni_bin = toml_path(&dir.join("cni/bin")),
+        cni_conf = toml_path(&dir.join("cni/conf")),
+        hosts = toml_path(&paths.hosts),
+    )
+}
+
+/// `hosts.toml` for a registry at `host` (`host:port`).
+fn hosts_toml(host: &str, ca_file: Option<&Path>) -> String {
+    let scheme = if ca_file.is_some() { "https" } else { "http" };
+    let server = toml_str(&format!("{scheme}://{host}"));
+    let mut text =
+        format!("server = {server}\n\n[host.{server}]\n  capabilities = [\"pull\", \"resolve\"]\n");
+    if let Some(ca) = ca_file {
+        text.push_str(&format!("  ca = {}\n", toml_path(ca)));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_toml_plain_and_tls() {
+        assert_eq!(
+            hosts_toml("127.0.0.1:5000", None),
+            "server = \"http://127.0.0.1:5000\"\n\n[host.\"http://127.0.0.1:5000\"]\n  \
+             capabilities = [\"pull\", \"resolve\"]\n"
+        );
+        let tls = hosts_toml("localhost:5001", Some(Path::new("/t/ca.crt")));
+        assert!(tls.starts_with("server = \"https://localhost:5001\"\n"));
+        assert!(tls.ends_with("  ca = \"/t/ca.crt\"\n"));
+    }
+
+    #[test]
+    fn config_points_everything_into_the_temp_dir() {
+        let paths = Paths::new(Path::new("/tmp/warmroll-testbed-ctrd-x"));
+        let config = config_toml(&paths, "127.0.0.1:1/pause:1");
+        assert!(config.contains("address = \"/tmp/warmroll-testbed-ctrd-x/c.sock\""));
+        assert!(config.contains("restrict_oom_score_adj = true"));
+        assert!(config.contains("sandbox_image = \"127.0.0.1:1/pause:1\""));
+        assert!(config.contains("config_path = \"/tmp/warmroll-testbed-ctrd-x/hosts\""));
+    }
+}
