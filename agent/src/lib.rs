@@ -1,1 +1,11 @@
-//! warmroll-agent library.
+//! warmroll-agent: the node side of warmroll. It reads the node's running containers and
+//! images through the CRI socket ([`inventory`]), pulls images on order ([`warm`]) and
+//! exposes health and metrics ([`http`], [`metrics`]).
+
+pub mod cri;
+#[cfg(test)]
+mod fake;
+pub mod http;
+pub mod inventory;
+pub mod metrics;
+pub mod warm;

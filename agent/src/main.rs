@@ -1,1 +1,326 @@
-fn main() {}
+//! `warmroll-agent`: the node agent's command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+use warmroll_agent::cri::{self, Backoff, CriClient};
+use warmroll_agent::http;
+use warmroll_agent::inventory::{self, Collector, InventoryUpdate};
+use warmroll_agent::metrics::{Health, Metrics};
+use warmroll_agent::warm::{Credentials, WarmConfig, Warmer};
+use warmroll_proto::image::{Digest, ImageRef};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "warmroll-agent",
+    version,
+    about = "warmroll node agent: inventory and pre-pull through the CRI socket"
+)]
+struct Cli {
+    /// The CRI socket; by default the usual containerd, k3s, CRI-O and cri-dockerd sockets
+    /// are tried in turn.
+    #[arg(long, global = true, env = "WARMROLL_CRI_SOCKET")]
+    cri_socket: Option<PathBuf>,
+    /// Log line format (logs go to stderr).
+    #[arg(long, global = true, env = "WARMROLL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the node's running containers and the digests they run.
+    Inventory {
+        /// Print the whole inventory (containers and images) as JSON.
+        #[arg(long, env = "WARMROLL_JSON")]
+        json: bool,
+    },
+    /// Pull IMAGE by its tag through CRI and check the digest the node's tag now has.
+    Pull {
+        /// The image reference, e.g. registry.example/app:main.
+        image: String,
+        /// The digest the tag must resolve to after the pull.
+        #[arg(long, env = "WARMROLL_EXPECT")]
+        expect: Option<String>,
+        /// Registry user name.
+        #[arg(long, env = "WARMROLL_USERNAME", requires = "password")]
+        username: Option<String>,
+        /// Registry password.
+        #[arg(
+            long,
+            env = "WARMROLL_PASSWORD",
+            hide_env_values = true,
+            requires = "username"
+        )]
+        password: Option<String>,
+        /// A registry bearer token (instead of user name and password).
+        #[arg(
+            long,
+            env = "WARMROLL_REGISTRY_TOKEN",
+            hide_env_values = true,
+            conflicts_with = "username"
+        )]
+        registry_token: Option<String>,
+        /// Give up after this long (e.g. 90s, 10m).
+        #[arg(long, env = "WARMROLL_PULL_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+        timeout: Duration,
+        #[command(flatten)]
+        warm: WarmConfig,
+    },
+    /// Keep the inventory current and log every change set; serves /healthz, /readyz and
+    /// /metrics. (The protocol's `run` mode builds on this.)
+    Watch {
+        /// How often to poll the runtime (e.g. 10s).
+        #[arg(long, env = "WARMROLL_INVENTORY_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+        inventory_interval: Duration,
+        /// Address of the health and metrics server.
+        #[arg(long, env = "WARMROLL_LISTEN", default_value = "0.0.0.0:9464")]
+        listen: SocketAddr,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d: jiff::SignedDuration = s
+        .parse()
+        .map_err(|e| format!("invalid duration {s:?} (try 30s, 5m): {e}"))?;
+    Duration::try_from(d).map_err(|_| format!("invalid duration {s:?}: must not be negative"))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let metrics = Metrics::new();
+    let health = Arc::new(Health::default());
+    match cli.command {
+        Command::Inventory { json } => {
+            let (client, _) = cri::connect(cli.cri_socket.as_deref(), metrics, health).await?;
+            let snapshot = Collector::new(Arc::new(client)).snapshot().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&snapshot)?);
+            } else {
+                print!("{}", inventory::render_table(&snapshot));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pull {
+            image,
+            expect,
+            username,
+            password,
+            registry_token,
+            timeout,
+            warm,
+        } => {
+            let image = ImageRef::parse(&image)?;
+            let expect = expect.map(|d| Digest::parse(&d)).transpose()?;
+            let credentials = match (username, password, registry_token) {
+                (Some(username), Some(password), _) => {
+                    Some(Credentials::Basic { username, password })
+                }
+                (_, _, Some(token)) => Some(Credentials::Token(token)),
+                _ => None,
+            };
+            let (client, _) =
+                cri::connect(cli.cri_socket.as_deref(), metrics.clone(), health).await?;
+            let warmer = Warmer::new(Arc::new(client), warm, metrics);
+            let deadline = tokio::time::Instant::now() + timeout;
+            match warmer
+                .warm(&image, expect.as_ref(), credentials, deadline)
+                .await
+            {
+                Ok(ok) => {
+                    println!(
+                        "ok: {} is {} (image {}) after {:.1}s, {}",
+                        ok.image,
+                        ok.digest
+                            .as_ref()
+                            .map_or_else(|| "-".to_string(), ToString::to_string),
+                        ok.image_id,
+                        ok.duration.as_secs_f64(),
+                        if ok.downloaded {
+                            "downloaded"
+                        } else {
+                            "already present"
+                        }
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("error ({}): {e}", e.outcome());
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Command::Watch {
+            inventory_interval,
+            listen,
+        } => watch(cli.cri_socket, inventory_interval, listen, metrics, health).await,
+    }
+}
+
+/// Find the runtime, retrying with backoff until one answers (the agent does not exit
+/// because the runtime is not up yet).
+async fn connect_forever(
+    socket: Option<PathBuf>,
+    metrics: Metrics,
+    health: Arc<Health>,
+) -> CriClient {
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    loop {
+        match cri::connect(socket.as_deref(), metrics.clone(), health.clone()).await {
+            Ok((client, _)) => return client,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                warn!(error = %e, retry_in = ?delay, "no container runtime yet");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+async fn watch(
+    socket: Option<PathBuf>,
+    interval: Duration,
+    listen: SocketAddr,
+    metrics: Metrics,
+    health: Arc<Health>,
+) -> Result<ExitCode> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the health and metrics server to {listen}"))?;
+    let router = http::router(
+        metrics.clone(),
+        health.clone(),
+        (interval * 3).max(Duration::from_secs(30)),
+    );
+    let server = tokio::spawn(http::serve(listener, router));
+    let client = tokio::select! {
+        c = connect_forever(socket, metrics.clone(), health.clone()) => c,
+        () = shutdown_signal() => return Ok(ExitCode::SUCCESS),
+    };
+    let (tx, mut rx) = mpsc::channel(16);
+    let inventory = tokio::spawn(inventory::run(
+        Arc::new(client),
+        interval,
+        metrics,
+        health,
+        tx,
+    ));
+    loop {
+        tokio::select! {
+            update = rx.recv() => match update {
+                Some(InventoryUpdate::Full(s)) => info!(
+                    containers = s.containers.len(),
+                    images = s.images.len(),
+                    "inventory"
+                ),
+                Some(InventoryUpdate::Changes(c)) => info!(
+                    added = c.added.len(),
+                    removed = c.removed.len(),
+                    changed = c.changed.len(),
+                    images_added = c.images_added.len(),
+                    images_removed = c.images_removed.len(),
+                    images_changed = c.images_changed.len(),
+                    changes = %serde_json::to_string(&c).unwrap_or_default(),
+                    "inventory changed"
+                ),
+                None => break,
+            },
+            () = shutdown_signal() => break,
+        }
+    }
+    inventory.abort();
+    server.abort();
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGTERM");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+    info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent_and_parses_sizes_and_durations() {
+        Cli::command().debug_assert();
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("soon").is_err());
+        let cli = Cli::try_parse_from([
+            "warmroll-agent",
+            "pull",
+            "127.0.0.1:5000/app:latest",
+            "--min-free-disk",
+            "2GiB",
+            "--timeout",
+            "30s",
+        ])
+        .unwrap();
+        let Command::Pull { warm, timeout, .. } = cli.command else {
+            panic!("pull expected")
+        };
+        assert_eq!(warm.min_free_disk, 2 << 30);
+        assert_eq!(timeout, Duration::from_secs(30));
+    }
+}

@@ -1,0 +1,828 @@
+//! The node inventory: running containers (with their pod and the digest they run) and the
+//! images present, read through CRI and kept current as change sets.
+//!
+//! [`Collector::snapshot`] reads one [`Snapshot`]; [`diff`] turns two snapshots into a
+//! [`ChangeSet`] (pure); [`run`] polls at an interval (and at once on a runtime container
+//! event, where the runtime offers `GetContainerEvents`), sending the first snapshot and
+//! then change sets only.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_cri::v1::{Container, Image, PodSandbox};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tracing::{debug, info, instrument, warn};
+use warmroll_proto::image::{Digest, ImageRef};
+
+use crate::cri::{Backoff, Cri, CriError, EventStream};
+use crate::metrics::{Health, Metrics};
+
+/// Sandbox label keys kubelet sets; kept as fields, not in the user-visible label set.
+const LABEL_NAMESPACE: &str = "io.kubernetes.pod.namespace";
+const LABEL_NAME: &str = "io.kubernetes.pod.name";
+const LABEL_UID: &str = "io.kubernetes.pod.uid";
+const LABEL_CONTAINER_NAME: &str = "io.kubernetes.container.name";
+const KUBERNETES_LABEL_PREFIX: &str = "io.kubernetes.";
+
+/// The pod a container belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+/// One running container as the runtime reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RunningContainer {
+    /// CRI container id.
+    pub id: String,
+    pub pod: PodRef,
+    /// The pod's labels (from its sandbox), without the `io.kubernetes.*` keys.
+    pub pod_labels: BTreeMap<String, String>,
+    /// Container name from the pod spec.
+    pub container: String,
+    /// The image reference the runtime reports for the container (informational: the
+    /// coordinator takes the tag from the workload).
+    pub image: String,
+    /// The image config id (`sha256:…`).
+    pub image_id: String,
+    /// The manifest digest the container runs (`sha256:…`), when the runtime knows it.
+    pub digest: Option<Digest>,
+}
+
+/// One image present on the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeImage {
+    pub id: String,
+    pub repo_tags: Vec<String>,
+    pub repo_digests: Vec<String>,
+    pub size: u64,
+}
+
+impl From<&Image> for NodeImage {
+    fn from(i: &Image) -> Self {
+        let mut repo_tags = i.repo_tags.clone();
+        repo_tags.sort();
+        let mut repo_digests = i.repo_digests.clone();
+        repo_digests.sort();
+        NodeImage {
+            id: i.id.clone(),
+            repo_tags,
+            repo_digests,
+            size: i.size,
+        }
+    }
+}
+
+/// The node's containers and images at one moment, keyed by id.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Snapshot {
+    pub containers: BTreeMap<String, RunningContainer>,
+    pub images: BTreeMap<String, NodeImage>,
+}
+
+/// What changed between two snapshots.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ChangeSet {
+    pub added: Vec<RunningContainer>,
+    /// The containers as they were last seen.
+    pub removed: Vec<RunningContainer>,
+    /// The containers as they are now.
+    pub changed: Vec<RunningContainer>,
+    pub images_added: Vec<NodeImage>,
+    /// Ids of images no longer present.
+    pub images_removed: Vec<String>,
+    pub images_changed: Vec<NodeImage>,
+}
+
+impl ChangeSet {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.changed.is_empty()
+            && self.images_added.is_empty()
+            && self.images_removed.is_empty()
+            && self.images_changed.is_empty()
+    }
+}
+
+impl Snapshot {
+    /// Apply a change set: `old.apply(&diff(&old, &new)) == new`.
+    pub fn apply(&mut self, changes: &ChangeSet) {
+        for c in &changes.removed {
+            self.containers.remove(&c.id);
+        }
+        for c in changes.added.iter().chain(&changes.changed) {
+            self.containers.insert(c.id.clone(), c.clone());
+        }
+        for id in &changes.images_removed {
+            self.images.remove(id);
+        }
+        for i in changes.images_added.iter().chain(&changes.images_changed) {
+            self.images.insert(i.id.clone(), i.clone());
+        }
+    }
+}
+
+/// The change set that turns `old` into `new`.
+pub fn diff(old: &Snapshot, new: &Snapshot) -> ChangeSet {
+    let mut out = ChangeSet::default();
+    for (id, c) in &new.containers {
+        match old.containers.get(id) {
+            None => out.added.push(c.clone()),
+            Some(prev) if prev != c => out.changed.push(c.clone()),
+            Some(_) => {}
+        }
+    }
+    for (id, c) in &old.containers {
+        if !new.containers.contains_key(id) {
+            out.removed.push(c.clone());
+        }
+    }
+    for (id, i) in &new.images {
+        match old.images.get(id) {
+            None => out.images_added.push(i.clone()),
+            Some(prev) if prev != i => out.images_changed.push(i.clone()),
+            Some(_) => {}
+        }
+    }
+    for id in old.images.keys() {
+        if !new.images.contains_key(id) {
+            out.images_removed.push(id.clone());
+        }
+    }
+    out
+}
+
+/// The user-visible pod labels: the sandbox labels without the `io.kubernetes.*` keys.
+pub fn user_labels(labels: &HashMap<String, String>) -> BTreeMap<String, String> {
+    labels
+        .iter()
+        .filter(|(k, _)| !k.starts_with(KUBERNETES_LABEL_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// The pod of a sandbox: its CRI metadata, falling back to kubelet's labels.
+pub fn pod_ref(sandbox: &PodSandbox) -> PodRef {
+    let label = |k: &str| sandbox.labels.get(k).cloned().unwrap_or_default();
+    let pick = |meta: Option<&String>, k: &str| match meta {
+        Some(v) if !v.is_empty() => v.clone(),
+        _ => label(k),
+    };
+    let meta = sandbox.metadata.as_ref();
+    PodRef {
+        namespace: pick(meta.map(|m| &m.namespace), LABEL_NAMESPACE),
+        name: pick(meta.map(|m| &m.name), LABEL_NAME),
+        uid: pick(meta.map(|m| &m.uid), LABEL_UID),
+    }
+}
+
+/// The manifest digest in a digested reference `repo@sha256:…`, if it is one.
+pub fn digest_of_reference(reference: &str) -> Option<Digest> {
+    let (_, digest) = reference.rsplit_once('@')?;
+    Digest::parse(digest).ok()
+}
+
+fn is_digest(s: &str) -> bool {
+    Digest::parse(s).is_ok()
+}
+
+/// The normalised `registry/repository` of a reference (`None` when it is not one).
+fn repository_of(reference: &str) -> Option<String> {
+    ImageRef::parse(reference).ok().map(|r| r.name())
+}
+
+/// The manifest digest an image is known by in `repository` (normalised
+/// `registry/repository`), or its first repo digest when none is in that repository.
+pub fn repo_digest_for(image: &Image, repository: Option<&str>) -> Option<Digest> {
+    let digests = || image.repo_digests.iter();
+    digests()
+        .find(|d| repository.is_some() && repository_of(d).as_deref() == repository)
+        .or_else(|| digests().next())
+        .and_then(|d| digest_of_reference(d))
+}
+
+/// What `ContainerStatus` told about a container; it never changes for a container id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusInfo {
+    /// The image name the runtime reports in the status (containerd: its first repo tag).
+    pub image: String,
+    pub digest: Option<Digest>,
+}
+
+/// Assemble a snapshot from CRI answers (pure). Containers whose sandbox is unknown are
+/// left out (they appear in the next poll).
+pub fn build_snapshot(
+    sandboxes: &[PodSandbox],
+    containers: &[Container],
+    statuses: &HashMap<String, StatusInfo>,
+    images: &[Image],
+) -> Snapshot {
+    let sandboxes: HashMap<&str, &PodSandbox> =
+        sandboxes.iter().map(|s| (s.id.as_str(), s)).collect();
+    let images_by_id: HashMap<&str, &Image> = images.iter().map(|i| (i.id.as_str(), i)).collect();
+    let mut snap = Snapshot {
+        images: images
+            .iter()
+            .map(|i| (i.id.clone(), NodeImage::from(i)))
+            .collect(),
+        ..Default::default()
+    };
+    for c in containers {
+        let Some(sandbox) = sandboxes.get(c.pod_sandbox_id.as_str()) else {
+            debug!(container = %c.id, sandbox = %c.pod_sandbox_id, "container without a known sandbox, skipped");
+            continue;
+        };
+        let status = statuses.get(&c.id);
+        let spec_image = c.image.as_ref().map_or("", |s| {
+            if s.user_specified_image.is_empty() {
+                s.image.as_str()
+            } else {
+                s.user_specified_image.as_str()
+            }
+        });
+        let image = if spec_image.is_empty() || is_digest(spec_image) {
+            status.map_or(spec_image, |s| s.image.as_str())
+        } else {
+            spec_image
+        };
+        let image_id = if !c.image_id.is_empty() {
+            c.image_id.clone()
+        } else if is_digest(&c.image_ref) {
+            c.image_ref.clone()
+        } else {
+            String::new()
+        };
+        let digest = status
+            .and_then(|s| s.digest.clone())
+            .or_else(|| digest_of_reference(&c.image_ref))
+            .or_else(|| {
+                images_by_id
+                    .get(image_id.as_str())
+                    .and_then(|i| repo_digest_for(i, repository_of(image).as_deref()))
+            });
+        let container = c
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .filter(|n| !n.is_empty())
+            .or_else(|| c.labels.get(LABEL_CONTAINER_NAME).cloned())
+            .unwrap_or_default();
+        snap.containers.insert(
+            c.id.clone(),
+            RunningContainer {
+                id: c.id.clone(),
+                pod: pod_ref(sandbox),
+                pod_labels: user_labels(&sandbox.labels),
+                container,
+                image: image.to_string(),
+                image_id,
+                digest,
+            },
+        );
+    }
+    snap
+}
+
+/// Reads snapshots, caching `ContainerStatus` answers by container id.
+pub struct Collector<C> {
+    cri: Arc<C>,
+    statuses: HashMap<String, StatusInfo>,
+}
+
+impl<C: Cri> Collector<C> {
+    pub fn new(cri: Arc<C>) -> Self {
+        Collector {
+            cri,
+            statuses: HashMap::new(),
+        }
+    }
+
+    /// One inventory of the node.
+    #[instrument(skip(self))]
+    pub async fn snapshot(&mut self) -> Result<Snapshot, CriError> {
+        // Containers before sandboxes: a running container's sandbox already exists.
+        let containers = self.cri.list_running_containers().await?;
+        let sandboxes = self.cri.list_pod_sandboxes().await?;
+        let images = self.cri.list_images().await?;
+        self.statuses
+            .retain(|id, _| containers.iter().any(|c| &c.id == id));
+        for c in &containers {
+            if self.statuses.contains_key(&c.id) {
+                continue;
+            }
+            match self.cri.container_status(&c.id).await {
+                Ok(s) => {
+                    let info = StatusInfo {
+                        image: s.image.map(|i| i.image).unwrap_or_default(),
+                        digest: digest_of_reference(&s.image_ref),
+                    };
+                    self.statuses.insert(c.id.clone(), info);
+                }
+                // Gone since the list, or a passing failure: the image list still gives a
+                // digest, and the status is asked again next time.
+                Err(e) => debug!(container = %c.id, error = %e, "ContainerStatus failed"),
+            }
+        }
+        Ok(build_snapshot(
+            &sandboxes,
+            &containers,
+            &self.statuses,
+            &images,
+        ))
+    }
+}
+
+/// The containers as a table: namespace, pod, container, image, digest.
+pub fn render_table(snapshot: &Snapshot) -> String {
+    let mut rows: Vec<[String; 5]> = vec![[
+        "NAMESPACE".into(),
+        "POD".into(),
+        "CONTAINER".into(),
+        "IMAGE".into(),
+        "DIGEST".into(),
+    ]];
+    let mut containers: Vec<&RunningContainer> = snapshot.containers.values().collect();
+    containers.sort_by(|a, b| (&a.pod, &a.container).cmp(&(&b.pod, &b.container)));
+    for c in containers {
+        rows.push([
+            c.pod.namespace.clone(),
+            c.pod.name.clone(),
+            c.container.clone(),
+            c.image.clone(),
+            c.digest
+                .as_ref()
+                .map_or_else(|| "-".to_string(), ToString::to_string),
+        ]);
+    }
+    let mut widths = [0usize; 5];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// What the inventory loop sends: the first snapshot, then changes only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InventoryUpdate {
+    Full(Snapshot),
+    Changes(ChangeSet),
+}
+
+/// Poll the runtime every `interval` (and at once on container events where the runtime
+/// offers them) and send updates to `tx` until the receiver is dropped. Runtime failures
+/// are logged and retried with backoff; the loop never ends because of them.
+pub async fn run<C: Cri>(
+    cri: Arc<C>,
+    interval: Duration,
+    metrics: Metrics,
+    health: Arc<Health>,
+    tx: mpsc::Sender<InventoryUpdate>,
+) {
+    let mut collector = Collector::new(cri.clone());
+    let mut last: Option<Snapshot> = None;
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
+    let mut events: Option<EventStream> = None;
+    let mut events_supported = true;
+    let mut failing = false;
+    loop {
+        let wait = match collector.snapshot().await {
+            Ok(snap) => {
+                if failing {
+                    info!("container runtime reachable again");
+                    failing = false;
+                }
+                backoff.reset();
+                metrics.inventory_size(snap.containers.len(), snap.images.len());
+                let update = match &last {
+                    None => Some(InventoryUpdate::Full(snap.clone())),
+                    Some(prev) => {
+                        let changes = diff(prev, &snap);
+                        (!changes.is_empty()).then_some(InventoryUpdate::Changes(changes))
+                    }
+                };
+                last = Some(snap);
+                health.set_inventory_ready();
+                if let Some(update) = update
+                    && tx.send(update).await.is_err()
+                {
+                    return;
+                }
+                interval
+            }
+            Err(e) => {
+                let delay = backoff
+                    .next_delay()
+                    .min(interval.max(Duration::from_secs(1)));
+                if !failing || !e.is_unreachable() {
+                    warn!(error = %e, retry_in = ?delay, "inventory failed");
+                }
+                failing = true;
+                events = None;
+                delay
+            }
+        };
+        if events_supported && events.is_none() && !failing {
+            match cri.container_events().await {
+                Ok(stream) => events = Some(stream),
+                Err(e) if e.code() == Some(tonic::Code::Unimplemented) => {
+                    events_supported = false;
+                    info!(interval = ?interval, "the runtime does not offer GetContainerEvents; inventory polls only");
+                }
+                Err(e) => debug!(error = %e, "GetContainerEvents not available now"),
+            }
+        }
+        let sleep = tokio::time::sleep(wait);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                () = &mut sleep => break,
+                () = tx.closed() => return,
+                event = next_event(&mut events) => match event {
+                    Some(Ok(ev)) => {
+                        debug!(container = %ev.container_id, kind = ev.container_event_type, "container event");
+                        // Let a burst of events settle, then poll at once.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        break;
+                    }
+                    Some(Err(e)) => {
+                        if e.code() == Some(tonic::Code::Unimplemented) {
+                            events_supported = false;
+                            info!(interval = ?interval, "the runtime does not offer GetContainerEvents; inventory polls only");
+                        } else {
+                            debug!(error = %e, "container event stream ended");
+                        }
+                        events = None;
+                    }
+                    None => events = None,
+                },
+            }
+        }
+    }
+}
+
+/// The next event, or pending forever when there is no stream.
+async fn next_event(
+    events: &mut Option<EventStream>,
+) -> Option<Result<k8s_cri::v1::ContainerEventResponse, CriError>> {
+    match events {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_cri::v1::{ContainerMetadata, ImageSpec, PodSandboxMetadata};
+
+    const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+    const CFG: &str = "sha256:cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc";
+
+    fn d(s: &str) -> Digest {
+        Digest::parse(s).unwrap()
+    }
+
+    fn sandbox(id: &str, name: &str) -> PodSandbox {
+        PodSandbox {
+            id: id.into(),
+            metadata: Some(PodSandboxMetadata {
+                name: name.into(),
+                uid: format!("uid-{name}"),
+                namespace: "shop".into(),
+                attempt: 0,
+            }),
+            labels: [
+                ("app", "web"),
+                ("warmroll.io/policy", "default"),
+                (LABEL_NAME, name),
+                (LABEL_NAMESPACE, "shop"),
+                (LABEL_UID, "uid"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn container(id: &str, sandbox: &str, name: &str, image: &str) -> Container {
+        Container {
+            id: id.into(),
+            pod_sandbox_id: sandbox.into(),
+            metadata: Some(ContainerMetadata {
+                name: name.into(),
+                attempt: 0,
+            }),
+            image: Some(ImageSpec {
+                image: image.into(),
+                ..Default::default()
+            }),
+            image_ref: CFG.into(),
+            ..Default::default()
+        }
+    }
+
+    fn image(id: &str, tags: &[&str], digests: &[&str]) -> Image {
+        Image {
+            id: id.into(),
+            repo_tags: tags.iter().map(|s| s.to_string()).collect(),
+            repo_digests: digests.iter().map(|s| s.to_string()).collect(),
+            size: 42,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn labels_keep_user_keys_only() {
+        let s = sandbox("s1", "web-1");
+        let labels = user_labels(&s.labels);
+        assert_eq!(labels.len(), 2);
+        assert_eq!(labels.get("app").map(String::as_str), Some("web"));
+        assert!(labels.keys().all(|k| !k.starts_with("io.kubernetes.")));
+        assert_eq!(
+            pod_ref(&s),
+            PodRef {
+                namespace: "shop".into(),
+                name: "web-1".into(),
+                uid: "uid-web-1".into()
+            }
+        );
+    }
+
+    #[test]
+    fn pod_ref_falls_back_to_kubelet_labels() {
+        let mut s = sandbox("s1", "web-1");
+        s.metadata = None;
+        let p = pod_ref(&s);
+        assert_eq!(
+            (p.namespace.as_str(), p.name.as_str(), p.uid.as_str()),
+            ("shop", "web-1", "uid")
+        );
+    }
+
+    #[test]
+    fn digests_come_from_digested_references_only() {
+        assert_eq!(
+            digest_of_reference(&format!("127.0.0.1:5000/app@{D1}")),
+            Some(d(D1))
+        );
+        assert_eq!(digest_of_reference(CFG), None);
+        assert_eq!(digest_of_reference("app@sha256:short"), None);
+        assert_eq!(digest_of_reference("127.0.0.1:5000/app:latest"), None);
+    }
+
+    #[test]
+    fn repo_digest_prefers_the_containers_repository() {
+        let i = image(
+            CFG,
+            &[],
+            &[
+                &format!("other.io/x@{D2}"),
+                &format!("127.0.0.1:5000/app@{D1}"),
+            ],
+        );
+        assert_eq!(repo_digest_for(&i, Some("127.0.0.1:5000/app")), Some(d(D1)));
+        assert_eq!(repo_digest_for(&i, Some("nowhere.io/y")), Some(d(D2)));
+        assert_eq!(repo_digest_for(&i, None), Some(d(D2)));
+        assert_eq!(
+            repository_of("127.0.0.1:5000/app:v1").as_deref(),
+            Some("127.0.0.1:5000/app")
+        );
+        assert_eq!(
+            repository_of("busybox").as_deref(),
+            Some("docker.io/library/busybox")
+        );
+    }
+
+    #[test]
+    fn snapshot_joins_containers_sandboxes_statuses_and_images() {
+        let sandboxes = [sandbox("s1", "web-1")];
+        let containers = [
+            container("c1", "s1", "web", "127.0.0.1:5000/app:latest"),
+            container("c2", "s1", "sidecar", CFG),
+            container("orphan", "gone", "x", "y:z"),
+        ];
+        let statuses: HashMap<String, StatusInfo> = [(
+            "c2".to_string(),
+            StatusInfo {
+                image: "127.0.0.1:5000/app:latest".into(),
+                digest: Some(d(D2)),
+            },
+        )]
+        .into();
+        let images = [image(
+            CFG,
+            &["127.0.0.1:5000/app:latest"],
+            &[&format!("127.0.0.1:5000/app@{D1}")],
+        )];
+        let snap = build_snapshot(&sandboxes, &containers, &statuses, &images);
+        assert_eq!(snap.containers.len(), 2, "orphan left out");
+        let c1 = &snap.containers["c1"];
+        assert_eq!(c1.container, "web");
+        assert_eq!(c1.image, "127.0.0.1:5000/app:latest");
+        assert_eq!(c1.image_id, CFG);
+        assert_eq!(c1.digest, Some(d(D1)), "from the image list");
+        assert_eq!(c1.pod.name, "web-1");
+        let c2 = &snap.containers["c2"];
+        assert_eq!(
+            c2.image, "127.0.0.1:5000/app:latest",
+            "id replaced by the status image"
+        );
+        assert_eq!(c2.digest, Some(d(D2)), "status wins");
+        assert_eq!(snap.images[CFG].size, 42);
+    }
+
+    fn rc(id: &str, digest: &str) -> RunningContainer {
+        RunningContainer {
+            id: id.into(),
+            pod: PodRef {
+                namespace: "ns".into(),
+                name: format!("pod-{id}"),
+                uid: "u".into(),
+            },
+            pod_labels: BTreeMap::new(),
+            container: "c".into(),
+            image: "app:latest".into(),
+            image_id: CFG.into(),
+            digest: Some(d(digest)),
+        }
+    }
+
+    fn snap(cs: &[RunningContainer], is: &[NodeImage]) -> Snapshot {
+        Snapshot {
+            containers: cs.iter().map(|c| (c.id.clone(), c.clone())).collect(),
+            images: is.iter().map(|i| (i.id.clone(), i.clone())).collect(),
+        }
+    }
+
+    #[test]
+    fn table_lists_one_row_per_container() {
+        let s = snap(&[rc("2", D2), rc("1", D1)], &[]);
+        let table = render_table(&s);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("NAMESPACE  POD"));
+        assert!(
+            lines[1].contains("pod-1") && lines[1].contains(D1),
+            "{table}"
+        );
+        assert!(
+            lines[2].contains("pod-2") && lines[2].ends_with(D2),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn diff_reports_added_removed_changed() {
+        let img_a = NodeImage::from(&image("a", &["app:1"], &[]));
+        let img_a2 = NodeImage::from(&image("a", &[], &[]));
+        let img_b = NodeImage::from(&image("b", &["app:2"], &[]));
+        let old = snap(&[rc("1", D1), rc("2", D1)], &[img_a.clone()]);
+        let new = snap(
+            &[rc("2", D2), rc("3", D1)],
+            &[img_a2.clone(), img_b.clone()],
+        );
+        let d = diff(&old, &new);
+        assert_eq!(d.added, vec![rc("3", D1)]);
+        assert_eq!(d.removed, vec![rc("1", D1)]);
+        assert_eq!(d.changed, vec![rc("2", D2)]);
+        assert_eq!(d.images_added, vec![img_b]);
+        assert_eq!(d.images_changed, vec![img_a2]);
+        assert!(d.images_removed.is_empty());
+        assert!(diff(&new, &new).is_empty());
+        let mut applied = old.clone();
+        applied.apply(&d);
+        assert_eq!(applied, new);
+        let back = diff(&new, &old);
+        assert_eq!(back.images_removed, vec!["b".to_string()]);
+        let mut round = new.clone();
+        round.apply(&back);
+        assert_eq!(round, old);
+    }
+
+    mod with_fake_cri {
+        use super::*;
+        use crate::fake::FakeCri;
+        use k8s_cri::v1::ContainerStatus;
+        use std::sync::atomic::Ordering;
+
+        fn status(id: &str, digest: &str) -> ContainerStatus {
+            ContainerStatus {
+                id: id.into(),
+                image: Some(ImageSpec {
+                    image: "127.0.0.1:5000/app:latest".into(),
+                    ..Default::default()
+                }),
+                image_ref: format!("127.0.0.1:5000/app@{digest}"),
+                ..Default::default()
+            }
+        }
+
+        #[tokio::test]
+        async fn container_status_is_asked_once_per_container() {
+            let fake = Arc::new(FakeCri::with(|s| {
+                s.sandboxes = vec![sandbox("s1", "web-1")];
+                s.containers = vec![container("c1", "s1", "web", "127.0.0.1:5000/app:latest")];
+                s.statuses.insert("c1".into(), status("c1", D1));
+            }));
+            let mut collector = Collector::new(fake.clone());
+            let first = collector.snapshot().await.unwrap();
+            let second = collector.snapshot().await.unwrap();
+            assert_eq!(first, second);
+            assert_eq!(first.containers["c1"].digest, Some(d(D1)));
+            assert_eq!(fake.status_calls.load(Ordering::SeqCst), 1);
+            fake.edit(|s| {
+                s.containers
+                    .push(container("c2", "s1", "side", "127.0.0.1:5000/app:latest"));
+                s.statuses.insert("c2".into(), status("c2", D2));
+            });
+            let third = collector.snapshot().await.unwrap();
+            assert_eq!(third.containers.len(), 2);
+            assert_eq!(fake.status_calls.load(Ordering::SeqCst), 2);
+        }
+
+        #[tokio::test]
+        async fn the_loop_sends_a_snapshot_then_changes_and_survives_runtime_outages() {
+            let fake = Arc::new(FakeCri::with(|s| {
+                s.sandboxes = vec![sandbox("s1", "web-1"), sandbox("s2", "web-2")];
+                s.containers = vec![container("c1", "s1", "web", "127.0.0.1:5000/app:latest")];
+                s.statuses.insert("c1".into(), status("c1", D1));
+            }));
+            let (tx, mut rx) = mpsc::channel(8);
+            let metrics = Metrics::new();
+            let health = Arc::new(Health::default());
+            let task = tokio::spawn(run(
+                fake.clone(),
+                Duration::from_millis(50),
+                metrics.clone(),
+                health.clone(),
+                tx,
+            ));
+            async fn recv(rx: &mut mpsc::Receiver<InventoryUpdate>) -> InventoryUpdate {
+                tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                    .await
+                    .expect("an update within 5 s")
+                    .expect("loop alive")
+            }
+            let InventoryUpdate::Full(first) = recv(&mut rx).await else {
+                panic!("first update must be a full snapshot")
+            };
+            assert_eq!(first.containers.len(), 1);
+            assert!(health.inventory_ready());
+            // The runtime goes away for a few polls, then a pod starts.
+            fake.edit(|s| {
+                for _ in 0..3 {
+                    s.list_failures.push_back(CriError::Connect {
+                        socket: "/fake.sock".into(),
+                        message: "connection refused".into(),
+                    });
+                }
+                s.containers
+                    .push(container("c2", "s2", "web", "127.0.0.1:5000/app:latest"));
+                s.statuses.insert("c2".into(), status("c2", D2));
+            });
+            let InventoryUpdate::Changes(changes) = recv(&mut rx).await else {
+                panic!("then change sets")
+            };
+            assert_eq!(changes.added.len(), 1, "{changes:?}");
+            assert_eq!(changes.added[0].pod.name, "web-2");
+            assert!(changes.removed.is_empty(), "an outage is not a removal");
+            // The pod stops.
+            fake.edit(|s| s.containers.retain(|c| c.id != "c1"));
+            let InventoryUpdate::Changes(changes) = recv(&mut rx).await else {
+                panic!("change set expected")
+            };
+            assert_eq!(changes.removed.len(), 1);
+            assert_eq!(changes.removed[0].id, "c1");
+            assert!(
+                metrics
+                    .encode()
+                    .contains("warmroll_agent_inventory_containers 1")
+            );
+            drop(rx);
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("the loop ends when its receiver is dropped")
+                .unwrap();
+        }
+    }
+}

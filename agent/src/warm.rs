@@ -1,0 +1,915 @@
+//! Warm-up: pull an image by tag through CRI so the node's tag points at the new digest,
+//! then check that it is the digest the coordinator ordered.
+//!
+//! [`Warmer::warm`] bounds concurrent pulls with a semaphore, merges identical concurrent
+//! requests (same reference and expected digest) into one pull, retries transient runtime
+//! errors with backoff inside the deadline, and refuses to pull when the image filesystem
+//! has less free space than the configured floor.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use k8s_cri::v1::AuthConfig;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tracing::{info, instrument, warn};
+use warmroll_proto::image::{Digest, ImageRef};
+
+use crate::cri::{Backoff, Cri, CriError};
+use crate::inventory::digest_of_reference;
+use crate::metrics::Metrics;
+
+/// Pull credentials. `Debug` never shows the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credentials {
+    Basic {
+        username: String,
+        password: String,
+    },
+    /// A registry bearer token.
+    Token(String),
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::Basic { username, .. } => f
+                .debug_struct("Basic")
+                .field("username", username)
+                .field("password", &"<redacted>")
+                .finish(),
+            Credentials::Token(_) => f.write_str("Token(<redacted>)"),
+        }
+    }
+}
+
+impl Credentials {
+    fn auth_config(&self, server: &str) -> AuthConfig {
+        match self {
+            Credentials::Basic { username, password } => AuthConfig {
+                username: username.clone(),
+                password: password.clone(),
+                server_address: server.to_string(),
+                ..Default::default()
+            },
+            Credentials::Token(token) => AuthConfig {
+                registry_token: token.clone(),
+                server_address: server.to_string(),
+                ..Default::default()
+            },
+        }
+    }
+}
+
+/// A successful warm-up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Warmed {
+    pub image: ImageRef,
+    /// The digest the node's tag resolves to now (the expected one when one was given).
+    pub digest: Option<Digest>,
+    /// The image config id the tag points at.
+    pub image_id: String,
+    pub duration: Duration,
+    /// Whether the image had to be fetched (it was not on the node before the pull).
+    pub downloaded: bool,
+}
+
+/// A failed warm-up. Every variant names the image (its normalised reference).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WarmError {
+    #[error("pulling {image}: the registry refused the credentials: {message}")]
+    Auth { image: String, message: String },
+    #[error("pulling {image}: not found in the registry: {message}")]
+    NotFound { image: String, message: String },
+    #[error(
+        "pulling {image}: the node's tag resolves to {}, not the expected {expected} (the tag moved again?)",
+        found.as_ref().map_or_else(|| "no digest".to_string(), Digest::to_string)
+    )]
+    DigestMismatch {
+        image: String,
+        expected: Digest,
+        found: Option<Digest>,
+    },
+    #[error("pulling {image}: no result within {after:?}{}", last_error.as_ref().map(|e| format!(" (last error: {e})")).unwrap_or_default())]
+    Timeout {
+        image: String,
+        after: Duration,
+        last_error: Option<String>,
+    },
+    #[error(
+        "pulling {image}: only {free} bytes free on the image filesystem {}, below the floor of {floor} bytes",
+        path.display()
+    )]
+    InsufficientDisk {
+        image: String,
+        path: PathBuf,
+        free: u64,
+        floor: u64,
+    },
+    #[error("pulling {image}: runtime error: {message}")]
+    Runtime { image: String, message: String },
+}
+
+impl WarmError {
+    /// The `outcome` label of `warmroll_agent_pulls_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            WarmError::Auth { .. } => "auth",
+            WarmError::NotFound { .. } => "not_found",
+            WarmError::DigestMismatch { .. } => "digest_mismatch",
+            WarmError::Timeout { .. } => "timeout",
+            WarmError::InsufficientDisk { .. } => "insufficient_disk",
+            WarmError::Runtime { .. } => "runtime",
+        }
+    }
+}
+
+pub type WarmOutcome = Result<Warmed, WarmError>;
+
+/// How a failed `PullImage` is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullFailure {
+    Auth,
+    NotFound,
+    /// Worth retrying: the runtime or registry was unreachable or overloaded.
+    Transient,
+    Permanent,
+}
+
+/// Classify a `PullImage` failure from its gRPC code and the runtime's message
+/// (containerd wraps the registry's answer in the message text).
+pub fn classify_pull_error(code: Option<tonic::Code>, message: &str) -> PullFailure {
+    let m = message.to_ascii_lowercase();
+    let has = |needles: &[&str]| needles.iter().any(|n| m.contains(n));
+    if has(&[
+        "401",
+        "403",
+        "unauthorized",
+        "forbidden",
+        "authorization failed",
+        "access denied",
+        "no basic auth credentials",
+        "failed to fetch oauth token",
+        "failed to fetch anonymous token",
+        "authentication required",
+        "insufficient_scope",
+    ]) || matches!(
+        code,
+        Some(tonic::Code::Unauthenticated | tonic::Code::PermissionDenied)
+    ) {
+        return PullFailure::Auth;
+    }
+    if has(&["not found", "manifest unknown", "name unknown", "404"])
+        || code == Some(tonic::Code::NotFound)
+    {
+        return PullFailure::NotFound;
+    }
+    if code.is_none()
+        || matches!(
+            code,
+            Some(
+                tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::ResourceExhausted
+                    | tonic::Code::Aborted
+            )
+        )
+        || has(&[
+            "connection refused",
+            "connection reset",
+            "broken pipe",
+            "i/o timeout",
+            "timeout",
+            "timed out",
+            "429",
+            "too many requests",
+            "500 internal server error",
+            "502",
+            "503",
+            "504",
+            "temporary",
+            "unexpected eof",
+            ": eof",
+            "no route to host",
+            "transport",
+        ])
+    {
+        return PullFailure::Transient;
+    }
+    PullFailure::Permanent
+}
+
+fn classify(error: &CriError) -> PullFailure {
+    match error {
+        // The runtime did not answer: retry.
+        CriError::Connect { .. } | CriError::Timeout { .. } | CriError::Discover { .. } => {
+            PullFailure::Transient
+        }
+        CriError::Call { code, message, .. } => classify_pull_error(Some(*code), message),
+        CriError::NotCriV1 { .. } => PullFailure::Permanent,
+    }
+}
+
+/// Warm-up settings (also the command-line flags of the commands that pull).
+#[derive(Debug, Clone, clap::Args)]
+pub struct WarmConfig {
+    /// At most this many pulls at once on the node.
+    #[arg(long, env = "WARMROLL_MAX_CONCURRENT_PULLS", default_value_t = 2)]
+    pub max_concurrent_pulls: usize,
+    /// No pull when the image filesystem has less free space than this (bytes, or with a
+    /// suffix: 500M, 2GiB); 0 disables the check.
+    #[arg(long, env = "WARMROLL_MIN_FREE_DISK", default_value = "1GiB", value_parser = parse_bytes)]
+    pub min_free_disk: u64,
+}
+
+type SharedOutcome = Shared<BoxFuture<'static, WarmOutcome>>;
+type Key = (ImageRef, Option<Digest>);
+
+struct Inner<C> {
+    cri: Arc<C>,
+    permits: Semaphore,
+    config: WarmConfig,
+    metrics: Metrics,
+    inflight: Mutex<HashMap<Key, SharedOutcome>>,
+}
+
+/// Runs warm-ups on the node. Clones share the semaphore and the in-flight pulls.
+pub struct Warmer<C> {
+    inner: Arc<Inner<C>>,
+}
+
+impl<C> Clone for Warmer<C> {
+    fn clone(&self) -> Self {
+        Warmer {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<C: Cri> Warmer<C> {
+    pub fn new(cri: Arc<C>, config: WarmConfig, metrics: Metrics) -> Self {
+        Warmer {
+            inner: Arc::new(Inner {
+                cri,
+                permits: Semaphore::new(config.max_concurrent_pulls.max(1)),
+                config,
+                metrics,
+                inflight: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Pull `image` (by its tag) and check the node's tag resolves to `expected`.
+    /// A request identical to one in flight (same image and expected digest) waits for
+    /// that pull instead of starting another; each caller's own `deadline` still applies.
+    pub async fn warm(
+        &self,
+        image: &ImageRef,
+        expected: Option<&Digest>,
+        credentials: Option<Credentials>,
+        deadline: Instant,
+    ) -> WarmOutcome {
+        let key: Key = (image.clone(), expected.cloned());
+        let shared = {
+            let mut inflight = self
+                .inner
+                .inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            match inflight.get(&key) {
+                Some(s) => {
+                    info!(image = %image, "identical warm-up in flight; waiting for it");
+                    s.clone()
+                }
+                None => {
+                    let inner = self.inner.clone();
+                    let task_key = key.clone();
+                    let handle = tokio::spawn(async move {
+                        let started = Instant::now();
+                        let outcome = inner
+                            .warm_once(&task_key.0, task_key.1.as_ref(), credentials, deadline)
+                            .await;
+                        let label = match &outcome {
+                            Ok(_) => "ok",
+                            Err(e) => e.outcome(),
+                        };
+                        inner.metrics.pull_finished(label, started.elapsed());
+                        inner
+                            .inflight
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&task_key);
+                        outcome
+                    });
+                    let failed_image = image.clone();
+                    let shared = handle
+                        .map(move |joined| {
+                            joined.unwrap_or_else(|e| {
+                                Err(WarmError::Runtime {
+                                    image: failed_image.to_string(),
+                                    message: format!("warm-up task failed: {e}"),
+                                })
+                            })
+                        })
+                        .boxed()
+                        .shared();
+                    inflight.insert(key, shared.clone());
+                    shared
+                }
+            }
+        };
+        let started = Instant::now();
+        // The pull task ends by its own deadline with the precise error; the grace only
+        // matters to a merged caller whose deadline is earlier than the running pull's.
+        match tokio::time::timeout_at(deadline + Duration::from_millis(500), shared).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(WarmError::Timeout {
+                image: image.to_string(),
+                after: started.elapsed(),
+                last_error: None,
+            }),
+        }
+    }
+}
+
+impl<C: Cri> Inner<C> {
+    #[instrument(skip(self, credentials), fields(image = %image, expected = ?expected.map(ToString::to_string)))]
+    async fn warm_once(
+        &self,
+        image: &ImageRef,
+        expected: Option<&Digest>,
+        credentials: Option<Credentials>,
+        deadline: Instant,
+    ) -> WarmOutcome {
+        let started = Instant::now();
+        let timeout = |last_error: Option<String>| WarmError::Timeout {
+            image: image.to_string(),
+            after: started.elapsed(),
+            last_error,
+        };
+        let Ok(_permit) = tokio::time::timeout_at(deadline, self.permits.acquire()).await else {
+            return Err(timeout(Some("waiting for a free pull slot".into())));
+        };
+        let runtime = |e: CriError| WarmError::Runtime {
+            image: image.to_string(),
+            message: e.to_string(),
+        };
+        match tokio::time::timeout_at(deadline, self.check_disk(image)).await {
+            Err(_) => return Err(timeout(Some("checking free disk space".into()))),
+            Ok(r) => r?,
+        }
+        let before = match tokio::time::timeout_at(deadline, self.cri.list_images()).await {
+            Err(_) => return Err(timeout(Some("listing images".into()))),
+            Ok(r) => r.map_err(runtime)?,
+        };
+        let name = image.to_string();
+        let auth = credentials.map(|c| c.auth_config(image.registry()));
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(15));
+        let mut last_error: Option<String> = None;
+        loop {
+            let attempt =
+                tokio::time::timeout_at(deadline, self.cri.pull_image(&name, auth.clone()));
+            let error = match attempt.await {
+                Err(_) => return Err(timeout(last_error)),
+                Ok(Ok(_)) => break,
+                Ok(Err(e)) => e,
+            };
+            let message = error.to_string();
+            match classify(&error) {
+                PullFailure::Auth => {
+                    return Err(WarmError::Auth {
+                        image: image.to_string(),
+                        message,
+                    });
+                }
+                PullFailure::NotFound => {
+                    return Err(WarmError::NotFound {
+                        image: image.to_string(),
+                        message,
+                    });
+                }
+                PullFailure::Permanent => return Err(runtime(error)),
+                PullFailure::Transient => {
+                    let delay = backoff.next_delay();
+                    warn!(error = %message, retry_in = ?delay, "pull failed; retrying");
+                    last_error = Some(message);
+                    if Instant::now() + delay >= deadline {
+                        tokio::time::sleep_until(deadline).await;
+                        return Err(timeout(last_error));
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+        let status = match tokio::time::timeout_at(deadline, self.cri.image_status(&name)).await {
+            Err(_) => return Err(timeout(Some("checking the pulled image".into()))),
+            Ok(r) => r.map_err(runtime)?,
+        };
+        let Some(status) = status else {
+            return Err(WarmError::Runtime {
+                image: image.to_string(),
+                message: "the pull succeeded but the runtime does not know the tag afterwards"
+                    .into(),
+            });
+        };
+        let digests = digests_in_repository(&status.repo_digests, image);
+        let digest = match expected {
+            Some(want) if digests.contains(want) => Some(want.clone()),
+            Some(want) => {
+                return Err(WarmError::DigestMismatch {
+                    image: image.to_string(),
+                    expected: want.clone(),
+                    found: digests.into_iter().next(),
+                });
+            }
+            None => digests.into_iter().next(),
+        };
+        let downloaded = !before.iter().any(|i| i.id == status.id);
+        let warmed = Warmed {
+            image: image.clone(),
+            digest,
+            image_id: status.id,
+            duration: started.elapsed(),
+            downloaded,
+        };
+        info!(duration = ?warmed.duration, downloaded, digest = ?warmed.digest.as_ref().map(ToString::to_string), "image warm");
+        Ok(warmed)
+    }
+
+    async fn check_disk(&self, image: &ImageRef) -> Result<(), WarmError> {
+        let floor = self.config.min_free_disk;
+        if floor == 0 {
+            return Ok(());
+        }
+        let mountpoint = match self.cri.image_fs_info().await {
+            Ok(fs) => fs
+                .into_iter()
+                .filter_map(|f| f.fs_id.map(|id| id.mountpoint))
+                .find(|m| !m.is_empty()),
+            Err(e) => {
+                warn!(error = %e, "ImageFsInfo failed; pulling without the disk check");
+                return Ok(());
+            }
+        };
+        let Some(mountpoint) = mountpoint else {
+            warn!("the runtime names no image filesystem; pulling without the disk check");
+            return Ok(());
+        };
+        let path = PathBuf::from(mountpoint);
+        match free_bytes(&path) {
+            Ok(free) if free < floor => Err(WarmError::InsufficientDisk {
+                image: image.to_string(),
+                path,
+                free,
+                floor,
+            }),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "statvfs failed; pulling without the disk check");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Free bytes available to unprivileged users on the filesystem holding `path`.
+fn free_bytes(path: &Path) -> Result<u64, nix::Error> {
+    let st = nix::sys::statvfs::statvfs(path)?;
+    Ok(st.blocks_available().saturating_mul(st.fragment_size()))
+}
+
+/// The digests in `repo_digests` (`repo@sha256:…`) that belong to `image`'s repository.
+pub fn digests_in_repository(repo_digests: &[String], image: &ImageRef) -> Vec<Digest> {
+    let name = image.name();
+    repo_digests
+        .iter()
+        .filter(|r| {
+            r.rsplit_once('@')
+                .and_then(|(repo, _)| ImageRef::parse(repo).ok())
+                .is_some_and(|repo| repo.name() == name)
+        })
+        .filter_map(|r| digest_of_reference(r))
+        .collect()
+}
+
+/// Parse a byte size: a plain number or one with a suffix (`k`, `M`, `G`, `T` powers of
+/// 1000; `Ki`, `Mi`, `Gi`, `Ti` powers of 1024; an optional trailing `B`).
+pub fn parse_bytes(input: &str) -> Result<u64, String> {
+    let s = input.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("invalid size {input:?}: expected a number like 2GiB or 500M"))?;
+    let unit = unit.trim();
+    let unit = unit.strip_suffix(['B', 'b']).unwrap_or(unit);
+    let factor: u64 = match unit {
+        "" => 1,
+        "k" | "K" => 1000,
+        "M" => 1000_u64.pow(2),
+        "G" => 1000_u64.pow(3),
+        "T" => 1000_u64.pow(4),
+        "Ki" | "ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        _ => return Err(format!("invalid size {input:?}: unknown unit {unit:?}")),
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("invalid size {input:?}: too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn containerd_messages_are_classified() {
+        use tonic::Code;
+        let cases = [
+            (
+                Code::Unknown,
+                "failed to pull and unpack image \"127.0.0.1:5000/app:latest\": failed to resolve reference \"127.0.0.1:5000/app:latest\": unexpected status from HEAD request to http://127.0.0.1:5000/v2/app/manifests/latest: 401 Unauthorized",
+                PullFailure::Auth,
+            ),
+            (
+                Code::Unknown,
+                "failed to pull and unpack image: failed to resolve reference: pull access denied, repository does not exist or may require authorization: server message: insufficient_scope: authorization failed",
+                PullFailure::Auth,
+            ),
+            (
+                Code::Unknown,
+                "failed to fetch oauth token: unexpected status: 401 Unauthorized",
+                PullFailure::Auth,
+            ),
+            (
+                Code::NotFound,
+                "failed to pull and unpack image \"127.0.0.1:5000/app:nope\": failed to resolve reference \"127.0.0.1:5000/app:nope\": 127.0.0.1:5000/app:nope: not found",
+                PullFailure::NotFound,
+            ),
+            (
+                Code::Unknown,
+                "failed to resolve reference: 127.0.0.1:5000/app:nope: not found",
+                PullFailure::NotFound,
+            ),
+            (
+                Code::Unknown,
+                "failed to copy: httpReadSeeker: failed open: unexpected status code http://127.0.0.1:5000/v2/app/blobs/sha256:ab: 503 Service Unavailable",
+                PullFailure::Transient,
+            ),
+            (
+                Code::Unknown,
+                "failed to do request: Head \"http://127.0.0.1:5000/v2/app/manifests/latest\": dial tcp 127.0.0.1:5000: connect: connection refused",
+                PullFailure::Transient,
+            ),
+            (
+                Code::Unavailable,
+                "error reading from server: EOF",
+                PullFailure::Transient,
+            ),
+            (
+                Code::Unknown,
+                "429 Too Many Requests",
+                PullFailure::Transient,
+            ),
+            (
+                Code::Unknown,
+                "failed to extract layer: write /var/lib/containerd/x: no space left on device",
+                PullFailure::Permanent,
+            ),
+            (
+                Code::InvalidArgument,
+                "failed to parse image reference \"UPPER\": invalid reference format",
+                PullFailure::Permanent,
+            ),
+        ];
+        for (code, message, want) in cases {
+            assert_eq!(classify_pull_error(Some(code), message), want, "{message}");
+        }
+        assert_eq!(
+            classify_pull_error(None, "socket gone"),
+            PullFailure::Transient
+        );
+    }
+
+    #[test]
+    fn credentials_never_show_in_debug() {
+        let basic = Credentials::Basic {
+            username: "ci".into(),
+            password: "hunter2".into(),
+        };
+        let token = Credentials::Token("tok-secret".into());
+        let shown = format!("{basic:?} {token:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("tok-secret"),
+            "{shown}"
+        );
+        assert!(shown.contains("ci"));
+        let auth = basic.auth_config("127.0.0.1:5000");
+        assert_eq!(
+            (auth.username.as_str(), auth.password.as_str()),
+            ("ci", "hunter2")
+        );
+        assert_eq!(token.auth_config("r").registry_token, "tok-secret");
+    }
+
+    #[test]
+    fn byte_sizes_parse() {
+        assert_eq!(parse_bytes("0"), Ok(0));
+        assert_eq!(parse_bytes("1024"), Ok(1024));
+        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_bytes("2Gi"), Ok(2 << 30));
+        assert_eq!(parse_bytes("500M"), Ok(500_000_000));
+        assert_eq!(parse_bytes("10 KiB"), Ok(10240));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("3XB").unwrap_err().contains("unknown unit"));
+        assert!(
+            parse_bytes("99999999999TiB")
+                .unwrap_err()
+                .contains("too large")
+        );
+    }
+
+    #[test]
+    fn repository_digests_are_matched_after_normalisation() {
+        let d1 = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+        let d2 = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+        let image = ImageRef::parse("busybox:1.36").unwrap();
+        let got = digests_in_repository(
+            &[
+                format!("docker.io/library/busybox@{d1}"),
+                format!("127.0.0.1:5000/busybox@{d2}"),
+            ],
+            &image,
+        );
+        assert_eq!(got, vec![Digest::parse(d1).unwrap()]);
+    }
+
+    #[test]
+    fn errors_name_the_image_and_the_figures() {
+        let image = ImageRef::parse("127.0.0.1:5000/app:latest").unwrap();
+        let e = WarmError::InsufficientDisk {
+            image: image.to_string(),
+            path: "/var/lib/containerd".into(),
+            free: 10,
+            floor: 20,
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("127.0.0.1:5000/app:latest")
+                && text.contains("10")
+                && text.contains("20"),
+            "{text}"
+        );
+        assert_eq!(e.outcome(), "insufficient_disk");
+        let m = WarmError::DigestMismatch {
+            image: image.to_string(),
+            expected: Digest::parse(
+                "sha256:1111111111111111111111111111111111111111111111111111111111111111",
+            )
+            .unwrap(),
+            found: None,
+        };
+        assert!(m.to_string().contains("no digest"));
+    }
+
+    mod with_fake_cri {
+        use super::*;
+        use crate::fake::{FakeCri, runtime_gone};
+        use k8s_cri::v1::Image;
+        use std::sync::atomic::Ordering;
+
+        const OLD: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+        const NEW: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+        const TAG: &str = "127.0.0.1:5000/app:latest";
+
+        fn img(id: &str, digest: &str, tags: &[&str]) -> Image {
+            Image {
+                id: id.into(),
+                repo_tags: tags.iter().map(|t| t.to_string()).collect(),
+                repo_digests: vec![format!("127.0.0.1:5000/app@{digest}")],
+                size: 1,
+                ..Default::default()
+            }
+        }
+
+        /// The node runs the old build; the registry has the new one under the same tag.
+        fn node() -> Arc<FakeCri> {
+            Arc::new(FakeCri::with(|s| {
+                s.images = vec![img("sha256:old", OLD, &[TAG])];
+                s.registry
+                    .insert(TAG.into(), img("sha256:new", NEW, &[TAG]));
+                s.fs_mountpoint = "/".into();
+            }))
+        }
+
+        fn warmer(
+            fake: &Arc<FakeCri>,
+            max: usize,
+            min_free_disk: u64,
+        ) -> (Warmer<FakeCri>, Metrics) {
+            let metrics = Metrics::new();
+            let config = WarmConfig {
+                max_concurrent_pulls: max,
+                min_free_disk,
+            };
+            (Warmer::new(fake.clone(), config, metrics.clone()), metrics)
+        }
+
+        fn image() -> ImageRef {
+            ImageRef::parse(TAG).unwrap()
+        }
+
+        fn digest(s: &str) -> Digest {
+            Digest::parse(s).unwrap()
+        }
+
+        fn soon(secs: u64) -> Instant {
+            Instant::now() + Duration::from_secs(secs)
+        }
+
+        #[tokio::test]
+        async fn pull_moves_the_tag_and_reports_a_download() {
+            let fake = node();
+            let (w, metrics) = warmer(&fake, 2, 1);
+            let creds = Credentials::Basic {
+                username: "u".into(),
+                password: "p".into(),
+            };
+            let ok = w
+                .warm(&image(), Some(&digest(NEW)), Some(creds), soon(5))
+                .await
+                .unwrap();
+            assert!(ok.downloaded);
+            assert_eq!(ok.digest, Some(digest(NEW)));
+            assert_eq!(ok.image_id, "sha256:new");
+            let auth = fake.state.lock().unwrap().last_auth.clone().unwrap();
+            assert_eq!(auth.server_address, "127.0.0.1:5000");
+            // Second time: already there.
+            let again = w
+                .warm(&image(), Some(&digest(NEW)), None, soon(5))
+                .await
+                .unwrap();
+            assert!(!again.downloaded);
+            assert!(
+                metrics
+                    .encode()
+                    .contains("warmroll_agent_pulls_total{outcome=\"ok\"} 2")
+            );
+        }
+
+        #[tokio::test]
+        async fn a_moved_tag_is_a_digest_mismatch_naming_what_was_found() {
+            let fake = node();
+            let (w, metrics) = warmer(&fake, 2, 0);
+            let err = w
+                .warm(&image(), Some(&digest(OLD)), None, soon(5))
+                .await
+                .unwrap_err();
+            assert_eq!(
+                err,
+                WarmError::DigestMismatch {
+                    image: TAG.to_string(),
+                    expected: digest(OLD),
+                    found: Some(digest(NEW)),
+                }
+            );
+            assert!(metrics.encode().contains("outcome=\"digest_mismatch\""));
+        }
+
+        #[tokio::test]
+        async fn missing_image_and_refused_credentials_are_told_apart() {
+            let fake = node();
+            let (w, _) = warmer(&fake, 2, 0);
+            let missing = ImageRef::parse("127.0.0.1:5000/nope:latest").unwrap();
+            let err = w.warm(&missing, None, None, soon(5)).await.unwrap_err();
+            assert!(matches!(err, WarmError::NotFound { .. }), "{err}");
+            fake.edit(|s| {
+                s.pull_failures.push_back(CriError::Call {
+                    op: "PullImage",
+                    code: tonic::Code::Unknown,
+                    message: "unexpected status from HEAD request: 401 Unauthorized".into(),
+                })
+            });
+            let err = w.warm(&image(), None, None, soon(5)).await.unwrap_err();
+            assert!(matches!(err, WarmError::Auth { .. }), "{err}");
+            assert_eq!(
+                fake.pulls.load(Ordering::SeqCst),
+                2,
+                "no retry for permanent errors"
+            );
+            // And the next warm-up works.
+            w.warm(&image(), Some(&digest(NEW)), None, soon(5))
+                .await
+                .unwrap();
+        }
+
+        #[tokio::test]
+        async fn transient_failures_are_retried_inside_the_deadline() {
+            let fake = node();
+            fake.edit(|s| {
+                s.pull_failures.push_back(runtime_gone());
+                s.pull_failures.push_back(runtime_gone());
+            });
+            let (w, _) = warmer(&fake, 2, 0);
+            let ok = w
+                .warm(&image(), Some(&digest(NEW)), None, soon(20))
+                .await
+                .unwrap();
+            assert_eq!(ok.digest, Some(digest(NEW)));
+            assert_eq!(fake.pulls.load(Ordering::SeqCst), 3);
+        }
+
+        #[tokio::test]
+        async fn a_runtime_that_stays_away_ends_in_a_timeout_with_the_last_error() {
+            let fake = node();
+            fake.edit(|s| {
+                for _ in 0..100 {
+                    s.pull_failures.push_back(runtime_gone());
+                }
+            });
+            let (w, _) = warmer(&fake, 2, 0);
+            let deadline = Instant::now() + Duration::from_millis(1500);
+            let err = w.warm(&image(), None, None, deadline).await.unwrap_err();
+            let WarmError::Timeout { last_error, .. } = &err else {
+                panic!("expected a timeout, got {err}")
+            };
+            assert!(
+                last_error
+                    .as_deref()
+                    .unwrap_or("")
+                    .contains("connection refused"),
+                "{err}"
+            );
+            assert!(Instant::now() >= deadline);
+        }
+
+        #[tokio::test]
+        async fn identical_requests_share_one_pull_and_the_pull_limit_holds() {
+            let fake = node();
+            fake.edit(|s| {
+                s.pull_delay = Duration::from_millis(200);
+                for n in 0..4 {
+                    let tag = format!("127.0.0.1:5000/other{n}:latest");
+                    s.registry
+                        .insert(tag.clone(), img(&format!("sha256:o{n}"), NEW, &[&tag]));
+                }
+            });
+            let (w, _) = warmer(&fake, 2, 0);
+            let same: Vec<_> = (0..5)
+                .map(|_| {
+                    let w = w.clone();
+                    tokio::spawn(async move {
+                        w.warm(&image(), Some(&digest(NEW)), None, soon(10)).await
+                    })
+                })
+                .collect();
+            for h in same {
+                h.await.unwrap().unwrap();
+            }
+            assert_eq!(fake.pulls.load(Ordering::SeqCst), 1, "merged into one pull");
+            let others: Vec<_> = (0..4)
+                .map(|n| {
+                    let w = w.clone();
+                    tokio::spawn(async move {
+                        let r =
+                            ImageRef::parse(&format!("127.0.0.1:5000/other{n}:latest")).unwrap();
+                        w.warm(&r, None, None, soon(10)).await
+                    })
+                })
+                .collect();
+            for h in others {
+                h.await.unwrap().unwrap();
+            }
+            assert_eq!(fake.pulls.load(Ordering::SeqCst), 5);
+            assert_eq!(
+                fake.max_active_pulls.load(Ordering::SeqCst),
+                2,
+                "at most 2 at once"
+            );
+        }
+
+        #[tokio::test]
+        async fn no_pull_below_the_disk_floor() {
+            let fake = node();
+            let (w, metrics) = warmer(&fake, 2, u64::MAX);
+            let err = w.warm(&image(), None, None, soon(5)).await.unwrap_err();
+            let WarmError::InsufficientDisk {
+                free, floor, path, ..
+            } = &err
+            else {
+                panic!("expected InsufficientDisk, got {err}")
+            };
+            assert_eq!(*floor, u64::MAX);
+            assert!(*free < *floor);
+            assert_eq!(path, &PathBuf::from("/"));
+            assert_eq!(fake.pulls.load(Ordering::SeqCst), 0);
+            assert!(metrics.encode().contains("outcome=\"insufficient_disk\""));
+        }
+    }
+}
