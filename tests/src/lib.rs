@@ -5,6 +5,8 @@
 //! test unwinds) stops the processes, unmounts and removes the temp dirs.
 
 pub mod containerd;
+pub mod image;
 pub mod kubeapi;
+pub mod registry;
 pub mod scratch;
 pub mod tls;
