@@ -182,10 +182,9 @@ fn merge_map(target: &mut Map<String, Value>, patch: &Map<String, Value>) -> Res
     }
     for (key, order) in patch {
         if let (Some(field), Some(order)) = (key.strip_prefix(SET_ELEMENT_ORDER), order.as_array())
+            && let Some(Value::Array(items)) = target.get_mut(field)
         {
-            if let Some(Value::Array(items)) = target.get_mut(field) {
-                reorder(items, order, merge_key(field));
-            }
+            reorder(items, order, merge_key(field));
         }
     }
     if let Some(retain) = patch.get("$retainKeys").and_then(Value::as_array) {

@@ -218,12 +218,12 @@ pub fn validate_key(key: &str) -> Result<(), String> {
         Some((p, n)) => (Some(p), n),
         None => (None, key),
     };
-    if let Some(prefix) = prefix {
-        if !is_dns_subdomain(prefix) {
-            return Err(format!(
-                "invalid label key {key:?}: prefix part must be a lowercase RFC 1123 subdomain"
-            ));
-        }
+    if let Some(prefix) = prefix
+        && !is_dns_subdomain(prefix)
+    {
+        return Err(format!(
+            "invalid label key {key:?}: prefix part must be a lowercase RFC 1123 subdomain"
+        ));
     }
     if name.is_empty() || !is_label_value(name) {
         return Err(format!(
