@@ -4,7 +4,7 @@
 //! runc root and registry hosts dir under a `warmroll-testbed-ctrd-*` temp dir, with the
 //! CRI settings this machine needs (see `shared/TESTBED.md`): `restrict_oom_score_adj`,
 //! a sandbox image served by a test registry, a `config_path` hosts dir that
-//! [`Containerd::trust_host`] fills at runtime. Pods run the way kubelet runs them
+//! [`Containerd::trust_registry`] fills at runtime. Pods run the way kubelet runs them
 //! ([`Containerd::run_pod`]), with host networking so no CNI is needed.
 //!
 //! Dropping the guard (also while a failed test unwinds) removes every sandbox through
@@ -35,6 +35,8 @@ use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tower::service_fn;
 
+use crate::image::ImageBuilder;
+use crate::registry::Registry;
 use crate::scratch;
 
 pub use cleanup::{mounts_under, processes_mentioning};
@@ -44,6 +46,10 @@ pub use pod::{ContainerSpec, ImagePull, PodSpec, RunningContainer, RunningPod};
 pub const CONTAINERD_BIN: &str = "/usr/bin/containerd";
 /// The containerd namespace the CRI plugin uses.
 pub const CRI_NAMESPACE: &str = "k8s.io";
+
+/// Where [`Containerd::start_with_registry`] pushes the sandbox image.
+pub const SANDBOX_REPO: &str = "warmroll/pause";
+pub const SANDBOX_TAG: &str = "1";
 
 // Generous: the whole suite starts many containerds at once on small machines.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -116,7 +122,7 @@ impl std::fmt::Debug for Containerd {
 
 impl Containerd {
     /// Starts containerd whose pod sandboxes use `sandbox_image` (an image a test
-    /// registry serves; trust that registry with [`Self::trust_host`] before running
+    /// registry serves; trust that registry with [`Self::trust_registry`] before running
     /// a pod), and waits until CRI `Version` answers.
     ///
     /// Fails with a message naming what to install when not root or when containerd,
@@ -141,6 +147,22 @@ impl Containerd {
         // On error `containerd` is dropped here, which cleans up what was started.
         containerd.spawn()?;
         containerd.wait_ready().await?;
+        Ok(containerd)
+    }
+
+    /// Pushes a sandbox image (the busybox image of [`ImageBuilder`], which runs until
+    /// SIGTERM) to `registry` as `warmroll/pause:1`, starts containerd with it and
+    /// trusts `registry`.
+    ///
+    /// containerd pulls the sandbox image without credentials: use a registry without
+    /// auth here (plain or TLS), and [`Self::trust_registry`] for authenticated ones.
+    pub async fn start_with_registry(registry: &Registry) -> Result<Self> {
+        let sandbox = ImageBuilder::new(registry)?
+            .push(SANDBOX_REPO, SANDBOX_TAG)
+            .await
+            .context("pushing the sandbox image")?;
+        let containerd = Self::start(&sandbox.reference).await?;
+        containerd.trust_registry(registry)?;
         Ok(containerd)
     }
 
@@ -188,6 +210,13 @@ impl Containerd {
             .await
             .context("CRI Version")?
             .into_inner())
+    }
+
+    /// Lets containerd pull from `registry`: writes `hosts/<host:port>/hosts.toml` with
+    /// an `http://` endpoint, or `https://` plus the registry's CA. Takes effect for
+    /// the next pull, no restart needed.
+    pub fn trust_registry(&self, registry: &Registry) -> Result<()> {
+        self.trust_host(registry.host(), registry.ca_pem().as_deref())
     }
 
     /// Writes `hosts/<host>/hosts.toml` for a registry at `host` (`host:port`): plain
