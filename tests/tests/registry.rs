@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::manifest::OciManifest;
@@ -37,25 +37,42 @@ struct Answer {
     body: Bytes,
 }
 
-/// One HTTP/1.1 request to the registry's public endpoint, over TLS when it has TLS.
+/// One HTTP/1.1 request to the registry's public endpoint.
 async fn request(
     registry: &Registry,
     method: Method,
     path_and_query: &str,
     authorization: Option<String>,
 ) -> anyhow::Result<Answer> {
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path_and_query)
+        .header(http::header::HOST, registry.host())
+        .header(http::header::ACCEPT, MANIFEST_TYPES);
+    if let Some(authorization) = authorization {
+        builder = builder.header(http::header::AUTHORIZATION, authorization);
+    }
+    send(registry, builder.body(Full::new(Bytes::new()))?).await
+}
+
+/// `POST path` with a form body.
+async fn post_form(registry: &Registry, path: &str, form: String) -> anyhow::Result<Answer> {
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(path)
+        .header(http::header::HOST, registry.host())
+        .header(
+            http::header::CONTENT_TYPE,
+            "application/x-www-form-urlencoded",
+        )
+        .body(Full::new(Bytes::from(form)))?;
+    send(registry, request).await
+}
+
+/// Sends one request on a new connection, over TLS (trusting the registry's CA) when
+/// the registry has TLS.
+async fn send(registry: &Registry, request: Request<Full<Bytes>>) -> anyhow::Result<Answer> {
     let tcp = tokio::net::TcpStream::connect(registry.host()).await?;
-    let request = {
-        let mut builder = Request::builder()
-            .method(method)
-            .uri(path_and_query)
-            .header(http::header::HOST, registry.host())
-            .header(http::header::ACCEPT, MANIFEST_TYPES);
-        if let Some(authorization) = authorization {
-            builder = builder.header(http::header::AUTHORIZATION, authorization);
-        }
-        builder.body(Empty::<Bytes>::new())?
-    };
     let response = match registry.ca() {
         Some(ca) => {
             let connector = tokio_rustls::TlsConnector::from(ca.client_config()?);
@@ -370,6 +387,29 @@ async fn check_token_flow(registry: &Registry) {
     .unwrap();
     assert_eq!(basic_on_token.status, 401);
     assert!(registry.count("GET", "/token") >= 4);
+
+    // The OAuth2 password grant containerd tries first.
+    let form = |password: &str| {
+        format!(
+            "grant_type=password&username={user}&password={password}&service={service}\
+             &client_id=containerd&scope=repository%3Ateam%2Fapp%3Apull"
+        )
+    };
+    let posted = post_form(registry, "/token", form(password)).await.unwrap();
+    assert_eq!(posted.status, 200);
+    let posted: serde_json::Value = serde_json::from_slice(&posted.body).unwrap();
+    let token = posted["access_token"].as_str().unwrap();
+    let tags = request(
+        registry,
+        Method::GET,
+        "/v2/team/app/tags/list",
+        Some(format!("Bearer {token}")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(tags.status, 200);
+    let refused = post_form(registry, "/token", form("wrong")).await.unwrap();
+    assert_eq!(refused.status, 401);
 }
 
 #[tokio::test]
