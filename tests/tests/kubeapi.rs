@@ -946,6 +946,57 @@ async fn watch_from_an_expired_resource_version_gets_410_expired() {
 }
 
 #[tokio::test]
+async fn bookmarks_carry_the_resume_point_and_watches_end_at_their_timeout() {
+    let kube_api = KubeApi::start_with(KubeApiOptions {
+        bookmark_interval: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(kube_api.client(), "default");
+    let secrets: Api<Secret> = Api::namespaced(kube_api.client(), "default");
+    let from = pods
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let started = Instant::now();
+    let mut stream = pods
+        .watch(&WatchParams::default().timeout(2), &from)
+        .await
+        .unwrap()
+        .boxed();
+    // A write to another type moves the global resourceVersion; the pods watch's next
+    // bookmark lets a client resume past it.
+    let elsewhere = secrets
+        .create(&PostParams::default(), &secret("s"))
+        .await
+        .unwrap();
+    loop {
+        match stream.try_next().await.unwrap() {
+            Some(WatchEvent::Bookmark(b))
+                if b.metadata.resource_version.parse::<u64>().unwrap() >= rv(&elsewhere) =>
+            {
+                assert_eq!(b.types.kind, "Pod");
+                break;
+            }
+            Some(WatchEvent::Bookmark(_)) => {}
+            other => panic!("expected only bookmarks, got {other:?}"),
+        }
+    }
+    while let Some(event) = stream.try_next().await.unwrap() {
+        assert!(matches!(event, WatchEvent::Bookmark(_)), "{event:?}");
+    }
+    let lasted = started.elapsed();
+    assert!(
+        lasted >= Duration::from_secs(2) && lasted < Duration::from_secs(5),
+        "{lasted:?}"
+    );
+}
+
+#[tokio::test]
 async fn kube_runtime_reflector_follows_adds_updates_and_deletes() {
     let kube_api = KubeApi::start().await.unwrap();
     let pods: Api<Pod> = Api::namespaced(kube_api.client(), "default");
