@@ -696,7 +696,7 @@ mod tests {
         let img_a = NodeImage::from(&image("a", &["app:1"], &[]));
         let img_a2 = NodeImage::from(&image("a", &[], &[]));
         let img_b = NodeImage::from(&image("b", &["app:2"], &[]));
-        let old = snap(&[rc("1", D1), rc("2", D1)], &[img_a.clone()]);
+        let old = snap(&[rc("1", D1), rc("2", D1)], std::slice::from_ref(&img_a));
         let new = snap(
             &[rc("2", D2), rc("3", D1)],
             &[img_a2.clone(), img_b.clone()],

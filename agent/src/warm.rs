@@ -49,17 +49,18 @@ impl std::fmt::Debug for Credentials {
 }
 
 impl Credentials {
-    fn auth_config(&self, server: &str) -> AuthConfig {
+    /// The CRI auth config. `server_address` stays empty: containerd parses it as a URL
+    /// and drops the credentials when its host differs from the endpoint it contacts
+    /// (a mirror, `registry-1.docker.io`), and a pull order is for one image anyway.
+    fn auth_config(&self) -> AuthConfig {
         match self {
             Credentials::Basic { username, password } => AuthConfig {
                 username: username.clone(),
                 password: password.clone(),
-                server_address: server.to_string(),
                 ..Default::default()
             },
             Credentials::Token(token) => AuthConfig {
                 registry_token: token.clone(),
-                server_address: server.to_string(),
                 ..Default::default()
             },
         }
@@ -363,20 +364,20 @@ impl<C: Cri> Inner<C> {
             Err(_) => return Err(timeout(Some("checking free disk space".into()))),
             Ok(r) => r?,
         }
-        let before = match tokio::time::timeout_at(deadline, self.cri.list_images()).await {
-            Err(_) => return Err(timeout(Some("listing images".into()))),
-            Ok(r) => r.map_err(runtime)?,
-        };
         let name = image.to_string();
-        let auth = credentials.map(|c| c.auth_config(image.registry()));
+        let auth = credentials.map(|c| c.auth_config());
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(15));
         let mut last_error: Option<String> = None;
-        loop {
-            let attempt =
-                tokio::time::timeout_at(deadline, self.cri.pull_image(&name, auth.clone()));
-            let error = match attempt.await {
+        let before = loop {
+            // What the node holds before the pull tells whether the pull downloaded.
+            let attempt = async {
+                let before = self.cri.list_images().await?;
+                self.cri.pull_image(&name, auth.clone()).await?;
+                Ok::<_, CriError>(before)
+            };
+            let error = match tokio::time::timeout_at(deadline, attempt).await {
                 Err(_) => return Err(timeout(last_error)),
-                Ok(Ok(_)) => break,
+                Ok(Ok(before)) => break before,
                 Ok(Err(e)) => e,
             };
             let message = error.to_string();
@@ -405,7 +406,7 @@ impl<C: Cri> Inner<C> {
                     tokio::time::sleep(delay).await;
                 }
             }
-        }
+        };
         let status = match tokio::time::timeout_at(deadline, self.cri.image_status(&name)).await {
             Err(_) => return Err(timeout(Some("checking the pulled image".into()))),
             Ok(r) => r.map_err(runtime)?,
@@ -610,12 +611,12 @@ mod tests {
             "{shown}"
         );
         assert!(shown.contains("ci"));
-        let auth = basic.auth_config("127.0.0.1:5000");
+        let auth = basic.auth_config();
         assert_eq!(
             (auth.username.as_str(), auth.password.as_str()),
             ("ci", "hunter2")
         );
-        assert_eq!(token.auth_config("r").registry_token, "tok-secret");
+        assert_eq!(token.auth_config().registry_token, "tok-secret");
     }
 
     #[test]
@@ -749,7 +750,7 @@ mod tests {
             assert_eq!(ok.digest, Some(digest(NEW)));
             assert_eq!(ok.image_id, "sha256:new");
             let auth = fake.state.lock().unwrap().last_auth.clone().unwrap();
-            assert_eq!(auth.server_address, "127.0.0.1:5000");
+            assert_eq!(auth.username, "u");
             // Second time: already there.
             let again = w
                 .warm(&image(), Some(&digest(NEW)), None, soon(5))

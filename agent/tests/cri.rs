@@ -1,0 +1,276 @@
+//! The agent against a real containerd (CRI v1) and a real registry from the test bed.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use warmroll_agent::cri::{self, CriClient};
+use warmroll_agent::inventory::{self, Collector, InventoryUpdate};
+use warmroll_agent::metrics::{Health, Metrics};
+use warmroll_agent::warm::{Credentials, WarmConfig, WarmError, Warmer};
+use warmroll_proto::image::{Digest, ImageRef};
+use warmroll_tests::containerd::{ContainerSpec, Containerd, ImagePull, PodSpec};
+use warmroll_tests::image::ImageBuilder;
+use warmroll_tests::registry::{Registry, RegistryOptions};
+
+async fn client(containerd: &Containerd) -> (Arc<CriClient>, Metrics) {
+    let metrics = Metrics::new();
+    let (client, version) = cri::connect(
+        Some(containerd.socket()),
+        metrics.clone(),
+        Arc::new(Health::default()),
+    )
+    .await
+    .expect("the test bed containerd answers CRI v1");
+    assert_eq!(version.runtime_name, "containerd");
+    (Arc::new(client), metrics)
+}
+
+fn warmer(cri: &Arc<CriClient>, metrics: &Metrics, min_free_disk: u64) -> Warmer<CriClient> {
+    Warmer::new(
+        cri.clone(),
+        WarmConfig {
+            max_concurrent_pulls: 2,
+            min_free_disk,
+        },
+        metrics.clone(),
+    )
+}
+
+fn digest(s: &str) -> Digest {
+    Digest::parse(s).unwrap()
+}
+
+fn soon(secs: u64) -> Instant {
+    Instant::now() + Duration::from_secs(secs)
+}
+
+#[tokio::test]
+async fn inventory_lists_pods_with_labels_and_running_digest_and_follows_changes() {
+    let registry = Registry::start(RegistryOptions::plain()).await.unwrap();
+    let containerd = Containerd::start_with_registry(&registry).await.unwrap();
+    let pushed = ImageBuilder::new(&registry)
+        .unwrap()
+        .push("shop/web", "main")
+        .await
+        .unwrap();
+    let web = containerd
+        .run_pod(
+            &PodSpec::new("shop", "web-1")
+                .uid("uid-web-1")
+                .label("app", "web")
+                .label("warmroll.io/policy", "default")
+                .container(ContainerSpec::new("web", &pushed.reference)),
+        )
+        .await
+        .unwrap();
+    let (cri, metrics) = client(&containerd).await;
+
+    let snap = Collector::new(cri.clone()).snapshot().await.unwrap();
+    assert_eq!(snap.containers.len(), 1, "{snap:#?}");
+    let c = snap.containers.values().next().unwrap();
+    assert_eq!(c.pod.namespace, "shop");
+    assert_eq!(c.pod.name, "web-1");
+    assert_eq!(c.pod.uid, "uid-web-1");
+    assert_eq!(c.container, "web");
+    assert_eq!(c.pod_labels.get("app").map(String::as_str), Some("web"));
+    assert!(
+        c.pod_labels
+            .keys()
+            .all(|k| !k.starts_with("io.kubernetes."))
+    );
+    assert_eq!(c.digest, Some(digest(&pushed.manifest_digest)));
+    assert_eq!(c.image_id, pushed.config_digest);
+    assert!(snap.images.contains_key(&pushed.config_digest));
+
+    // The loop: a full snapshot, then a started and a stopped pod as change sets.
+    let interval = Duration::from_millis(500);
+    let (tx, mut rx) = mpsc::channel(8);
+    let task = tokio::spawn(inventory::run(
+        cri.clone(),
+        interval,
+        metrics.clone(),
+        Arc::new(Health::default()),
+        tx,
+    ));
+    async fn next(rx: &mut mpsc::Receiver<InventoryUpdate>) -> InventoryUpdate {
+        tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("an update")
+            .expect("loop alive")
+    }
+    assert!(matches!(next(&mut rx).await, InventoryUpdate::Full(_)));
+    let api = containerd
+        .run_pod(
+            &PodSpec::new("shop", "api-1")
+                .label("app", "api")
+                .container(ContainerSpec::new("api", &pushed.reference)),
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let InventoryUpdate::Changes(changes) = next(&mut rx).await else {
+        panic!("change set expected")
+    };
+    assert!(started.elapsed() <= interval * 2, "{:?}", started.elapsed());
+    assert_eq!(changes.added.len(), 1, "{changes:#?}");
+    assert_eq!(changes.added[0].pod.name, "api-1");
+    containerd.stop_pod(&web).await.unwrap();
+    let InventoryUpdate::Changes(changes) = next(&mut rx).await else {
+        panic!("change set expected")
+    };
+    assert_eq!(changes.removed.len(), 1, "{changes:#?}");
+    assert_eq!(changes.removed[0].pod.name, "web-1");
+    drop(rx);
+    task.await.unwrap();
+    containerd.stop_pod(&api).await.unwrap();
+}
+
+#[tokio::test]
+async fn warm_moves_the_tag_so_if_not_present_pods_run_the_new_build() {
+    let registry = Registry::start(RegistryOptions::plain()).await.unwrap();
+    let containerd = Containerd::start_with_registry(&registry).await.unwrap();
+    let builder = ImageBuilder::new(&registry).unwrap();
+    let old = builder.push("shop/web", "main").await.unwrap();
+    containerd.pull(&old.reference, None).await.unwrap();
+    let new = builder.push("shop/web", "main").await.unwrap();
+    assert_ne!(old.manifest_digest, new.manifest_digest);
+
+    let (cri, metrics) = client(&containerd).await;
+    let w = warmer(&cri, &metrics, 0);
+    let image = ImageRef::parse(&new.reference).unwrap();
+    let ok = w
+        .warm(&image, Some(&digest(&new.manifest_digest)), None, soon(60))
+        .await
+        .unwrap();
+    assert!(ok.downloaded);
+    assert_eq!(ok.image_id, new.config_digest);
+    let status = containerd
+        .image_status(&new.reference)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        status.id, new.config_digest,
+        "the node's tag points at the new build"
+    );
+
+    // IfNotPresent: no pull, created from what the node's tag points to.
+    let pod = containerd
+        .run_pod(
+            &PodSpec::new("shop", "web-2")
+                .container(ContainerSpec::new("web", &new.reference).pull(ImagePull::IfNotPresent)),
+        )
+        .await
+        .unwrap();
+    let snap = Collector::new(cri.clone()).snapshot().await.unwrap();
+    let c = snap
+        .containers
+        .values()
+        .find(|c| c.pod.name == "web-2")
+        .unwrap();
+    assert_eq!(c.digest, Some(digest(&new.manifest_digest)));
+
+    // Warm again: nothing to download. Expecting the old digest: the tag moved.
+    let again = w
+        .warm(&image, Some(&digest(&new.manifest_digest)), None, soon(60))
+        .await
+        .unwrap();
+    assert!(!again.downloaded);
+    let err = w
+        .warm(&image, Some(&digest(&old.manifest_digest)), None, soon(60))
+        .await
+        .unwrap_err();
+    match &err {
+        WarmError::DigestMismatch { found, .. } => {
+            assert_eq!(found.as_ref(), Some(&digest(&new.manifest_digest)))
+        }
+        other => panic!("expected a digest mismatch, got {other}"),
+    }
+    assert!(
+        metrics
+            .encode()
+            .contains("warmroll_agent_pulls_total{outcome=\"digest_mismatch\"} 1")
+    );
+    containerd.stop_pod(&pod).await.unwrap();
+}
+
+#[tokio::test]
+async fn failures_are_precise_and_the_agent_keeps_working() {
+    let registry = Registry::start(RegistryOptions::plain().basic("ci", "s3cret"))
+        .await
+        .unwrap();
+    let sandbox_registry = Registry::start(RegistryOptions::plain()).await.unwrap();
+    let mut containerd = Containerd::start_with_registry(&sandbox_registry)
+        .await
+        .unwrap();
+    containerd.trust_registry(&registry).unwrap();
+    let pushed = ImageBuilder::new(&registry)
+        .unwrap()
+        .push("team/app", "main")
+        .await
+        .unwrap();
+    let image = ImageRef::parse(&pushed.reference).unwrap();
+    let (cri, metrics) = client(&containerd).await;
+    let w = warmer(&cri, &metrics, 0);
+    let good = || {
+        Some(Credentials::Basic {
+            username: "ci".into(),
+            password: "s3cret".into(),
+        })
+    };
+
+    let wrong = Some(Credentials::Basic {
+        username: "ci".into(),
+        password: "wrong".into(),
+    });
+    let err = w.warm(&image, None, wrong, soon(60)).await.unwrap_err();
+    assert!(matches!(err, WarmError::Auth { .. }), "{err}");
+    assert!(!err.to_string().contains("wrong"), "no secret in {err}");
+
+    let missing = ImageRef::parse(&format!("{}/team/nope:main", registry.host())).unwrap();
+    let err = w.warm(&missing, None, good(), soon(60)).await.unwrap_err();
+    assert!(matches!(err, WarmError::NotFound { .. }), "{err}");
+
+    let huge = warmer(&cri, &metrics, u64::MAX);
+    let err = huge.warm(&image, None, good(), soon(60)).await.unwrap_err();
+    assert!(matches!(err, WarmError::InsufficientDisk { .. }), "{err}");
+
+    // containerd killed in the middle: a clear error, then it works after restart.
+    containerd.kill().await.unwrap();
+    let err = w
+        .warm(
+            &image,
+            None,
+            good(),
+            Instant::now() + Duration::from_secs(3),
+        )
+        .await
+        .unwrap_err();
+    match &err {
+        WarmError::Timeout { last_error, .. } => {
+            assert!(last_error.is_some(), "{err}")
+        }
+        other => panic!("expected a timeout naming the runtime error, got {other}"),
+    }
+    containerd.restart().await.unwrap();
+    let ok = w
+        .warm(
+            &image,
+            Some(&digest(&pushed.manifest_digest)),
+            good(),
+            soon(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ok.image_id, pushed.config_digest);
+    let snap = Collector::new(cri.clone()).snapshot().await.unwrap();
+    assert!(snap.images.contains_key(&pushed.config_digest));
+}
