@@ -1182,6 +1182,13 @@ async fn token_reviews_answer_for_registered_tokens() {
     let unknown = review("forged", "warmroll-coordinator").await;
     assert_ne!(unknown.authenticated, Some(true));
 
+    let recorded = kube_api.writes().pop().unwrap();
+    assert!(recorded.json().unwrap()["spec"]["token"] == "forged");
+    assert!(
+        !format!("{recorded:?}").contains("forged"),
+        "tokens stay out of Debug output"
+    );
+
     // TokenReview is create-only.
     assert_eq!(api_error(reviews.get("x").await.unwrap_err()).code, 405);
 

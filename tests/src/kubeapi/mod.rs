@@ -72,8 +72,9 @@ impl Default for KubeApiOptions {
     }
 }
 
-/// One request the stand-in received (also unauthenticated ones).
-#[derive(Debug, Clone)]
+/// One request the stand-in received (also unauthenticated ones). `Debug` shows the
+/// body's size only: bodies carry Secrets and TokenReview tokens.
+#[derive(Clone)]
 pub struct RecordedRequest {
     pub method: Method,
     pub path: String,
@@ -82,6 +83,19 @@ pub struct RecordedRequest {
     pub body: Vec<u8>,
     /// The authenticated user, `None` when authentication failed.
     pub user: Option<String>,
+}
+
+impl std::fmt::Debug for RecordedRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordedRequest")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("query", &self.query)
+            .field("content_type", &self.content_type)
+            .field("body_len", &self.body.len())
+            .field("user", &self.user)
+            .finish()
+    }
 }
 
 impl RecordedRequest {
