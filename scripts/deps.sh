@@ -10,6 +10,7 @@ WARMROLL_DEB_DEPS=(
   "protoc:protobuf-compiler"
   "busybox:busybox-static"
   "umount:mount"
+  "setpriv:util-linux"
   "pgrep:procps"
 )
 
