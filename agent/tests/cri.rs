@@ -274,3 +274,75 @@ async fn failures_are_precise_and_the_agent_keeps_working() {
     let snap = Collector::new(cri.clone()).snapshot().await.unwrap();
     assert!(snap.images.contains_key(&pushed.config_digest));
 }
+
+/// One HTTP/1.0 GET over a plain socket: (status line, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+#[tokio::test]
+async fn watch_mode_serves_health_and_metrics_and_survives_a_runtime_restart() {
+    let registry = Registry::start(RegistryOptions::plain()).await.unwrap();
+    let mut containerd = Containerd::start_with_registry(&registry).await.unwrap();
+    let addr = warmroll_tests::scratch::free_loopback_addr().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_warmroll-agent"))
+        .args(["watch", "--inventory-interval", "300ms", "--listen"])
+        .arg(addr.to_string())
+        .arg("--cri-socket")
+        .arg(containerd.socket())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let wait_for = |path: &'static str, want: &'static str| async move {
+        let start = Instant::now();
+        loop {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                let (status, body) = http_get(addr, path).await;
+                if status.contains(want) {
+                    return body;
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{path} never answered {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    wait_for("/readyz", "200").await;
+    wait_for("/healthz", "200").await;
+    let metrics = wait_for("/metrics", "200").await;
+    assert!(
+        metrics.contains("warmroll_agent_inventory_containers 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("warmroll_agent_inventory_images"),
+        "{metrics}"
+    );
+    containerd.kill().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    containerd.restart().await.unwrap();
+    let metrics = wait_for("/metrics", "200").await;
+    assert!(
+        metrics.contains("warmroll_agent_cri_errors_total"),
+        "{metrics}"
+    );
+    wait_for("/healthz", "200").await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the agent must outlive a runtime restart"
+    );
+    drop(child);
+}
