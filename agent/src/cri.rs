@@ -174,10 +174,6 @@ impl CriClient {
         }
     }
 
-    pub fn socket(&self) -> &Path {
-        &self.socket
-    }
-
     async fn clients(&self) -> Result<Clients, CriError> {
         if let Some(c) = self.lock().as_ref() {
             return Ok(c.clone());
