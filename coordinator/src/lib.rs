@@ -1,1 +1,5 @@
-//! warmroll-coordinator library.
+//! warmroll-coordinator library: registry resolution (and, later, drift, warm-up and
+//! rollouts), plus the command line that drives it.
+
+pub mod cli;
+pub mod registry;

@@ -1,0 +1,367 @@
+//! Being polite to registries: a token bucket per host, `429`/`Retry-After`, and
+//! exponential backoff with jitter after 5xx answers and network failures. Each host
+//! has its own state behind its own short-held lock, so a failing registry never slows
+//! another.
+
+use std::time::{Duration, SystemTime};
+
+use jiff::Timestamp;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::error::RegistryError;
+
+/// How the resolver paces and backs off, per registry host.
+#[derive(Debug, Clone)]
+pub struct Politeness {
+    /// Sustained requests per second to one host.
+    pub requests_per_second: f64,
+    /// Requests that may go out at once before the rate applies.
+    pub burst: u32,
+    /// First backoff after a failure; doubles per consecutive failure.
+    pub backoff_base: Duration,
+    /// Longest backoff.
+    pub backoff_max: Duration,
+    /// Wait after a `429` without a usable `Retry-After`.
+    pub default_retry_after: Duration,
+    /// Consecutive failures after which a host is reported unhealthy.
+    pub unhealthy_after: u32,
+}
+
+impl Default for Politeness {
+    fn default() -> Self {
+        Politeness {
+            requests_per_second: 10.0,
+            burst: 20,
+            backoff_base: Duration::from_secs(2),
+            backoff_max: Duration::from_secs(300),
+            default_retry_after: Duration::from_secs(60),
+            unhealthy_after: 3,
+        }
+    }
+}
+
+/// Backoff before the next attempt after `failures` consecutive failures (>= 1):
+/// `base * 2^(failures-1)` capped at `max`, with "equal jitter": half fixed, half
+/// scaled by `jitter` (a random number in `[0, 1)`), so many coordinators do not
+/// retry in step.
+pub(crate) fn backoff_delay(failures: u32, base: Duration, max: Duration, jitter: f64) -> Duration {
+    let exponent = failures.saturating_sub(1).min(30);
+    let full = base.saturating_mul(1u32 << exponent).min(max);
+    let half = full / 2;
+    half + half.mul_f64(jitter.clamp(0.0, 1.0))
+}
+
+/// Parses `Retry-After`: delay-seconds or an HTTP date (relative to `now`). A date in
+/// the past means "now"; anything unparsable is `None`.
+pub(crate) fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// A classic token bucket.
+#[derive(Debug)]
+pub(crate) struct TokenBucket {
+    capacity: f64,
+    per_second: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub(crate) fn new(per_second: f64, burst: u32, now: Instant) -> Self {
+        let capacity = f64::from(burst.max(1));
+        TokenBucket {
+            capacity,
+            per_second: per_second.max(f64::MIN_POSITIVE),
+            tokens: capacity,
+            last: now,
+        }
+    }
+
+    /// Takes a token, or says how long to wait for one.
+    pub(crate) fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.capacity);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(
+                (1.0 - self.tokens) / self.per_second,
+            ))
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Block {
+    RateLimited,
+    BackingOff { reason: String },
+}
+
+/// One registry host's pacing and health. Kept behind a `std::sync::Mutex` that is
+/// never held across an await.
+#[derive(Debug)]
+pub(crate) struct HostState {
+    bucket: TokenBucket,
+    blocked: Option<(Instant, Timestamp, Block)>,
+    consecutive_failures: u32,
+    last_error: Option<String>,
+}
+
+/// What the coordinator reports about one registry host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HostHealth {
+    pub host: String,
+    pub healthy: bool,
+    pub consecutive_failures: u32,
+    pub last_error: Option<String>,
+    /// While rate-limited or backing off: when the host is asked again.
+    pub blocked_until: Option<Timestamp>,
+}
+
+fn wall_clock_after(delay: Duration) -> Timestamp {
+    let now = Timestamp::now();
+    jiff::SignedDuration::try_from(delay)
+        .ok()
+        .and_then(|d| now.checked_add(d).ok())
+        .unwrap_or(Timestamp::MAX)
+}
+
+impl HostState {
+    pub(crate) fn new(politeness: &Politeness, now: Instant) -> Self {
+        HostState {
+            bucket: TokenBucket::new(politeness.requests_per_second, politeness.burst, now),
+            blocked: None,
+            consecutive_failures: 0,
+            last_error: None,
+        }
+    }
+
+    /// Whether a request may go out now: `Err` while the host is rate-limited or backing
+    /// off, `Ok(Some(wait))` when the bucket is empty, `Ok(None)` to go.
+    pub(crate) fn admit(
+        &mut self,
+        host: &str,
+        now: Instant,
+    ) -> Result<Option<Duration>, RegistryError> {
+        if let Some((until, until_wall, block)) = &self.blocked {
+            if now < *until {
+                return Err(match block {
+                    Block::RateLimited => RegistryError::RateLimited {
+                        registry: host.to_owned(),
+                        until: *until_wall,
+                    },
+                    Block::BackingOff { reason } => RegistryError::BackingOff {
+                        registry: host.to_owned(),
+                        until: *until_wall,
+                        reason: reason.clone(),
+                    },
+                });
+            }
+            self.blocked = None;
+        }
+        Ok(self.bucket.take(now).err())
+    }
+
+    /// Records a `429`: no request before `now + retry_after`.
+    pub(crate) fn rate_limited(
+        &mut self,
+        host: &str,
+        now: Instant,
+        retry_after: Duration,
+    ) -> RegistryError {
+        let until_wall = wall_clock_after(retry_after);
+        self.blocked = Some((now + retry_after, until_wall, Block::RateLimited));
+        self.last_error = Some("rate-limited (429)".to_owned());
+        RegistryError::RateLimited {
+            registry: host.to_owned(),
+            until: until_wall,
+        }
+    }
+
+    /// Records the outcome of a request.
+    pub(crate) fn record(
+        &mut self,
+        outcome: Result<(), &RegistryError>,
+        politeness: &Politeness,
+        now: Instant,
+        jitter: f64,
+    ) {
+        match outcome {
+            Ok(()) => {
+                self.consecutive_failures = 0;
+                self.last_error = None;
+            }
+            Err(error) if error.is_registry_failure() => {
+                self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+                let delay = backoff_delay(
+                    self.consecutive_failures,
+                    politeness.backoff_base,
+                    politeness.backoff_max,
+                    jitter,
+                );
+                let reason = error.to_string();
+                self.blocked = Some((
+                    now + delay,
+                    wall_clock_after(delay),
+                    Block::BackingOff {
+                        reason: reason.clone(),
+                    },
+                ));
+                self.last_error = Some(reason);
+            }
+            // Auth, not found, bad manifests: the registry itself works.
+            Err(error) => {
+                self.consecutive_failures = 0;
+                self.last_error = Some(error.to_string());
+            }
+        }
+    }
+
+    pub(crate) fn health(&self, host: &str, politeness: &Politeness, now: Instant) -> HostHealth {
+        HostHealth {
+            host: host.to_owned(),
+            healthy: self.consecutive_failures < politeness.unhealthy_after,
+            consecutive_failures: self.consecutive_failures,
+            last_error: self.last_error.clone(),
+            blocked_until: self
+                .blocked
+                .as_ref()
+                .filter(|(until, _, _)| now < *until)
+                .map(|(_, wall, _)| *wall),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_caps_and_jitters() {
+        let base = Duration::from_secs(2);
+        let max = Duration::from_secs(60);
+        let at = |n, j| backoff_delay(n, base, max, j);
+        assert_eq!(at(1, 0.0), Duration::from_secs(1));
+        assert_eq!(at(1, 1.0), Duration::from_secs(2));
+        assert_eq!(at(2, 1.0), Duration::from_secs(4));
+        assert_eq!(at(3, 0.5), Duration::from_secs(6));
+        assert_eq!(at(10, 1.0), max);
+        assert_eq!(at(u32::MAX, 1.0), max);
+        assert_eq!(at(10, 0.0), max / 2);
+        for n in 1..40 {
+            assert!(at(n, 0.0) <= at(n, 0.99) && at(n, 0.99) <= max);
+        }
+    }
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT").unwrap();
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:30:30 GMT", now),
+            Some(Duration::from_secs(150))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_bucket_paces_after_the_burst() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(2.0, 3, start);
+        for _ in 0..3 {
+            assert_eq!(bucket.take(start), Ok(()));
+        }
+        assert_eq!(bucket.take(start), Err(Duration::from_millis(500)));
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(bucket.take(Instant::now()), Ok(()));
+        tokio::time::advance(Duration::from_secs(100)).await;
+        for _ in 0..3 {
+            assert_eq!(bucket.take(Instant::now()), Ok(()));
+        }
+        assert!(
+            bucket.take(Instant::now()).is_err(),
+            "capacity caps the refill"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limit_blocks_until_retry_after() {
+        let p = Politeness::default();
+        let mut host = HostState::new(&p, Instant::now());
+        let err = host.rate_limited("reg.io", Instant::now(), Duration::from_secs(30));
+        assert!(matches!(err, RegistryError::RateLimited { .. }));
+        tokio::time::advance(Duration::from_secs(29)).await;
+        let err = host.admit("reg.io", Instant::now()).unwrap_err();
+        assert!(err.to_string().contains("rate-limiting"), "{err}");
+        assert!(
+            host.health("reg.io", &p, Instant::now())
+                .blocked_until
+                .is_some()
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(host.admit("reg.io", Instant::now()), Ok(None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_back_off_and_mark_unhealthy() {
+        let p = Politeness {
+            backoff_base: Duration::from_secs(2),
+            unhealthy_after: 2,
+            ..Politeness::default()
+        };
+        let mut host = HostState::new(&p, Instant::now());
+        let failure = RegistryError::Server {
+            registry: "reg.io".into(),
+            image: "reg.io/app:v1".into(),
+            status: 503,
+        };
+        host.record(Err(&failure), &p, Instant::now(), 1.0);
+        assert!(host.health("reg.io", &p, Instant::now()).healthy);
+        let err = host.admit("reg.io", Instant::now()).unwrap_err();
+        assert!(matches!(err, RegistryError::BackingOff { .. }), "{err}");
+        assert!(err.to_string().contains("503"), "{err}");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(host.admit("reg.io", Instant::now()), Ok(None));
+        host.record(Err(&failure), &p, Instant::now(), 1.0);
+        assert!(!host.health("reg.io", &p, Instant::now()).healthy);
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert!(
+            host.admit("reg.io", Instant::now()).is_err(),
+            "second backoff is 4 s"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(host.admit("reg.io", Instant::now()), Ok(None));
+        host.record(Ok(()), &p, Instant::now(), 0.0);
+        let health = host.health("reg.io", &p, Instant::now());
+        assert!(health.healthy);
+        assert_eq!(health.consecutive_failures, 0);
+
+        let not_found = RegistryError::NotFound {
+            registry: "reg.io".into(),
+            image: "reg.io/x:y".into(),
+        };
+        host.record(Err(&not_found), &p, Instant::now(), 0.5);
+        assert_eq!(
+            host.admit("reg.io", Instant::now()),
+            Ok(None),
+            "404 is no backoff"
+        );
+    }
+}

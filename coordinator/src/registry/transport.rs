@@ -1,0 +1,373 @@
+//! HTTP to one registry: TLS (system roots plus configured CA bundles), plain HTTP
+//! only for hosts configured insecure, timeouts, bounded bodies, and the
+//! `Authorization` header from `oci-client`'s token flow, cached until the token
+//! expires.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Reference, RegistryOperation};
+use reqwest::Method;
+use tokio::time::Instant;
+use warmroll_proto::image::ImageRef;
+
+use super::credentials::Credentials;
+use super::error::RegistryError;
+use super::manifest::ACCEPT;
+
+/// How long an opaque bearer token (no JWT `exp`) is used: the Docker token spec's
+/// default `expires_in`.
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+/// How long "no auth needed" / "basic auth" is remembered (a 401 re-learns sooner).
+const NON_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+/// Tokens are renewed this long before they expire.
+const TOKEN_MARGIN: Duration = Duration::from_secs(5);
+const USER_AGENT: &str = concat!("warmroll-coordinator/", env!("CARGO_PKG_VERSION"));
+
+#[derive(Clone)]
+pub(crate) enum AuthHeader {
+    Anonymous,
+    Basic(Credentials),
+    Bearer(String),
+}
+
+impl fmt::Debug for AuthHeader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AuthHeader::Anonymous => write!(f, "Anonymous"),
+            AuthHeader::Basic(c) => write!(f, "Basic({})", c.username()),
+            AuthHeader::Bearer(_) => write!(f, "Bearer(<redacted>)"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct AuthKey {
+    host: String,
+    repository: String,
+    identity: String,
+}
+
+struct CachedAuth {
+    header: AuthHeader,
+    expires: Instant,
+}
+
+/// Settings of the HTTP transport.
+pub(crate) struct TransportConfig<'a> {
+    pub insecure: &'a [String],
+    pub ca_bundles_pem: &'a [Vec<u8>],
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+pub(crate) struct Transport {
+    http: reqwest::Client,
+    oci: oci_client::Client,
+    insecure: Vec<String>,
+    auth: Mutex<HashMap<AuthKey, CachedAuth>>,
+}
+
+/// Splits a PEM bundle into single certificates (oci-client reads one per entry).
+pub(crate) fn split_pem_bundle(pem: &[u8]) -> Vec<Vec<u8>> {
+    const END: &str = "-----END CERTIFICATE-----";
+    let text = String::from_utf8_lossy(pem);
+    let mut certs = Vec::new();
+    let mut rest = text.as_ref();
+    while let Some(begin) = rest.find("-----BEGIN CERTIFICATE-----") {
+        let from = rest.get(begin..).unwrap_or_default();
+        let Some(end) = from.find(END) else { break };
+        let cert = from.get(..end + END.len()).unwrap_or_default();
+        certs.push(format!("{cert}\n").into_bytes());
+        rest = from.get(end + END.len()..).unwrap_or_default();
+    }
+    certs
+}
+
+impl Transport {
+    pub(crate) fn new(config: &TransportConfig<'_>) -> Result<Self, RegistryError> {
+        // reqwest is built without a default crypto provider; a second install fails
+        // harmlessly when one is already there.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client_error = |reason: String| RegistryError::Client { reason };
+
+        let pems: Vec<Vec<u8>> = config
+            .ca_bundles_pem
+            .iter()
+            .flat_map(|bundle| split_pem_bundle(bundle))
+            .collect();
+        if pems.len() < config.ca_bundles_pem.len() {
+            return Err(client_error(
+                "a CA bundle holds no PEM certificate".to_owned(),
+            ));
+        }
+        let mut roots = Vec::new();
+        for pem in &pems {
+            roots.push(
+                reqwest::Certificate::from_pem(pem)
+                    .map_err(|e| client_error(format!("bad CA certificate: {e}")))?,
+            );
+        }
+        let http = reqwest::Client::builder()
+            .tls_certs_merge(roots)
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.request_timeout)
+            .user_agent(USER_AGENT)
+            .build()
+            .map_err(|e| client_error(error_chain(&e)))?;
+
+        let oci_config = ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(config.insecure.to_vec()),
+            extra_root_certificates: pems
+                .into_iter()
+                .map(|data| Certificate {
+                    encoding: CertificateEncoding::Pem,
+                    data,
+                })
+                .collect(),
+            connect_timeout: Some(config.connect_timeout),
+            read_timeout: Some(config.request_timeout),
+            user_agent: USER_AGENT,
+            platform_resolver: None,
+            ..ClientConfig::default()
+        };
+        let oci = oci_client::Client::try_from(oci_config)
+            .map_err(|e| client_error(format!("oci-client: {e}")))?;
+        Ok(Transport {
+            http,
+            oci,
+            insecure: config.insecure.to_vec(),
+            auth: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn scheme(&self, host: &str) -> &'static str {
+        if self.insecure.iter().any(|h| h == host) {
+            "http"
+        } else {
+            "https"
+        }
+    }
+
+    /// The `Authorization` to use for `image`, from the cache or a fresh run of
+    /// oci-client's token flow (`/v2/` challenge, then Bearer token or Basic).
+    pub(crate) async fn authorization(
+        &self,
+        image: &ImageRef,
+        credentials: Option<&Credentials>,
+        refresh: bool,
+    ) -> Result<AuthHeader, RegistryError> {
+        let key = AuthKey {
+            host: image.api_host().to_owned(),
+            repository: image.repository().to_owned(),
+            identity: credentials.map_or_else(|| "anonymous".to_owned(), Credentials::identity),
+        };
+        if !refresh {
+            let cache = self.auth.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(cached) = cache.get(&key).filter(|c| Instant::now() < c.expires) {
+                return Ok(cached.header.clone());
+            }
+        }
+        let reference = Reference::with_tag(
+            image.api_host().to_owned(),
+            image.repository().to_owned(),
+            image.tag().unwrap_or("latest").to_owned(),
+        );
+        let registry_auth = match credentials {
+            Some(c) => RegistryAuth::Basic(c.username().to_owned(), c.password().to_owned()),
+            None => RegistryAuth::Anonymous,
+        };
+        let (header, lifetime) = match self
+            .oci
+            .auth(&reference, &registry_auth, RegistryOperation::Pull)
+            .await
+        {
+            Ok(Some(token)) => {
+                let lifetime = token_lifetime(&token, SystemTime::now());
+                (AuthHeader::Bearer(token), lifetime)
+            }
+            Ok(None) => (
+                credentials.map_or(AuthHeader::Anonymous, |c| AuthHeader::Basic(c.clone())),
+                NON_TOKEN_LIFETIME,
+            ),
+            Err(e) => return Err(oci_error(image, e)),
+        };
+        tracing::debug!(registry = image.api_host(), auth = ?header, ?lifetime, "registry authorization");
+        let mut cache = self.auth.lock().unwrap_or_else(PoisonError::into_inner);
+        cache.insert(
+            key,
+            CachedAuth {
+                header: header.clone(),
+                expires: Instant::now() + lifetime,
+            },
+        );
+        Ok(header)
+    }
+
+    /// One manifest request (`reference` is a tag or a digest).
+    pub(crate) async fn send(
+        &self,
+        method: Method,
+        image: &ImageRef,
+        reference: &str,
+        auth: &AuthHeader,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let host = image.api_host();
+        let url = format!(
+            "{}://{host}/v2/{}/manifests/{reference}",
+            self.scheme(host),
+            image.repository()
+        );
+        let request = self
+            .http
+            .request(method, &url)
+            .header(reqwest::header::ACCEPT, ACCEPT.join(", "));
+        let request = match auth {
+            AuthHeader::Anonymous => request,
+            AuthHeader::Basic(c) => request.basic_auth(c.username(), Some(c.password())),
+            AuthHeader::Bearer(token) => request.bearer_auth(token),
+        };
+        request.send().await.map_err(|e| network_error(image, &e))
+    }
+}
+
+/// How long to use a bearer token: until its JWT `exp` (less a margin), or the spec's
+/// default for opaque tokens.
+pub(crate) fn token_lifetime(token: &str, now: SystemTime) -> Duration {
+    let exp = token
+        .split('.')
+        .nth(1)
+        .and_then(|payload| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload.trim_end_matches('='))
+                .ok()
+        })
+        .and_then(|json| serde_json::from_slice::<serde_json::Value>(&json).ok())
+        .and_then(|claims| claims.get("exp").and_then(serde_json::Value::as_u64));
+    let Some(exp) = exp else {
+        return DEFAULT_TOKEN_LIFETIME;
+    };
+    let now = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    Duration::from_secs(exp)
+        .saturating_sub(now)
+        .saturating_sub(TOKEN_MARGIN)
+}
+
+/// A reqwest error with its causes ("connection refused", "certificate unknown").
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+pub(crate) fn network_error(image: &ImageRef, error: &reqwest::Error) -> RegistryError {
+    let reason = if error.is_timeout() {
+        format!("timed out: {}", error_chain(error))
+    } else {
+        error_chain(error)
+    };
+    RegistryError::Network {
+        registry: image.api_host().to_owned(),
+        image: image.to_string(),
+        reason,
+    }
+}
+
+fn oci_error(image: &ImageRef, error: OciDistributionError) -> RegistryError {
+    let registry = image.api_host().to_owned();
+    match error {
+        OciDistributionError::RequestError(e) => network_error(image, &e),
+        OciDistributionError::RegistryTokenDecodeError(reason) => RegistryError::BadResponse {
+            registry,
+            image: image.to_string(),
+            reason: format!("token server sent no usable token: {reason}"),
+        },
+        OciDistributionError::AuthenticationFailure(body) => RegistryError::Auth {
+            registry,
+            image: image.to_string(),
+            reason: format!("token request rejected: {}", truncate(body.trim(), 200)),
+        },
+        other => RegistryError::Auth {
+            registry,
+            image: image.to_string(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+pub(crate) fn truncate(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", text.get(..i).unwrap_or_default()),
+        None => text.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jwt(claims: &str) -> String {
+        let enc = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!("{}.{}.sig", enc(r#"{"alg":"none"}"#), enc(claims))
+    }
+
+    #[test]
+    fn token_lifetime_from_jwt_exp_or_default() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        assert_eq!(
+            token_lifetime(&jwt(r#"{"exp":1000300}"#), now),
+            Duration::from_secs(295)
+        );
+        assert_eq!(
+            token_lifetime(&jwt(r#"{"exp":999000}"#), now),
+            Duration::ZERO
+        );
+        assert_eq!(
+            token_lifetime(&jwt(r#"{"sub":"x"}"#), now),
+            DEFAULT_TOKEN_LIFETIME
+        );
+        assert_eq!(token_lifetime("opaque-token", now), DEFAULT_TOKEN_LIFETIME);
+        assert_eq!(token_lifetime("a.!!!.c", now), DEFAULT_TOKEN_LIFETIME);
+    }
+
+    #[test]
+    fn pem_bundles_split_into_certificates() {
+        let one = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----";
+        let bundle = format!("# comment\n{one}\n{one}\ntrailing");
+        let certs = split_pem_bundle(bundle.as_bytes());
+        assert_eq!(certs.len(), 2);
+        assert_eq!(certs[0], format!("{one}\n").into_bytes());
+        assert!(split_pem_bundle(b"nothing here").is_empty());
+    }
+
+    #[test]
+    fn auth_header_debug_hides_secrets() {
+        let basic = AuthHeader::Basic(Credentials::new("alice", "pw-123"));
+        let bearer = AuthHeader::Bearer("tok-456".into());
+        let text = format!("{basic:?} {bearer:?}");
+        assert!(
+            !text.contains("pw-123") && !text.contains("tok-456"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn truncation_is_char_safe() {
+        assert_eq!(truncate("ééé", 2), "éé…");
+        assert_eq!(truncate("ab", 5), "ab");
+    }
+}
