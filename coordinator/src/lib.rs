@@ -2,4 +2,5 @@
 //! rollouts), plus the command line that drives it.
 
 pub mod cli;
+pub mod fleet;
 pub mod registry;

@@ -1,0 +1,417 @@
+//! The `warmroll.v1.Fleet` gRPC service: authenticates each agent session, checks its
+//! hello, then applies its inventory and warm reports to the [`FleetView`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::transport::{Identity as TlsIdentity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, debug, info, info_span, warn};
+use warmroll_proto::fleet::{
+    AgentMessage, CoordinatorMessage, Hello, MAX_MESSAGE_BYTES, NodeName, PROTOCOL_VERSION, Welcome,
+};
+use warmroll_proto::v1;
+use warmroll_proto::v1::fleet_server::{Fleet, FleetServer};
+
+use super::auth::{AuthError, Authenticator};
+use super::view::{Applied, FleetView, SessionId, SessionTx};
+
+/// Messages queued per session towards its agent.
+const OUTBOUND_QUEUE: usize = 64;
+
+/// Errors starting the fleet server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("reading the TLS {what} {path}: {source}")]
+    ReadTls {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("configuring TLS: {0}")]
+    ConfigureTls(tonic::transport::Error),
+    #[error("serving the fleet API: {0}")]
+    Serve(tonic::transport::Error),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Session settings.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Sent to agents in the welcome.
+    pub heartbeat_interval: Duration,
+    /// Sent to agents in the welcome.
+    pub inventory_interval: Duration,
+    /// The first message (hello) must arrive within this.
+    pub hello_timeout: Duration,
+    /// A session silent for this long (no heartbeat either) is ended.
+    pub idle_timeout: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            heartbeat_interval: Duration::from_secs(30),
+            inventory_interval: Duration::from_secs(10),
+            hello_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(95),
+        }
+    }
+}
+
+/// The TLS certificate chain and key files (PEM).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    fn load(&self) -> Result<ServerTlsConfig, ServeError> {
+        let read = |what, path: &PathBuf| {
+            std::fs::read(path).map_err(|source| ServeError::ReadTls {
+                what,
+                path: path.clone(),
+                source,
+            })
+        };
+        let cert = read("certificate", &self.cert)?;
+        let key = read("key", &self.key)?;
+        Ok(ServerTlsConfig::new().identity(TlsIdentity::from_pem(cert, key)))
+    }
+}
+
+/// The service; clones share the view and the authenticator.
+pub struct FleetService<A> {
+    view: FleetView,
+    auth: Arc<A>,
+    config: Arc<SessionConfig>,
+}
+
+impl<A> Clone for FleetService<A> {
+    fn clone(&self) -> Self {
+        FleetService {
+            view: self.view.clone(),
+            auth: self.auth.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl<A: Authenticator> FleetService<A> {
+    pub fn new(view: FleetView, auth: A, config: SessionConfig) -> Self {
+        FleetService {
+            view,
+            auth: Arc::new(auth),
+            config: Arc::new(config),
+        }
+    }
+
+    /// The tonic service with explicit message size limits.
+    pub fn into_server(self) -> FleetServer<Self> {
+        FleetServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+/// Serves the fleet API on `listener` (over TLS when `tls` is given) until `shutdown`
+/// completes.
+pub async fn serve<A: Authenticator>(
+    listener: TcpListener,
+    tls: Option<&TlsFiles>,
+    service: FleetService<A>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls.load()?)
+            .map_err(ServeError::ConfigureTls)?;
+    }
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, tls = tls.is_some(), "fleet API listening");
+    }
+    builder
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(ServeError::Serve)
+}
+
+/// Binds `addr` and serves (see [`serve`]).
+pub async fn bind_and_serve<A: Authenticator>(
+    addr: SocketAddr,
+    tls: Option<&TlsFiles>,
+    service: FleetService<A>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Listen { addr, source })?;
+    serve(listener, tls, service, shutdown).await
+}
+
+fn bearer_token<T>(request: &Request<T>) -> Result<&str, Status> {
+    let value = request
+        .metadata()
+        .get("authorization")
+        .ok_or_else(|| Status::unauthenticated("no authorization metadata (Bearer <token>)"))?;
+    let value = value
+        .to_str()
+        .map_err(|_| Status::unauthenticated("the authorization metadata is not text"))?;
+    match value.strip_prefix("Bearer ") {
+        Some(token) if !token.trim().is_empty() => Ok(token.trim()),
+        _ => Err(Status::unauthenticated(
+            "the authorization metadata is not Bearer <token>",
+        )),
+    }
+}
+
+fn auth_status(e: &AuthError) -> Status {
+    match e {
+        AuthError::Rejected(_) => Status::unauthenticated(e.to_string()),
+        AuthError::NotAgent { .. } => Status::permission_denied(e.to_string()),
+        AuthError::Review(_) => Status::unavailable(e.to_string()),
+    }
+}
+
+/// The decision on a hello: the protocol version must match and, when the token is
+/// bound to a node, the hello must name that node.
+pub fn check_hello(hello: &Hello, token_node: Option<&str>) -> Result<(), Status> {
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return Err(Status::failed_precondition(format!(
+            "hello.protocol_version: {} is not supported; this coordinator speaks {PROTOCOL_VERSION}",
+            hello.protocol_version
+        )));
+    }
+    if let Some(bound) = token_node
+        && bound != hello.node.as_str()
+    {
+        return Err(Status::permission_denied(format!(
+            "the token belongs to node {bound}, but the hello names node {}",
+            hello.node
+        )));
+    }
+    Ok(())
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<v1::CoordinatorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<A: Authenticator> Fleet for FleetService<A> {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<v1::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = request.remote_addr();
+        let identity = {
+            // Owned, so the request (not Sync) is not borrowed across the review.
+            let token = bearer_token(&request)?.to_owned();
+            self.auth.authenticate(&token).await.map_err(|e| {
+                warn!(?peer, error = %e, "agent session refused");
+                auth_status(&e)
+            })?
+        };
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(self.config.hello_timeout, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within the hello timeout"))??
+            .ok_or_else(|| Status::invalid_argument("the stream ended before the hello"))?;
+        let hello = match AgentMessage::try_from(first) {
+            Ok(AgentMessage::Hello(hello)) => hello,
+            Ok(_) => {
+                return Err(Status::invalid_argument(
+                    "hello: the first message must be a hello",
+                ));
+            }
+            Err(e) => return Err(Status::invalid_argument(e.to_string())),
+        };
+        if let Err(status) = check_hello(&hello, identity.node.as_deref()) {
+            warn!(?peer, node = %hello.node, error = status.message(), "agent session refused");
+            return Err(status);
+        }
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let welcome = CoordinatorMessage::Welcome(Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            heartbeat_interval: self.config.heartbeat_interval,
+            inventory_interval: self.config.inventory_interval,
+        });
+        // The queue is empty: this cannot fail for lack of room.
+        let _ = tx.try_send(Ok(welcome.into()));
+        let node = hello.node.clone();
+        info!(
+            node = %node,
+            platform = %hello.platform,
+            runtime = %hello.runtime.name,
+            agent = %hello.agent_version,
+            bound = identity.node.is_some(),
+            "agent connected"
+        );
+        let session = self
+            .view
+            .connect(hello, identity.node.is_some(), tx.clone());
+        let span = info_span!("session", node = %node, session);
+        tokio::spawn(
+            run_session(
+                self.view.clone(),
+                self.config.clone(),
+                node,
+                session,
+                inbound,
+                tx,
+            )
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Applies one session's messages until it ends, then hands the node to the grace timer.
+async fn run_session(
+    view: FleetView,
+    config: Arc<SessionConfig>,
+    node: NodeName,
+    session: SessionId,
+    mut inbound: Streaming<v1::AgentMessage>,
+    tx: SessionTx,
+) {
+    let end: Option<Status> = loop {
+        let message = match tokio::time::timeout(config.idle_timeout, inbound.message()).await {
+            Err(_) => {
+                break Some(Status::deadline_exceeded(format!(
+                    "no message (not even a heartbeat) for {:?}",
+                    config.idle_timeout
+                )));
+            }
+            Ok(Ok(Some(m))) => m,
+            Ok(Ok(None)) => break None,
+            // Oversized or undecodable messages land here (tonic's status says which).
+            Ok(Err(status)) => {
+                debug!(error = %status, "session stream failed");
+                break Some(status);
+            }
+        };
+        let message = match AgentMessage::try_from(message) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "malformed agent message; ending the session");
+                break Some(Status::invalid_argument(e.to_string()));
+            }
+        };
+        let applied = match message {
+            AgentMessage::Hello(_) => {
+                break Some(Status::invalid_argument("hello: sent twice in one session"));
+            }
+            AgentMessage::Snapshot(s) => view.apply_snapshot(&node, session, s),
+            AgentMessage::Change(c) => view.apply_change(&node, session, c),
+            AgentMessage::WarmResult(r) => view.record_result(&node, session, r),
+            AgentMessage::WarmProgress(p) => view.record_progress(&node, session, p),
+            AgentMessage::Heartbeat => {
+                if view.is_current(&node, session) {
+                    Applied::Ok
+                } else {
+                    Applied::Superseded
+                }
+            }
+        };
+        match applied {
+            Applied::Ok => {}
+            Applied::Superseded => {
+                break Some(Status::aborted(
+                    "a newer session of this node replaced this one",
+                ));
+            }
+            Applied::Gap { expected, got } => {
+                info!(
+                    ?expected,
+                    got, "inventory sequence gap; asking for a snapshot"
+                );
+                let reason = format!("inventory change {got} does not follow {expected:?}");
+                if tx
+                    .send(Ok(CoordinatorMessage::Resync { reason }.into()))
+                    .await
+                    .is_err()
+                {
+                    break None;
+                }
+            }
+        }
+    };
+    if let Some(status) = end {
+        // Tell the agent why (best effort: it may be gone already).
+        let _ = tx.try_send(Err(status));
+    }
+    drop(tx);
+    view.disconnect(&node, session);
+}
+
+#[cfg(test)]
+mod tests {
+    use warmroll_proto::fleet::Runtime;
+    use warmroll_proto::image::Platform;
+
+    use super::*;
+
+    fn hello(node: &str, version: u32) -> Hello {
+        Hello {
+            node: NodeName::parse(node).unwrap(),
+            platform: Platform::parse("linux/amd64").unwrap(),
+            runtime: Runtime {
+                name: "containerd".into(),
+                version: "1.6".into(),
+            },
+            agent_version: "0.1.0".into(),
+            protocol_version: version,
+        }
+    }
+
+    #[test]
+    fn hello_must_name_the_tokens_node_and_speak_v1() {
+        assert!(check_hello(&hello("node-a", 1), Some("node-a")).is_ok());
+        assert!(check_hello(&hello("node-a", 1), None).is_ok());
+        let e = check_hello(&hello("node-b", 1), Some("node-a")).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(
+            e.message().contains("node-a") && e.message().contains("node-b"),
+            "{}",
+            e.message()
+        );
+        let e = check_hello(&hello("node-a", 2), Some("node-a")).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    }
+
+    #[test]
+    fn bearer_tokens_are_required() {
+        let mut r = Request::new(());
+        assert_eq!(
+            bearer_token(&r).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        r.metadata_mut()
+            .insert("authorization", "Basic abc".parse().unwrap());
+        assert_eq!(
+            bearer_token(&r).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        r.metadata_mut()
+            .insert("authorization", "Bearer tok".parse().unwrap());
+        assert_eq!(bearer_token(&r).unwrap(), "tok");
+    }
+}

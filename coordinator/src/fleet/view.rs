@@ -1,0 +1,661 @@
+//! The fleet view: per node, its agent session, its current inventory and the state of
+//! the warm orders sent to it.
+//!
+//! Nodes are spread over shards, each behind its own short-held mutex (never held across
+//! an `.await`), so 5,000 agents applying changes at once rarely meet. A node stays in the
+//! view while its session is down for the grace period (its pending warm orders survive a
+//! reconnect), then leaves.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc, watch};
+use tonic::Status;
+use tracing::{debug, info};
+use warmroll_proto::fleet::{
+    Container, CoordinatorMessage, Credentials, Hello, InventoryChange, NodeImage, NodeName,
+    OrderId, Snapshot, WarmOrder, WarmOutcome, WarmProgress, WarmResult,
+};
+use warmroll_proto::image::{Digest, ImageRef};
+use warmroll_proto::v1;
+
+const SHARDS: usize = 64;
+/// Finished warm orders kept per node (the oldest go first).
+const FINISHED_ORDERS_KEPT: usize = 64;
+const EVENT_BUFFER: usize = 16_384;
+
+/// The sending half of a session's outbound stream.
+pub(crate) type SessionTx = mpsc::Sender<Result<v1::CoordinatorMessage, Status>>;
+
+/// Identifies one session of a node (a reconnect gets a new one).
+pub(crate) type SessionId = u64;
+
+/// Errors of the fleet view's operations.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ViewError {
+    #[error("node {0} has no connected agent")]
+    NotConnected(NodeName),
+    #[error("node {0}: its agent's token names no node, so it gets no registry credentials")]
+    NodeUnverified(NodeName),
+    #[error("node {node}: no warm order {order}")]
+    UnknownOrder { node: NodeName, order: OrderId },
+    #[error("node {node} left the fleet before warm order {order} finished")]
+    NodeLeft { node: NodeName, order: OrderId },
+}
+
+/// A change in the fleet, for observers (rollout logic, benchmarks, tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetEvent {
+    pub node: NodeName,
+    pub kind: FleetEventKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FleetEventKind {
+    Connected,
+    Disconnected,
+    /// The grace period passed: the node is gone from the view.
+    Left,
+    /// A snapshot or change was applied; the inventory is at `sequence`.
+    Inventory {
+        sequence: u64,
+    },
+    /// A warm order's state changed.
+    Warm {
+        order: OrderId,
+    },
+}
+
+/// Where a warm order stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WarmState {
+    /// Sent; no word from the agent yet.
+    Pending,
+    InProgress {
+        bytes_done: u64,
+        bytes_total: Option<u64>,
+    },
+    Finished(WarmOutcome),
+}
+
+/// What to warm on a node; the view picks the order id.
+#[derive(Debug, Clone)]
+pub struct WarmRequest {
+    pub image: ImageRef,
+    pub expected: Option<Digest>,
+    pub credentials: Option<Credentials>,
+    pub timeout: Duration,
+}
+
+/// Follows one warm order.
+#[derive(Debug)]
+pub struct WarmTicket {
+    pub node: NodeName,
+    pub order: OrderId,
+    state: watch::Receiver<WarmState>,
+}
+
+impl WarmTicket {
+    pub fn state(&self) -> WarmState {
+        self.state.borrow().clone()
+    }
+
+    /// Waits for the agent's result. Survives reconnects of the node's agent; fails
+    /// when the node leaves the fleet first.
+    pub async fn finished(&mut self) -> Result<WarmOutcome, ViewError> {
+        let node = self.node.clone();
+        let order = self.order.clone();
+        let state = self
+            .state
+            .wait_for(|s| matches!(s, WarmState::Finished(_)))
+            .await
+            .map_err(|_| ViewError::NodeLeft { node, order })?;
+        match &*state {
+            WarmState::Finished(outcome) => Ok(outcome.clone()),
+            // wait_for only returns a finished state.
+            _ => Err(ViewError::NodeLeft {
+                node: self.node.clone(),
+                order: self.order.clone(),
+            }),
+        }
+    }
+}
+
+/// A copy of one node's entry.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub hello: Hello,
+    pub connected: bool,
+    /// The token named this node (so the agent may receive credentials).
+    pub node_verified: bool,
+    /// The inventory reflects the agent's latest snapshot and every change since.
+    pub inventory_current: bool,
+    pub sequence: Option<u64>,
+    pub containers: Vec<Container>,
+    pub images: Vec<NodeImage>,
+    pub warms: Vec<(OrderId, ImageRef, WarmState)>,
+}
+
+enum Session {
+    Connected {
+        id: SessionId,
+        tx: SessionTx,
+        node_verified: bool,
+    },
+    Disconnected {
+        id: SessionId,
+    },
+}
+
+impl Session {
+    fn id(&self) -> SessionId {
+        match self {
+            Session::Connected { id, .. } | Session::Disconnected { id } => *id,
+        }
+    }
+}
+
+struct WarmEntry {
+    image: ImageRef,
+    /// Orders are numbered per view; the oldest finished ones are dropped first.
+    serial: u64,
+    state: watch::Sender<WarmState>,
+}
+
+struct NodeEntry {
+    hello: Hello,
+    session: Session,
+    /// `None` until a snapshot arrives, and again after a sequence gap.
+    sequence: Option<u64>,
+    containers: HashMap<String, Container>,
+    images: HashMap<String, NodeImage>,
+    warms: HashMap<OrderId, WarmEntry>,
+}
+
+impl NodeEntry {
+    fn info(&self) -> NodeInfo {
+        let (connected, node_verified) = match &self.session {
+            Session::Connected { node_verified, .. } => (true, *node_verified),
+            Session::Disconnected { .. } => (false, false),
+        };
+        let mut containers: Vec<Container> = self.containers.values().cloned().collect();
+        containers.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut images: Vec<NodeImage> = self.images.values().cloned().collect();
+        images.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut warms: Vec<(u64, OrderId, ImageRef, WarmState)> = self
+            .warms
+            .iter()
+            .map(|(id, w)| {
+                (
+                    w.serial,
+                    id.clone(),
+                    w.image.clone(),
+                    w.state.borrow().clone(),
+                )
+            })
+            .collect();
+        warms.sort_by_key(|w| w.0);
+        NodeInfo {
+            hello: self.hello.clone(),
+            connected,
+            node_verified,
+            inventory_current: self.sequence.is_some(),
+            sequence: self.sequence,
+            containers,
+            images,
+            warms: warms
+                .into_iter()
+                .map(|(_, id, image, state)| (id, image, state))
+                .collect(),
+        }
+    }
+
+    fn prune_finished_orders(&mut self) {
+        let mut finished: Vec<(u64, OrderId)> = self
+            .warms
+            .iter()
+            .filter(|(_, w)| matches!(*w.state.borrow(), WarmState::Finished(_)))
+            .map(|(id, w)| (w.serial, id.clone()))
+            .collect();
+        if finished.len() <= FINISHED_ORDERS_KEPT {
+            return;
+        }
+        finished.sort();
+        let excess = finished.len() - FINISHED_ORDERS_KEPT;
+        for (_, id) in finished.into_iter().take(excess) {
+            self.warms.remove(&id);
+        }
+    }
+}
+
+/// What applying an inventory message did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Applied {
+    Ok,
+    /// The change's sequence does not follow; the agent must send a snapshot.
+    Gap {
+        expected: Option<u64>,
+        got: u64,
+    },
+    /// This session was replaced by a newer one of the same node.
+    Superseded,
+}
+
+struct Inner {
+    shards: Box<[Mutex<HashMap<NodeName, NodeEntry>>; SHARDS]>,
+    hasher: RandomState,
+    grace: Duration,
+    events: broadcast::Sender<FleetEvent>,
+    next_session: AtomicU64,
+    next_order: AtomicU64,
+    /// Makes order ids unique across coordinator restarts (agents may report late).
+    order_prefix: String,
+}
+
+/// The fleet view. Clones share it.
+#[derive(Clone)]
+pub struct FleetView {
+    inner: Arc<Inner>,
+}
+
+impl FleetView {
+    /// A view whose disconnected nodes leave after `grace`.
+    pub fn new(grace: Duration) -> Self {
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        FleetView {
+            inner: Arc::new(Inner {
+                shards: Box::new(std::array::from_fn(|_| Mutex::new(HashMap::new()))),
+                hasher: RandomState::new(),
+                grace,
+                events,
+                next_session: AtomicU64::new(1),
+                next_order: AtomicU64::new(1),
+                order_prefix: format!("{:08x}", rand::random::<u32>()),
+            }),
+        }
+    }
+
+    fn shard(&self, node: &NodeName) -> MutexGuard<'_, HashMap<NodeName, NodeEntry>> {
+        // Truncating the hash is fine: it only spreads nodes over shards.
+        let index = self.inner.hasher.hash_one(node) as usize % SHARDS;
+        #[allow(clippy::indexing_slicing)] // index < SHARDS, the array's length
+        let shard = &self.inner.shards[index];
+        shard.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn emit(&self, node: &NodeName, kind: FleetEventKind) {
+        if self.inner.events.receiver_count() > 0 {
+            let _ = self.inner.events.send(FleetEvent {
+                node: node.clone(),
+                kind,
+            });
+        }
+    }
+
+    /// Fleet events from now on. A receiver that falls behind gets `Lagged` and should
+    /// re-read the view.
+    pub fn subscribe(&self) -> broadcast::Receiver<FleetEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// The nodes in the view (connected or within their grace period).
+    pub fn nodes(&self) -> Vec<NodeName> {
+        let mut out = Vec::new();
+        for shard in self.inner.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            out.extend(shard.keys().cloned());
+        }
+        out.sort();
+        out
+    }
+
+    /// How many nodes are connected and have a current inventory.
+    pub fn ready_nodes(&self) -> usize {
+        self.inner
+            .shards
+            .iter()
+            .map(|shard| {
+                let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+                shard
+                    .values()
+                    .filter(|n| {
+                        n.sequence.is_some() && matches!(n.session, Session::Connected { .. })
+                    })
+                    .count()
+            })
+            .sum()
+    }
+
+    /// A copy of one node's entry.
+    pub fn node(&self, node: &NodeName) -> Option<NodeInfo> {
+        self.shard(node).get(node).map(NodeEntry::info)
+    }
+
+    /// Reads one node's container without copying the whole entry.
+    pub fn container(&self, node: &NodeName, container_id: &str) -> Option<Container> {
+        self.shard(node)
+            .get(node)
+            .and_then(|n| n.containers.get(container_id).cloned())
+    }
+
+    /// Registers a new session of `hello.node`, replacing any earlier one (whose
+    /// outbound stream then ends).
+    pub(crate) fn connect(&self, hello: Hello, node_verified: bool, tx: SessionTx) -> SessionId {
+        let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
+        let node = hello.node.clone();
+        let session = Session::Connected {
+            id,
+            tx,
+            node_verified,
+        };
+        let replaced = {
+            let mut shard = self.shard(&node);
+            match shard.get_mut(&node) {
+                Some(entry) => {
+                    let replaced = matches!(entry.session, Session::Connected { .. });
+                    entry.hello = hello;
+                    entry.session = session;
+                    // The agent sends a fresh snapshot after every (re)connect.
+                    entry.sequence = None;
+                    replaced
+                }
+                None => {
+                    shard.insert(
+                        node.clone(),
+                        NodeEntry {
+                            hello,
+                            session,
+                            sequence: None,
+                            containers: HashMap::new(),
+                            images: HashMap::new(),
+                            warms: HashMap::new(),
+                        },
+                    );
+                    false
+                }
+            }
+        };
+        if replaced {
+            info!(node = %node, "agent reconnected; the earlier session is replaced");
+        }
+        self.emit(&node, FleetEventKind::Connected);
+        id
+    }
+
+    /// Runs `f` on the node's entry if `session` is still its session.
+    fn with_session<R>(
+        &self,
+        node: &NodeName,
+        session: SessionId,
+        f: impl FnOnce(&mut NodeEntry) -> R,
+    ) -> Option<R> {
+        let mut shard = self.shard(node);
+        let entry = shard.get_mut(node)?;
+        if entry.session.id() != session {
+            return None;
+        }
+        Some(f(entry))
+    }
+
+    pub(crate) fn apply_snapshot(
+        &self,
+        node: &NodeName,
+        session: SessionId,
+        snapshot: Snapshot,
+    ) -> Applied {
+        let sequence = snapshot.sequence;
+        let done = self.with_session(node, session, |entry| {
+            entry.containers = snapshot
+                .containers
+                .into_iter()
+                .map(|c| (c.id.clone(), c))
+                .collect();
+            entry.images = snapshot
+                .images
+                .into_iter()
+                .map(|i| (i.id.clone(), i))
+                .collect();
+            entry.sequence = Some(sequence);
+        });
+        match done {
+            Some(()) => {
+                self.emit(node, FleetEventKind::Inventory { sequence });
+                Applied::Ok
+            }
+            None => Applied::Superseded,
+        }
+    }
+
+    pub(crate) fn apply_change(
+        &self,
+        node: &NodeName,
+        session: SessionId,
+        change: InventoryChange,
+    ) -> Applied {
+        let sequence = change.sequence;
+        let outcome = self.with_session(node, session, |entry| {
+            let follows = entry.sequence.and_then(|s| s.checked_add(1)) == Some(sequence);
+            if !follows {
+                let expected = entry.sequence.and_then(|s| s.checked_add(1));
+                // Stale until the snapshot the agent is asked for arrives.
+                entry.sequence = None;
+                return Applied::Gap {
+                    expected,
+                    got: sequence,
+                };
+            }
+            for id in &change.removed {
+                entry.containers.remove(id);
+            }
+            for c in change.upserted {
+                entry.containers.insert(c.id.clone(), c);
+            }
+            for id in &change.images_removed {
+                entry.images.remove(id);
+            }
+            for i in change.images_upserted {
+                entry.images.insert(i.id.clone(), i);
+            }
+            entry.sequence = Some(sequence);
+            Applied::Ok
+        });
+        match outcome {
+            Some(Applied::Ok) => {
+                self.emit(node, FleetEventKind::Inventory { sequence });
+                Applied::Ok
+            }
+            Some(other) => other,
+            None => Applied::Superseded,
+        }
+    }
+
+    /// Whether `session` is still the node's session.
+    pub(crate) fn is_current(&self, node: &NodeName, session: SessionId) -> bool {
+        self.with_session(node, session, |_| ()).is_some()
+    }
+
+    pub(crate) fn record_result(
+        &self,
+        node: &NodeName,
+        session: SessionId,
+        result: WarmResult,
+    ) -> Applied {
+        let order = result.order.clone();
+        let known = self.with_session(node, session, |entry| {
+            let known = match entry.warms.get(&result.order) {
+                Some(w) => {
+                    w.state.send_replace(WarmState::Finished(result.outcome));
+                    true
+                }
+                None => false,
+            };
+            entry.prune_finished_orders();
+            known
+        });
+        match known {
+            None => Applied::Superseded,
+            Some(true) => {
+                self.emit(node, FleetEventKind::Warm { order });
+                Applied::Ok
+            }
+            Some(false) => {
+                // An order of an earlier coordinator, reported after reconnecting.
+                debug!(node = %node, order = %order, "result for an unknown warm order ignored");
+                Applied::Ok
+            }
+        }
+    }
+
+    pub(crate) fn record_progress(
+        &self,
+        node: &NodeName,
+        session: SessionId,
+        progress: WarmProgress,
+    ) -> Applied {
+        let order = progress.order.clone();
+        let known = self.with_session(node, session, |entry| {
+            match entry.warms.get(&progress.order) {
+                Some(w) if !matches!(*w.state.borrow(), WarmState::Finished(_)) => {
+                    w.state.send_replace(WarmState::InProgress {
+                        bytes_done: progress.bytes_done,
+                        bytes_total: progress.bytes_total,
+                    });
+                    true
+                }
+                _ => false,
+            }
+        });
+        match known {
+            None => Applied::Superseded,
+            Some(true) => {
+                self.emit(node, FleetEventKind::Warm { order });
+                Applied::Ok
+            }
+            Some(false) => Applied::Ok,
+        }
+    }
+
+    /// The session ended. The node stays in the view for the grace period; if no new
+    /// session arrives by then, it leaves (and its pending warm tickets fail).
+    pub(crate) fn disconnect(&self, node: &NodeName, session: SessionId) {
+        let ended = self.with_session(node, session, |entry| {
+            let was_connected = matches!(entry.session, Session::Connected { .. });
+            entry.session = Session::Disconnected { id: session };
+            was_connected
+        });
+        if ended != Some(true) {
+            return;
+        }
+        info!(node = %node, grace = ?self.inner.grace, "agent disconnected");
+        self.emit(node, FleetEventKind::Disconnected);
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        let node = node.clone();
+        let grace = self.inner.grace;
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            if let Some(inner) = weak.upgrade() {
+                FleetView { inner }.expire(&node, session);
+            }
+        });
+    }
+
+    fn expire(&self, node: &NodeName, session: SessionId) {
+        let removed = {
+            let mut shard = self.shard(node);
+            let gone = matches!(
+                shard.get(node).map(|e| &e.session),
+                Some(Session::Disconnected { id }) if *id == session
+            );
+            if gone { shard.remove(node) } else { None }
+        };
+        if removed.is_some() {
+            // Dropping the entry drops the warm orders' senders: their tickets fail.
+            info!(node = %node, "node left the fleet view after the grace period");
+            self.emit(node, FleetEventKind::Left);
+        }
+    }
+
+    /// Sends a warm order to the node's connected agent. Credentials go only to a session
+    /// whose token named this node.
+    pub async fn send_order(
+        &self,
+        node: &NodeName,
+        request: WarmRequest,
+    ) -> Result<WarmTicket, ViewError> {
+        let serial = self.inner.next_order.fetch_add(1, Ordering::Relaxed);
+        let id = OrderId::parse(&format!("{}-{serial}", self.inner.order_prefix))
+            .map_err(|_| ViewError::NotConnected(node.clone()))?;
+        let (state_tx, state_rx) = watch::channel(WarmState::Pending);
+        let tx = {
+            let mut shard = self.shard(node);
+            let entry = shard
+                .get_mut(node)
+                .ok_or_else(|| ViewError::NotConnected(node.clone()))?;
+            let (tx, node_verified) = match &entry.session {
+                Session::Connected {
+                    tx, node_verified, ..
+                } => (tx.clone(), *node_verified),
+                Session::Disconnected { .. } => return Err(ViewError::NotConnected(node.clone())),
+            };
+            if request.credentials.is_some() && !node_verified {
+                return Err(ViewError::NodeUnverified(node.clone()));
+            }
+            entry.warms.insert(
+                id.clone(),
+                WarmEntry {
+                    image: request.image.clone(),
+                    serial,
+                    state: state_tx,
+                },
+            );
+            tx
+        };
+        let order = CoordinatorMessage::WarmOrder(WarmOrder {
+            id: id.clone(),
+            image: request.image,
+            expected: request.expected,
+            credentials: request.credentials,
+            timeout: request.timeout,
+        });
+        if tx.send(Ok(order.into())).await.is_err() {
+            self.shard(node).get_mut(node).map(|e| e.warms.remove(&id));
+            return Err(ViewError::NotConnected(node.clone()));
+        }
+        debug!(node = %node, order = %id, "warm order sent");
+        self.emit(node, FleetEventKind::Warm { order: id.clone() });
+        Ok(WarmTicket {
+            node: node.clone(),
+            order: id,
+            state: state_rx,
+        })
+    }
+
+    /// Asks the node's agent to cancel a warm order; its result (`cancelled`) follows.
+    pub async fn cancel_order(&self, node: &NodeName, order: &OrderId) -> Result<(), ViewError> {
+        let tx = {
+            let shard = self.shard(node);
+            let entry = shard
+                .get(node)
+                .ok_or_else(|| ViewError::NotConnected(node.clone()))?;
+            if !entry.warms.contains_key(order) {
+                return Err(ViewError::UnknownOrder {
+                    node: node.clone(),
+                    order: order.clone(),
+                });
+            }
+            match &entry.session {
+                Session::Connected { tx, .. } => tx.clone(),
+                Session::Disconnected { .. } => return Err(ViewError::NotConnected(node.clone())),
+            }
+        };
+        tx.send(Ok(CoordinatorMessage::CancelWarm(order.clone()).into()))
+            .await
+            .map_err(|_| ViewError::NotConnected(node.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests;
