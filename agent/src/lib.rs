@@ -8,4 +8,5 @@ mod fake;
 pub mod http;
 pub mod inventory;
 pub mod metrics;
+pub mod session;
 pub mod warm;

@@ -14,6 +14,7 @@ use warmroll_agent::cri::{self, Backoff, CriClient};
 use warmroll_agent::http;
 use warmroll_agent::inventory::{self, Collector, InventoryUpdate};
 use warmroll_agent::metrics::{Health, Metrics};
+use warmroll_agent::session;
 use warmroll_agent::warm::{Credentials, WarmConfig, Warmer};
 use warmroll_proto::image::{Digest, ImageRef};
 
@@ -90,6 +91,20 @@ enum Command {
         /// Address of the health and metrics server.
         #[arg(long, env = "WARMROLL_LISTEN", default_value = "0.0.0.0:9464")]
         listen: SocketAddr,
+    },
+    /// The DaemonSet mode: keep a session with the coordinator, report the inventory and
+    /// run warm orders; serves /healthz, /readyz and /metrics.
+    Run {
+        #[command(flatten)]
+        session: session::SessionArgs,
+        /// How often to poll the runtime (e.g. 10s).
+        #[arg(long, env = "WARMROLL_INVENTORY_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+        inventory_interval: Duration,
+        /// Address of the health and metrics server.
+        #[arg(long, env = "WARMROLL_LISTEN", default_value = "0.0.0.0:9464")]
+        listen: SocketAddr,
+        #[command(flatten)]
+        warm: WarmConfig,
     },
 }
 
@@ -201,6 +216,40 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             inventory_interval,
             listen,
         } => watch(cli.cri_socket, inventory_interval, listen, metrics, health).await,
+        Command::Run {
+            session,
+            inventory_interval,
+            listen,
+            warm,
+        } => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding the health and metrics server to {listen}"))?;
+            let router = http::router(
+                metrics.clone(),
+                health.clone(),
+                (inventory_interval * 3).max(Duration::from_secs(30)),
+            );
+            let server = tokio::spawn(http::serve(listener, router));
+            let client = tokio::select! {
+                c = connect_forever(cli.cri_socket, metrics.clone(), health.clone()) => Arc::new(c),
+                () = shutdown_signal() => return Ok(ExitCode::SUCCESS),
+            };
+            let runtime = session::runtime_of(client.as_ref()).await;
+            let (tx, rx) = mpsc::channel(16);
+            let inventory = tokio::spawn(inventory::run(
+                client.clone(),
+                inventory_interval,
+                metrics.clone(),
+                health,
+                tx,
+            ));
+            let warmer = Warmer::new(client, warm, metrics);
+            session::run(session, runtime, warmer, rx, shutdown_signal()).await;
+            inventory.abort();
+            server.abort();
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
