@@ -222,15 +222,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             listen,
             warm,
         } => {
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("binding the health and metrics server to {listen}"))?;
-            let router = http::router(
-                metrics.clone(),
-                health.clone(),
-                (inventory_interval * 3).max(Duration::from_secs(30)),
-            );
-            let server = tokio::spawn(http::serve(listener, router));
+            let server = serve_health(listen, inventory_interval, &metrics, &health).await?;
             let client = tokio::select! {
                 c = connect_forever(cli.cri_socket, metrics.clone(), health.clone()) => Arc::new(c),
                 () = shutdown_signal() => return Ok(ExitCode::SUCCESS),
@@ -273,6 +265,25 @@ async fn connect_forever(
     }
 }
 
+/// Starts the health and metrics server; healthy while the runtime answered within
+/// max(3 × the inventory interval, 30 s).
+async fn serve_health(
+    listen: SocketAddr,
+    inventory_interval: Duration,
+    metrics: &Metrics,
+    health: &Arc<Health>,
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the health and metrics server to {listen}"))?;
+    let router = http::router(
+        metrics.clone(),
+        health.clone(),
+        (inventory_interval * 3).max(Duration::from_secs(30)),
+    );
+    Ok(tokio::spawn(http::serve(listener, router)))
+}
+
 async fn watch(
     socket: Option<PathBuf>,
     interval: Duration,
@@ -280,15 +291,7 @@ async fn watch(
     metrics: Metrics,
     health: Arc<Health>,
 ) -> Result<ExitCode> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding the health and metrics server to {listen}"))?;
-    let router = http::router(
-        metrics.clone(),
-        health.clone(),
-        (interval * 3).max(Duration::from_secs(30)),
-    );
-    let server = tokio::spawn(http::serve(listener, router));
+    let server = serve_health(listen, interval, &metrics, &health).await?;
     let client = tokio::select! {
         c = connect_forever(socket, metrics.clone(), health.clone()) => c,
         () = shutdown_signal() => return Ok(ExitCode::SUCCESS),

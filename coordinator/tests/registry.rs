@@ -17,7 +17,7 @@ use warmroll_coordinator::registry::{
     Keyring, RegistryError, Resolution, Resolved, Resolver, ResolverConfig, digest_matches,
 };
 use warmroll_proto::image::{Digest, ImageRef};
-use warmroll_tests::image::ImageBuilder;
+use warmroll_tests::image::{ImageBuilder, Pushed};
 use warmroll_tests::registry::{Fault, FaultRule, Registry, RegistryOptions};
 
 fn config_for(registries: &[&Registry]) -> ResolverConfig {
@@ -58,6 +58,15 @@ fn tag(resolution: Resolution) -> Resolved {
     }
 }
 
+/// Pushes a fresh build of `app:latest`.
+async fn push_app(registry: &Registry) -> Pushed {
+    ImageBuilder::new(registry)
+        .unwrap()
+        .push("app", "latest")
+        .await
+        .unwrap()
+}
+
 fn digest(s: &str) -> Digest {
     Digest::parse(s).unwrap()
 }
@@ -65,11 +74,7 @@ fn digest(s: &str) -> Digest {
 #[tokio::test]
 async fn one_head_for_a_hundred_workloads_in_one_cycle() {
     let registry = Registry::start(RegistryOptions::plain()).await.unwrap();
-    let pushed = ImageBuilder::new(&registry)
-        .unwrap()
-        .push("app", "latest")
-        .await
-        .unwrap();
+    let pushed = push_app(&registry).await;
     let resolver = Resolver::new(config_for(&[&registry]), Keyring::new()).unwrap();
     let image = ImageRef::parse(&pushed.reference).unwrap();
     registry.reset_requests();
@@ -203,11 +208,7 @@ async fn tls_registry_needs_its_ca() {
     let registry = Registry::start(RegistryOptions::plain().tls())
         .await
         .unwrap();
-    let pushed = ImageBuilder::new(&registry)
-        .unwrap()
-        .push("app", "latest")
-        .await
-        .unwrap();
+    let pushed = push_app(&registry).await;
     let image = ImageRef::parse(&pushed.reference).unwrap();
     let trusted = Resolver::new(config_for(&[&registry]), Keyring::new()).unwrap();
     let resolved = tag(trusted.resolve(&image, &Keyring::new()).await.unwrap());
@@ -224,11 +225,7 @@ async fn tls_registry_needs_its_ca() {
 #[tokio::test]
 async fn retry_after_is_honoured() {
     let registry = Registry::start(RegistryOptions::plain()).await.unwrap();
-    let pushed = ImageBuilder::new(&registry)
-        .unwrap()
-        .push("app", "latest")
-        .await
-        .unwrap();
+    let pushed = push_app(&registry).await;
     let mut config = config_for(&[&registry]);
     config.min_interval = Duration::ZERO;
     let resolver = Resolver::new(config, Keyring::new()).unwrap();
@@ -265,16 +262,8 @@ async fn retry_after_is_honoured() {
 async fn a_registry_that_is_down_does_not_delay_the_others() {
     let up = Registry::start(RegistryOptions::plain()).await.unwrap();
     let down = Registry::start(RegistryOptions::plain()).await.unwrap();
-    let good = ImageBuilder::new(&up)
-        .unwrap()
-        .push("app", "latest")
-        .await
-        .unwrap();
-    let lost = ImageBuilder::new(&down)
-        .unwrap()
-        .push("app", "latest")
-        .await
-        .unwrap();
+    let good = push_app(&up).await;
+    let lost = push_app(&down).await;
     down.set_down(true);
     let resolver = Resolver::new(config_for(&[&up, &down]), Keyring::new()).unwrap();
     let good_ref = ImageRef::parse(&good.reference).unwrap();
@@ -302,11 +291,7 @@ async fn malformed_references_and_pinned_images_make_no_request() {
     assert!(ImageRef::parse("UPPER/Case:tag").is_err());
     assert!(ImageRef::parse("app:bad tag").is_err());
     let registry = Registry::start(RegistryOptions::plain()).await.unwrap();
-    let pushed = ImageBuilder::new(&registry)
-        .unwrap()
-        .push("app", "latest")
-        .await
-        .unwrap();
+    let pushed = push_app(&registry).await;
     let resolver = Resolver::new(config_for(&[&registry]), Keyring::new()).unwrap();
     registry.reset_requests();
     let pinned = ImageRef::parse(&pushed.pinned()).unwrap();
