@@ -152,7 +152,8 @@ async fn dial(socket: &Path) -> Result<Channel, CriError> {
         })
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error with its sources, joined by `: `.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(inner) = cur {

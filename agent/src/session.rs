@@ -27,7 +27,7 @@ use warmroll_proto::image::Platform;
 use warmroll_proto::v1;
 use warmroll_proto::v1::fleet_client::FleetClient;
 
-use crate::cri::{Backoff, Cri};
+use crate::cri::{Backoff, Cri, error_chain};
 use crate::inventory::{ChangeSet, InventoryUpdate, NodeImage, RunningContainer, Snapshot};
 use crate::warm::{Credentials, WarmError, Warmer};
 
@@ -86,17 +86,6 @@ pub enum SessionError {
     Ended(tonic::Status),
     #[error("no answer from the coordinator within {0:?}")]
     Timeout(Duration),
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
 }
 
 /// The Go/OCI name of this machine's architecture.

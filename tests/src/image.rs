@@ -19,7 +19,6 @@ use bytes::Bytes;
 use flate2::Compression;
 use flate2::write::GzEncoder;
 use futures::stream;
-use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
 use rand::{RngCore, SeedableRng};
@@ -130,23 +129,7 @@ pub struct ImageBuilder {
 
 impl ImageBuilder {
     pub fn new(registry: &Registry) -> Result<Self> {
-        crate::tls::install_crypto_provider();
-        let config = ClientConfig {
-            protocol: if registry.scheme() == "https" {
-                ClientProtocol::Https
-            } else {
-                ClientProtocol::Http
-            },
-            extra_root_certificates: registry
-                .ca_pem()
-                .map(|pem| Certificate {
-                    encoding: CertificateEncoding::Pem,
-                    data: pem.into_bytes(),
-                })
-                .into_iter()
-                .collect(),
-            ..Default::default()
-        };
+        let config = registry.oci_client_config();
         let client = Client::try_from(config).context("building the oci-client client")?;
         let auth = match registry.credentials() {
             Some((user, password)) => RegistryAuth::Basic(user.to_string(), password.to_string()),

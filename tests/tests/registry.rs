@@ -15,7 +15,6 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Request};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
-use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::manifest::OciManifest;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
@@ -107,24 +106,7 @@ fn basic(user: &str, password: &str) -> String {
 
 /// An oci-client client set up for this registry (CA, protocol).
 fn oci_client(registry: &Registry) -> Client {
-    warmroll_tests::tls::install_crypto_provider();
-    Client::try_from(ClientConfig {
-        protocol: if registry.scheme() == "https" {
-            ClientProtocol::Https
-        } else {
-            ClientProtocol::Http
-        },
-        extra_root_certificates: registry
-            .ca_pem()
-            .map(|pem| Certificate {
-                encoding: CertificateEncoding::Pem,
-                data: pem.into_bytes(),
-            })
-            .into_iter()
-            .collect(),
-        ..Default::default()
-    })
-    .unwrap()
+    Client::try_from(registry.oci_client_config()).unwrap()
 }
 
 fn registry_auth(registry: &Registry) -> RegistryAuth {

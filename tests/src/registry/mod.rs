@@ -265,6 +265,29 @@ impl Registry {
     }
 
     /// `"http"` or `"https"`.
+    /// An oci-client configuration that reaches this registry: its protocol, and its CA
+    /// when it serves TLS.
+    pub fn oci_client_config(&self) -> oci_client::client::ClientConfig {
+        use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+        crate::tls::install_crypto_provider();
+        ClientConfig {
+            protocol: if self.scheme() == "https" {
+                ClientProtocol::Https
+            } else {
+                ClientProtocol::Http
+            },
+            extra_root_certificates: self
+                .ca_pem()
+                .map(|pem| Certificate {
+                    encoding: CertificateEncoding::Pem,
+                    data: pem.into_bytes(),
+                })
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        }
+    }
+
     pub fn scheme(&self) -> &'static str {
         if self.tls { "https" } else { "http" }
     }
