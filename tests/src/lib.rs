@@ -4,6 +4,7 @@
 //! Everything a test starts is owned by a guard value; dropping it (also while a failed
 //! test unwinds) stops the processes, unmounts and removes the temp dirs.
 
+pub mod cluster;
 pub mod containerd;
 pub mod image;
 pub mod kubeapi;

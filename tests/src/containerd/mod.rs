@@ -40,7 +40,7 @@ use crate::registry::Registry;
 use crate::scratch;
 
 pub use cleanup::{mounts_under, processes_mentioning};
-pub use pod::{ContainerSpec, ImagePull, PodSpec, RunningContainer, RunningPod};
+pub use pod::{ContainerSpec, ImagePull, PodRuntime, PodSpec, RunningContainer, RunningPod};
 
 /// The containerd binary the test bed runs (Debian package `containerd`).
 pub const CONTAINERD_BIN: &str = "/usr/bin/containerd";
@@ -239,30 +239,13 @@ impl Containerd {
 
     /// CRI `PullImage`; returns the image id (the config digest, `sha256:…`).
     pub async fn pull(&self, image: &str, auth: Option<AuthConfig>) -> Result<String> {
-        let response = self
-            .images()
-            .pull_image(PullImageRequest {
-                image: Some(image_spec(image)),
-                auth,
-                sandbox_config: None,
-            })
-            .await
-            .with_context(|| format!("CRI PullImage {image}"))?;
-        Ok(response.into_inner().image_ref)
+        pull_image(self.channel(), image, auth).await
     }
 
     /// CRI `ImageStatus`: the image a reference (tag, digest or id) points to on this
     /// node, `None` when absent.
     pub async fn image_status(&self, image: &str) -> Result<Option<Image>> {
-        let response = self
-            .images()
-            .image_status(ImageStatusRequest {
-                image: Some(image_spec(image)),
-                verbose: false,
-            })
-            .await
-            .with_context(|| format!("CRI ImageStatus {image}"))?;
-        Ok(response.into_inner().image)
+        image_status(self.channel(), image).await
     }
 
     /// CRI `ListImages`.
@@ -287,18 +270,7 @@ impl Containerd {
 
     /// CRI `ContainerStatus`.
     pub async fn container_status(&self, container_id: &str) -> Result<ContainerStatus> {
-        let response = self
-            .runtime()
-            .container_status(ContainerStatusRequest {
-                container_id: container_id.to_string(),
-                verbose: false,
-            })
-            .await
-            .with_context(|| format!("CRI ContainerStatus {container_id}"))?;
-        response
-            .into_inner()
-            .status
-            .ok_or_else(|| anyhow!("CRI ContainerStatus {container_id}: no status"))
+        container_status(self.channel(), container_id).await
     }
 
     /// Stops containerd gracefully (SIGTERM). Shims and containers keep running, as
@@ -415,6 +387,46 @@ impl Drop for Containerd {
             );
         }
     }
+}
+
+/// CRI `PullImage`; returns the image id (the config digest, `sha256:…`).
+async fn pull_image(channel: Channel, image: &str, auth: Option<AuthConfig>) -> Result<String> {
+    let response = ImageServiceClient::new(channel)
+        .pull_image(PullImageRequest {
+            image: Some(image_spec(image)),
+            auth,
+            sandbox_config: None,
+        })
+        .await
+        .with_context(|| format!("CRI PullImage {image}"))?;
+    Ok(response.into_inner().image_ref)
+}
+
+/// CRI `ImageStatus`, `None` when the node has no image under `image`.
+async fn image_status(channel: Channel, image: &str) -> Result<Option<Image>> {
+    let response = ImageServiceClient::new(channel)
+        .image_status(ImageStatusRequest {
+            image: Some(image_spec(image)),
+            verbose: false,
+        })
+        .await
+        .with_context(|| format!("CRI ImageStatus {image}"))?;
+    Ok(response.into_inner().image)
+}
+
+/// CRI `ContainerStatus`.
+async fn container_status(channel: Channel, container_id: &str) -> Result<ContainerStatus> {
+    let response = RuntimeServiceClient::new(channel)
+        .container_status(ContainerStatusRequest {
+            container_id: container_id.to_string(),
+            verbose: false,
+        })
+        .await
+        .with_context(|| format!("CRI ContainerStatus {container_id}"))?;
+    response
+        .into_inner()
+        .status
+        .ok_or_else(|| anyhow!("CRI ContainerStatus {container_id}: no status"))
 }
 
 fn image_spec(image: &str) -> ImageSpec {

@@ -5,17 +5,20 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, anyhow};
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    AuthConfig, ContainerConfig, ContainerMetadata, CreateContainerRequest, ImageSpec,
-    LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
-    PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
-    StopPodSandboxRequest,
+    AuthConfig, ContainerConfig, ContainerMetadata, ContainerStatus, CreateContainerRequest,
+    ImageSpec, LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, ListPodSandboxRequest, NamespaceMode, NamespaceOption,
+    PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopPodSandboxRequest,
 };
+use tonic::transport::Channel;
 
-use super::Containerd;
+use super::{Containerd, container_status, image_status, pull_image};
 
 pub const LABEL_POD_NAME: &str = "io.kubernetes.pod.name";
 pub const LABEL_POD_NAMESPACE: &str = "io.kubernetes.pod.namespace";
@@ -279,58 +282,167 @@ impl RunningPod {
     }
 }
 
+/// The CRI calls kubelet makes for the pods of one node, step by step, so a caller can
+/// report progress between them (the sandbox cluster's kubelet writes pod status after
+/// each). It holds only a CRI channel and the pod log root, so it can live in a caller's
+/// tasks while the [`Containerd`] guard stays with the test.
+#[derive(Clone, Debug)]
+pub struct PodRuntime {
+    channel: Channel,
+    pod_logs: PathBuf,
+}
+
+impl PodRuntime {
+    fn runtime(&self) -> RuntimeServiceClient<Channel> {
+        RuntimeServiceClient::new(self.channel.clone())
+    }
+
+    /// CRI `RunPodSandbox` for `pod`; returns the sandbox id.
+    pub async fn run_sandbox(&self, pod: &PodSpec) -> Result<String> {
+        Ok(self
+            .runtime()
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(sandbox_config(pod, &self.pod_logs)),
+                runtime_handler: String::new(),
+            })
+            .await
+            .with_context(|| format!("CRI RunPodSandbox for pod {}/{}", pod.namespace, pod.name))?
+            .into_inner()
+            .pod_sandbox_id)
+    }
+
+    /// The image id to create `container` from, pulling per its [`ImagePull`]:
+    /// `Always` pulls the reference (the registry is asked where the tag points, layers
+    /// the node has are not fetched again); `IfNotPresent` uses the node's image when it
+    /// has one under the reference.
+    pub async fn ensure_image(&self, container: &ContainerSpec) -> Result<String> {
+        if container.pull == ImagePull::IfNotPresent
+            && let Some(image) = image_status(self.channel.clone(), &container.image).await?
+        {
+            return Ok(image.id);
+        }
+        pull_image(
+            self.channel.clone(),
+            &container.image,
+            container.auth.clone(),
+        )
+        .await
+    }
+
+    /// CRI `CreateContainer` (from `image_id`, see [`Self::ensure_image`]) and
+    /// `StartContainer` in the sandbox of `pod`.
+    pub async fn start_container(
+        &self,
+        pod: &PodSpec,
+        sandbox_id: &str,
+        container: &ContainerSpec,
+        image_id: &str,
+    ) -> Result<RunningContainer> {
+        let what = format!("{} in pod {}/{}", container.name, pod.namespace, pod.name);
+        let log_dir = self.pod_logs.join(pod.log_dir_name()).join(&container.name);
+        fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
+        let id = self
+            .runtime()
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: sandbox_id.to_string(),
+                config: Some(container_config(pod, container, image_id)),
+                sandbox_config: Some(sandbox_config(pod, &self.pod_logs)),
+            })
+            .await
+            .with_context(|| format!("CRI CreateContainer {what}"))?
+            .into_inner()
+            .container_id;
+        self.runtime()
+            .start_container(StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .with_context(|| format!("CRI StartContainer {what}"))?;
+        Ok(RunningContainer {
+            name: container.name.clone(),
+            id,
+            image_id: image_id.to_string(),
+        })
+    }
+
+    /// CRI `ContainerStatus` (its `image_ref` is the repo digest the container runs).
+    pub async fn container_status(&self, container_id: &str) -> Result<ContainerStatus> {
+        container_status(self.channel.clone(), container_id).await
+    }
+
+    /// CRI `StopPodSandbox` (kills its containers).
+    pub async fn stop_sandbox(&self, sandbox_id: &str) -> Result<()> {
+        self.runtime()
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: sandbox_id.to_string(),
+            })
+            .await
+            .with_context(|| format!("CRI StopPodSandbox {sandbox_id}"))?;
+        Ok(())
+    }
+
+    /// CRI `RemovePodSandbox` (after [`Self::stop_sandbox`]; removes its containers).
+    pub async fn remove_sandbox(&self, sandbox_id: &str) -> Result<()> {
+        self.runtime()
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: sandbox_id.to_string(),
+            })
+            .await
+            .with_context(|| format!("CRI RemovePodSandbox {sandbox_id}"))?;
+        Ok(())
+    }
+
+    /// Every sandbox on the node as `(sandbox id, pod uid)` (the uid from the
+    /// `io.kubernetes.pod.uid` label; empty when absent), in any state.
+    pub async fn sandboxes(&self) -> Result<Vec<(String, String)>> {
+        Ok(self
+            .runtime()
+            .list_pod_sandbox(ListPodSandboxRequest { filter: None })
+            .await
+            .context("CRI ListPodSandbox")?
+            .into_inner()
+            .items
+            .into_iter()
+            .map(|sandbox| {
+                let uid = sandbox
+                    .labels
+                    .get(LABEL_POD_UID)
+                    .cloned()
+                    .unwrap_or_default();
+                (sandbox.id, uid)
+            })
+            .collect())
+    }
+}
+
 impl Containerd {
+    /// The step-by-step CRI calls for pods on this containerd.
+    pub fn pod_runtime(&self) -> PodRuntime {
+        PodRuntime {
+            channel: self.channel(),
+            pod_logs: self.paths.pod_logs.clone(),
+        }
+    }
+
     /// Runs `pod` like kubelet: `RunPodSandbox`, then per container pull (per its
     /// [`ImagePull`]), `CreateContainer`, `StartContainer`. A failure leaves what was
     /// created to [`Drop`] (as kubelet leaves it to its next sync).
     pub async fn run_pod(&self, pod: &PodSpec) -> Result<RunningPod> {
-        let what = format!("pod {}/{}", pod.namespace, pod.name);
-        let config = sandbox_config(pod, &self.paths.pod_logs);
-        let sandbox_id = self
-            .runtime()
-            .run_pod_sandbox(RunPodSandboxRequest {
-                config: Some(config.clone()),
-                runtime_handler: String::new(),
-            })
-            .await
-            .with_context(|| format!("CRI RunPodSandbox for {what}"))?
-            .into_inner()
-            .pod_sandbox_id;
+        let runtime = self.pod_runtime();
+        let sandbox_id = runtime.run_sandbox(pod).await?;
         let mut containers = Vec::new();
         for container in &pod.containers {
-            let image_id = self
-                .ensure_image(container)
-                .await
-                .with_context(|| format!("{what}, container {}", container.name))?;
-            let log_dir = self
-                .paths
-                .pod_logs
-                .join(pod.log_dir_name())
-                .join(&container.name);
-            fs::create_dir_all(&log_dir)
-                .with_context(|| format!("creating {}", log_dir.display()))?;
-            let id = self
-                .runtime()
-                .create_container(CreateContainerRequest {
-                    pod_sandbox_id: sandbox_id.clone(),
-                    config: Some(container_config(pod, container, &image_id)),
-                    sandbox_config: Some(config.clone()),
-                })
-                .await
-                .with_context(|| format!("CRI CreateContainer {} in {what}", container.name))?
-                .into_inner()
-                .container_id;
-            self.runtime()
-                .start_container(StartContainerRequest {
-                    container_id: id.clone(),
-                })
-                .await
-                .with_context(|| format!("CRI StartContainer {} in {what}", container.name))?;
-            containers.push(RunningContainer {
-                name: container.name.clone(),
-                id,
-                image_id,
-            });
+            let image_id = runtime.ensure_image(container).await.with_context(|| {
+                format!(
+                    "pod {}/{}, container {}",
+                    pod.namespace, pod.name, container.name
+                )
+            })?;
+            containers.push(
+                runtime
+                    .start_container(pod, &sandbox_id, container, &image_id)
+                    .await?,
+            );
         }
         Ok(RunningPod {
             sandbox_id,
@@ -338,36 +450,14 @@ impl Containerd {
         })
     }
 
-    /// The image id to create `container` from, pulling per its policy.
-    async fn ensure_image(&self, container: &ContainerSpec) -> Result<String> {
-        if container.pull == ImagePull::IfNotPresent
-            && let Some(image) = self.image_status(&container.image).await?
-        {
-            return Ok(image.id);
-        }
-        self.pull(&container.image, container.auth.clone()).await
-    }
-
     /// CRI `StopPodSandbox` (kills its containers).
     pub async fn stop_pod(&self, pod: &RunningPod) -> Result<()> {
-        self.runtime()
-            .stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: pod.sandbox_id.clone(),
-            })
-            .await
-            .with_context(|| format!("CRI StopPodSandbox {}", pod.sandbox_id))?;
-        Ok(())
+        self.pod_runtime().stop_sandbox(&pod.sandbox_id).await
     }
 
     /// CRI `RemovePodSandbox` (after [`Self::stop_pod`]; removes its containers).
     pub async fn remove_pod(&self, pod: &RunningPod) -> Result<()> {
-        self.runtime()
-            .remove_pod_sandbox(RemovePodSandboxRequest {
-                pod_sandbox_id: pod.sandbox_id.clone(),
-            })
-            .await
-            .with_context(|| format!("CRI RemovePodSandbox {}", pod.sandbox_id))?;
-        Ok(())
+        self.pod_runtime().remove_sandbox(&pod.sandbox_id).await
     }
 }
 

@@ -1,0 +1,499 @@
+//! One node's kubelet, for warmroll's purposes: it realises the Pods bound to its node
+//! through CRI on the node's containerd (sandbox, image per `imagePullPolicy`, containers)
+//! and reports pod status through the API as kubelet does (phase, conditions,
+//! `containerStatuses` with `imageID` and waiting reasons). A pod deleted from the API is
+//! stopped and its sandbox removed; so is any sandbox of a pod the API no longer has.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use k8s_openapi::api::core::v1::{
+    ContainerState, ContainerStateRunning, ContainerStateWaiting, ContainerStatus, HostIP, Pod,
+    PodCondition, PodIP, PodStatus,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::Api;
+use kube::api::{ListParams, Patch, PatchParams};
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio::task::{AbortHandle, JoinSet};
+
+use super::timeline::{Seen, Timeline};
+use super::{owner_of, revision_of};
+use crate::containerd::{ContainerSpec, ImagePull, PodRuntime, PodSpec};
+
+/// Host networking: every pod's IP is the node's.
+pub const NODE_IP: &str = "127.0.0.1";
+
+/// Everything a kubelet and its pod workers share.
+pub struct Kubelet {
+    pub node: String,
+    pub client: kube::Client,
+    pub runtime: PodRuntime,
+    pub timeline: Arc<Mutex<Timeline>>,
+    pub resync: Duration,
+    pub pull_backoff: Duration,
+    pub max_pull_backoff: Duration,
+}
+
+/// The kubelet's sync loop: on every wake-up (a change to a pod bound to this node) or
+/// resync, start a worker for each new pod and stop what the API no longer has. The
+/// workers live in a `JoinSet`, so aborting this task aborts them all.
+pub async fn run(kubelet: Arc<Kubelet>, wake: Arc<Notify>) {
+    let mut workers = JoinSet::new();
+    let mut active: HashMap<String, AbortHandle> = HashMap::new();
+    loop {
+        if let Err(e) = sync(&kubelet, &mut workers, &mut active).await {
+            tracing::warn!(node = %kubelet.node, "kubelet sync: {e:#}");
+        }
+        while workers.try_join_next().is_some() {}
+        tokio::select! {
+            () = wake.notified() => {}
+            () = tokio::time::sleep(kubelet.resync) => {}
+        }
+    }
+}
+
+async fn sync(
+    kubelet: &Arc<Kubelet>,
+    workers: &mut JoinSet<()>,
+    active: &mut HashMap<String, AbortHandle>,
+) -> Result<()> {
+    let pods = Api::<Pod>::all(kubelet.client.clone())
+        .list(&ListParams::default().fields(&format!("spec.nodeName={}", kubelet.node)))
+        .await
+        .with_context(|| format!("listing the pods of node {}", kubelet.node))?;
+    let mut desired = HashMap::new();
+    for pod in pods {
+        // A pod being deleted (held by a finalizer) is stopped like a deleted one.
+        if pod.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        if let Some(uid) = pod.metadata.uid.clone() {
+            desired.insert(uid, pod);
+        }
+    }
+    for (uid, pod) in &desired {
+        if active.contains_key(uid) {
+            continue;
+        }
+        if let Ok(mut timeline) = kubelet.timeline.lock() {
+            timeline.seen(
+                Seen {
+                    namespace: pod.metadata.namespace.as_deref().unwrap_or_default(),
+                    name: pod.metadata.name.as_deref().unwrap_or_default(),
+                    uid,
+                    node: &kubelet.node,
+                    owner: owner_of(&pod.metadata),
+                    revision: revision_of(&pod.metadata),
+                },
+                Instant::now(),
+            );
+        }
+        let handle = workers.spawn(worker(kubelet.clone(), pod.clone()));
+        active.insert(uid.clone(), handle);
+    }
+    let gone: Vec<String> = active
+        .keys()
+        .filter(|uid| !desired.contains_key(*uid))
+        .cloned()
+        .collect();
+    for uid in gone {
+        if let Some(handle) = active.remove(&uid) {
+            handle.abort();
+        }
+        if let Ok(mut timeline) = kubelet.timeline.lock() {
+            timeline.deleted(&uid, Instant::now());
+        }
+    }
+    // Housekeeping: no sandbox outlives its pod (also one a worker was still creating
+    // when it was aborted).
+    for (sandbox_id, uid) in kubelet.runtime.sandboxes().await? {
+        if desired.contains_key(&uid) {
+            continue;
+        }
+        kubelet.runtime.stop_sandbox(&sandbox_id).await?;
+        kubelet.runtime.remove_sandbox(&sandbox_id).await?;
+        tracing::debug!(node = %kubelet.node, %uid, "removed the sandbox of a deleted pod");
+    }
+    Ok(())
+}
+
+async fn worker(kubelet: Arc<Kubelet>, pod: Pod) {
+    let what = format!(
+        "pod {}/{}",
+        pod.metadata.namespace.as_deref().unwrap_or_default(),
+        pod.metadata.name.as_deref().unwrap_or_default()
+    );
+    if let Err(e) = realise(&kubelet, &pod).await {
+        tracing::warn!(node = %kubelet.node, "{what}: {e:#}");
+    }
+}
+
+/// A container as kubelet reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ContainerPhase {
+    Waiting {
+        reason: String,
+        message: Option<String>,
+    },
+    Running {
+        container_id: String,
+        /// The repo digest the runtime reports (`host/repo@sha256:…`).
+        image_id: String,
+        started_at: Timestamp,
+    },
+}
+
+impl ContainerPhase {
+    fn waiting(reason: &str, message: Option<String>) -> Self {
+        Self::Waiting {
+            reason: reason.to_string(),
+            message,
+        }
+    }
+}
+
+/// Runs one pod to Ready, writing its status at every step.
+async fn realise(kubelet: &Kubelet, pod: &Pod) -> Result<()> {
+    let spec = pod_spec(pod)?;
+    let start = Timestamp::now();
+    let mut phases: Vec<ContainerPhase> = spec
+        .containers
+        .iter()
+        .map(|_| ContainerPhase::waiting("ContainerCreating", None))
+        .collect();
+    let report =
+        |phases: &[ContainerPhase]| write_status(kubelet, &spec, pod_status(&spec, phases, start));
+    report(&phases).await?;
+
+    let mut backoff = kubelet.pull_backoff;
+    let sandbox_id = loop {
+        match kubelet.runtime.run_sandbox(&spec).await {
+            Ok(id) => break id,
+            Err(e) => {
+                tracing::warn!(node = %kubelet.node, "{e:#}; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(kubelet.max_pull_backoff);
+            }
+        }
+    };
+    for (i, container) in spec.containers.iter().enumerate() {
+        let mut backoff = kubelet.pull_backoff;
+        let image_id = loop {
+            match kubelet.runtime.ensure_image(container).await {
+                Ok(id) => break id,
+                Err(e) => {
+                    let message = format!("{e:#}");
+                    set(
+                        &mut phases,
+                        i,
+                        ContainerPhase::waiting("ErrImagePull", Some(message.clone())),
+                    );
+                    report(&phases).await?;
+                    tokio::time::sleep(backoff).await;
+                    let backing_off = format!(
+                        "Back-off pulling image {:?}: ErrImagePull: {message}",
+                        container.image
+                    );
+                    set(
+                        &mut phases,
+                        i,
+                        ContainerPhase::waiting("ImagePullBackOff", Some(backing_off)),
+                    );
+                    report(&phases).await?;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(kubelet.max_pull_backoff);
+                }
+            }
+        };
+        let running = kubelet
+            .runtime
+            .start_container(&spec, &sandbox_id, container, &image_id)
+            .await?;
+        let status = kubelet.runtime.container_status(&running.id).await?;
+        set(
+            &mut phases,
+            i,
+            ContainerPhase::Running {
+                container_id: running.id,
+                image_id: status.image_ref,
+                started_at: Timestamp::now(),
+            },
+        );
+    }
+    let image_ids = phases
+        .iter()
+        .filter_map(|p| match p {
+            ContainerPhase::Running { image_id, .. } => Some(image_id.clone()),
+            ContainerPhase::Waiting { .. } => None,
+        })
+        .collect();
+    report(&phases).await?;
+    if let Ok(mut timeline) = kubelet.timeline.lock() {
+        timeline.ready(&spec.uid, image_ids, Instant::now());
+    }
+    Ok(())
+}
+
+fn set(phases: &mut [ContainerPhase], i: usize, phase: ContainerPhase) {
+    if let Some(slot) = phases.get_mut(i) {
+        *slot = phase;
+    }
+}
+
+/// The status subresource write kubelet makes (a merge patch of `status`).
+async fn write_status(kubelet: &Kubelet, spec: &PodSpec, status: PodStatus) -> Result<()> {
+    Api::<Pod>::namespaced(kubelet.client.clone(), &spec.namespace)
+        .patch_status(
+            &spec.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": status })),
+        )
+        .await
+        .with_context(|| format!("writing the status of pod {}/{}", spec.namespace, spec.name))?;
+    Ok(())
+}
+
+/// What kubelet hands the runtime for an API Pod.
+pub fn pod_spec(pod: &Pod) -> Result<PodSpec> {
+    let meta = &pod.metadata;
+    let (Some(namespace), Some(name), Some(uid)) = (&meta.namespace, &meta.name, &meta.uid) else {
+        return Err(anyhow!("a pod without namespace, name or uid: {meta:?}"));
+    };
+    let mut spec = PodSpec::new(namespace, name).uid(uid);
+    spec.labels = meta.labels.clone().unwrap_or_default();
+    spec.annotations = meta.annotations.clone().unwrap_or_default();
+    for c in pod.spec.iter().flat_map(|s| &s.containers) {
+        let image = c
+            .image
+            .as_deref()
+            .ok_or_else(|| anyhow!("pod {namespace}/{name}: container {} has no image", c.name))?;
+        let mut container = ContainerSpec::new(&c.name, image)
+            .pull(pull_policy(c.image_pull_policy.as_deref(), image))
+            .command(c.command.clone().unwrap_or_default());
+        container.args = c.args.clone().unwrap_or_default();
+        spec = spec.container(container);
+    }
+    Ok(spec)
+}
+
+/// `imagePullPolicy` with the API server's default when absent: `Always` for `:latest`
+/// or an untagged image, else `IfNotPresent`. (`Never` is treated as `IfNotPresent`.)
+pub fn pull_policy(policy: Option<&str>, image: &str) -> ImagePull {
+    match policy {
+        Some("Always") => ImagePull::Always,
+        Some(_) => ImagePull::IfNotPresent,
+        None => {
+            if image.contains('@') {
+                return ImagePull::IfNotPresent;
+            }
+            let last = image.rsplit('/').next().unwrap_or(image);
+            match last.split_once(':') {
+                Some((_, tag)) if tag != "latest" => ImagePull::IfNotPresent,
+                _ => ImagePull::Always,
+            }
+        }
+    }
+}
+
+fn condition(type_: &str, ok: bool, start: &Time) -> PodCondition {
+    PodCondition {
+        type_: type_.to_string(),
+        status: if ok { "True" } else { "False" }.to_string(),
+        reason: (!ok && matches!(type_, "Ready" | "ContainersReady"))
+            .then(|| "ContainersNotReady".to_string()),
+        last_transition_time: Some(start.clone()),
+        ..Default::default()
+    }
+}
+
+/// The pod status kubelet reports for `phases` (one per container of `spec`).
+pub fn pod_status(spec: &PodSpec, phases: &[ContainerPhase], start: Timestamp) -> PodStatus {
+    let start = Time(start);
+    let all_running = !phases.is_empty()
+        && phases
+            .iter()
+            .all(|p| matches!(p, ContainerPhase::Running { .. }));
+    let container_statuses = spec
+        .containers
+        .iter()
+        .zip(phases)
+        .map(|(c, phase)| {
+            let (state, image_id, container_id, running) = match phase {
+                ContainerPhase::Waiting { reason, message } => (
+                    ContainerState {
+                        waiting: Some(ContainerStateWaiting {
+                            reason: Some(reason.clone()),
+                            message: message.clone(),
+                        }),
+                        ..Default::default()
+                    },
+                    String::new(),
+                    None,
+                    false,
+                ),
+                ContainerPhase::Running {
+                    container_id,
+                    image_id,
+                    started_at,
+                } => (
+                    ContainerState {
+                        running: Some(ContainerStateRunning {
+                            started_at: Some(Time(*started_at)),
+                        }),
+                        ..Default::default()
+                    },
+                    image_id.clone(),
+                    Some(format!("containerd://{container_id}")),
+                    true,
+                ),
+            };
+            ContainerStatus {
+                name: c.name.clone(),
+                image: c.image.clone(),
+                image_id,
+                container_id,
+                ready: running,
+                started: Some(running),
+                restart_count: 0,
+                state: Some(state),
+                ..Default::default()
+            }
+        })
+        .collect();
+    PodStatus {
+        phase: Some(if all_running { "Running" } else { "Pending" }.to_string()),
+        conditions: Some(vec![
+            condition("PodReadyToStartContainers", true, &start),
+            condition("Initialized", true, &start),
+            condition("Ready", all_running, &start),
+            condition("ContainersReady", all_running, &start),
+            condition("PodScheduled", true, &start),
+        ]),
+        container_statuses: Some(container_statuses),
+        host_ip: Some(NODE_IP.to_string()),
+        host_ips: Some(vec![HostIP {
+            ip: NODE_IP.to_string(),
+        }]),
+        pod_ip: Some(NODE_IP.to_string()),
+        pod_ips: Some(vec![PodIP {
+            ip: NODE_IP.to_string(),
+        }]),
+        qos_class: Some("BestEffort".to_string()),
+        start_time: Some(start),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{Container, PodSpec as ApiPodSpec};
+
+    #[test]
+    fn pull_policy_defaults_like_the_api_server() {
+        assert_eq!(pull_policy(None, "r:5000/app:latest"), ImagePull::Always);
+        assert_eq!(pull_policy(None, "r:5000/app"), ImagePull::Always);
+        assert_eq!(pull_policy(None, "r:5000/app:1.2"), ImagePull::IfNotPresent);
+        assert_eq!(
+            pull_policy(None, "r/app@sha256:ab"),
+            ImagePull::IfNotPresent
+        );
+        assert_eq!(pull_policy(Some("Always"), "r/app:1"), ImagePull::Always);
+        assert_eq!(
+            pull_policy(Some("IfNotPresent"), "r/app:latest"),
+            ImagePull::IfNotPresent
+        );
+    }
+
+    fn api_pod() -> Pod {
+        let mut pod = Pod::default();
+        pod.metadata.namespace = Some("ns".into());
+        pod.metadata.name = Some("web-1".into());
+        pod.metadata.uid = Some("u1".into());
+        pod.metadata.labels = Some([("app".to_string(), "web".to_string())].into());
+        pod.spec = Some(ApiPodSpec {
+            containers: vec![Container {
+                name: "app".into(),
+                image: Some("r/app:latest".into()),
+                args: Some(vec!["x".into()]),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        pod
+    }
+
+    #[test]
+    fn pod_spec_carries_identity_labels_and_containers() {
+        let spec = pod_spec(&api_pod()).unwrap();
+        assert_eq!((spec.namespace.as_str(), spec.uid.as_str()), ("ns", "u1"));
+        assert_eq!(spec.labels.get("app").map(String::as_str), Some("web"));
+        assert_eq!(spec.containers[0].pull, ImagePull::Always);
+        assert_eq!(spec.containers[0].args, ["x"]);
+        let mut no_image = api_pod();
+        no_image.spec.as_mut().unwrap().containers[0].image = None;
+        assert!(
+            format!("{:#}", pod_spec(&no_image).unwrap_err())
+                .contains("container app has no image")
+        );
+    }
+
+    #[test]
+    fn status_is_pending_while_waiting_and_ready_when_all_run() {
+        let spec = pod_spec(&api_pod()).unwrap();
+        let now = Timestamp::now();
+        let waiting = pod_status(
+            &spec,
+            &[ContainerPhase::waiting(
+                "ImagePullBackOff",
+                Some("nope".into()),
+            )],
+            now,
+        );
+        assert_eq!(waiting.phase.as_deref(), Some("Pending"));
+        let cs = &waiting.container_statuses.as_ref().unwrap()[0];
+        assert!(!cs.ready);
+        assert_eq!(
+            cs.state
+                .as_ref()
+                .unwrap()
+                .waiting
+                .as_ref()
+                .unwrap()
+                .reason
+                .as_deref(),
+            Some("ImagePullBackOff")
+        );
+        let ready = |s: &PodStatus| {
+            s.conditions
+                .iter()
+                .flatten()
+                .find(|c| c.type_ == "Ready")
+                .map(|c| c.status.clone())
+        };
+        assert_eq!(ready(&waiting).as_deref(), Some("False"));
+
+        let running = pod_status(
+            &spec,
+            &[ContainerPhase::Running {
+                container_id: "c1".into(),
+                image_id: "r/app@sha256:ab".into(),
+                started_at: now,
+            }],
+            now,
+        );
+        assert_eq!(running.phase.as_deref(), Some("Running"));
+        assert_eq!(ready(&running).as_deref(), Some("True"));
+        let cs = &running.container_statuses.as_ref().unwrap()[0];
+        assert_eq!(
+            (cs.image.as_str(), cs.image_id.as_str()),
+            ("r/app:latest", "r/app@sha256:ab")
+        );
+        assert_eq!(cs.container_id.as_deref(), Some("containerd://c1"));
+    }
+}
