@@ -2,5 +2,9 @@
 //! rollouts), plus the command line that drives it.
 
 pub mod cli;
+pub mod config;
+pub mod drift;
 pub mod fleet;
 pub mod registry;
+pub mod report;
+pub mod workload;

@@ -1,0 +1,521 @@
+//! The coordinator's configuration file (YAML; the Helm chart renders it into a
+//! ConfigMap), parsed into checked types. Every key is documented in
+//! `docs/config.example.yaml`. A bad file stops start-up with an error naming the field
+//! (`policies.web.warm.threshold: must be between 0 and 1`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use croner::Cron;
+use serde::Deserialize;
+
+use crate::workload::{Kind, WorkloadKey};
+
+/// The default policy label key.
+pub const DEFAULT_POLICY_LABEL: &str = "warmroll.io/policy";
+/// warmroll's own pod-template annotation key.
+pub const WARMROLL_RESTARTED_AT: &str = "warmroll.io/restartedAt";
+/// The key `kubectl rollout restart` uses (GitOps tools ignore it in diffs).
+pub const KUBECTL_RESTARTED_AT: &str = "kubectl.kubernetes.io/restartedAt";
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("configuration {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("configuration {origin}: {field}: {reason}")]
+    Invalid {
+        origin: String,
+        field: String,
+        reason: String,
+    },
+}
+
+/// The checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The workload label whose value names the policy.
+    pub policy_label: String,
+    /// Forces every policy into dry-run.
+    pub dry_run: bool,
+    pub registry: RegistrySettings,
+    /// File holding the registry webhook's shared secret; no file, no webhook.
+    pub webhook_secret_file: Option<PathBuf>,
+    /// Policies by label value.
+    pub policies: BTreeMap<String, Policy>,
+}
+
+/// How the coordinator reaches registries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegistrySettings {
+    /// `host[:port]` reached over plain HTTP.
+    pub insecure_registries: Vec<String>,
+    /// Extra CA bundles (PEM) to trust.
+    pub ca_files: Vec<PathBuf>,
+    /// Docker `config.json` (file or directory) with registry credentials.
+    pub docker_config: Option<PathBuf>,
+}
+
+/// What a policy does on drift.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Detect and log only.
+    Report,
+    /// Warm the new image on the nodes, then roll.
+    Rollout,
+    /// Roll on a cron schedule.
+    Restart,
+}
+
+/// What to do when the warm-up times out below the threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTimeout {
+    Rollout,
+    Hold,
+}
+
+/// Which containers count, by `imagePullPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PullPolicies {
+    /// Only `Always` (krar's rule).
+    Always,
+    /// Every pull policy.
+    All,
+}
+
+/// Namespaces a policy acts in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Namespaces {
+    All,
+    Only(BTreeSet<String>),
+}
+
+impl Namespaces {
+    pub fn contains(&self, namespace: &str) -> bool {
+        match self {
+            Namespaces::All => true,
+            Namespaces::Only(set) => set.contains(namespace),
+        }
+    }
+}
+
+/// The warm-up gate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WarmPolicy {
+    /// Share of target nodes that must hold the new digest (0 to 1).
+    pub threshold: f64,
+    pub timeout: Duration,
+    pub on_timeout: OnTimeout,
+}
+
+/// One policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub name: String,
+    pub mode: Mode,
+    pub poll_interval: Duration,
+    pub kinds: BTreeSet<Kind>,
+    pub namespaces: Namespaces,
+    /// Workloads this policy tracks without carrying the label.
+    pub targets: Vec<WorkloadKey>,
+    pub warm: WarmPolicy,
+    /// How long a new digest must stay before warming starts.
+    pub stabilization_window: Duration,
+    /// Minimum time between two rollouts of one workload.
+    pub cooldown: Duration,
+    /// How long new pods may take to converge before the rollout counts as held.
+    pub rollout_timeout: Duration,
+    /// Workloads of this policy rolling at once.
+    pub max_concurrent_rollouts: usize,
+    /// The pod-template annotation the patch sets.
+    pub annotation_key: String,
+    pub pull_policies: PullPolicies,
+    pub init_containers: bool,
+    pub dry_run: bool,
+    /// `restart` mode's schedule.
+    pub schedule: Option<Cron>,
+}
+
+impl Policy {
+    /// Whether a template container with this pull policy counts. An absent policy is
+    /// what the API server defaults it to: `Always` for `:latest` (and untagged), else
+    /// `IfNotPresent`.
+    pub fn counts_pull_policy(&self, pull_policy: Option<&str>, image: &str) -> bool {
+        match self.pull_policies {
+            PullPolicies::All => true,
+            PullPolicies::Always => match pull_policy {
+                Some(p) => p == "Always",
+                None => defaults_to_always(image),
+            },
+        }
+    }
+}
+
+fn defaults_to_always(image: &str) -> bool {
+    let name = image.split('@').next().unwrap_or(image);
+    let last = name.rsplit('/').next().unwrap_or(name);
+    match last.split_once(':') {
+        Some((_, tag)) => tag == "latest",
+        None => !image.contains('@'),
+    }
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks configuration text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = if text.trim().is_empty() {
+            RawConfig::default()
+        } else {
+            serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+                origin: origin.to_owned(),
+                message: e.to_string(),
+            })?
+        };
+        raw.check().map_err(|(field, reason)| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            field,
+            reason,
+        })
+    }
+
+    /// The shortest poll interval of any policy (the engine's cycle), one minute when
+    /// there is no policy.
+    pub fn cycle_interval(&self) -> Duration {
+        self.policies
+            .values()
+            .map(|p| p.poll_interval)
+            .min()
+            .unwrap_or(Duration::from_secs(60))
+    }
+}
+
+// ---- raw (as written) ----
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawConfig {
+    policy_label: Option<String>,
+    dry_run: Option<bool>,
+    registry: Option<RawRegistry>,
+    webhook: Option<RawWebhook>,
+    policies: Option<BTreeMap<String, RawPolicy>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawWebhook {
+    secret_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawRegistry {
+    insecure_registries: Option<Vec<String>>,
+    ca_files: Option<Vec<PathBuf>>,
+    docker_config: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawPolicy {
+    mode: Option<Mode>,
+    poll_interval: Option<String>,
+    kinds: Option<Vec<String>>,
+    namespaces: Option<RawNamespaces>,
+    targets: Option<Vec<String>>,
+    warm: Option<RawWarm>,
+    stabilization_window: Option<String>,
+    cooldown: Option<String>,
+    rollout_timeout: Option<String>,
+    max_concurrent_rollouts: Option<u64>,
+    annotation_key: Option<String>,
+    pull_policies: Option<PullPolicies>,
+    init_containers: Option<bool>,
+    dry_run: Option<bool>,
+    schedule: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawNamespaces {
+    Word(String),
+    List(Vec<String>),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawWarm {
+    threshold: Option<f64>,
+    timeout: Option<String>,
+    on_timeout: Option<OnTimeout>,
+}
+
+type Checked<T> = Result<T, (String, String)>;
+
+fn invalid<T>(field: impl Into<String>, reason: impl Into<String>) -> Checked<T> {
+    Err((field.into(), reason.into()))
+}
+
+impl RawConfig {
+    fn check(self) -> Checked<Config> {
+        let policy_label = self
+            .policy_label
+            .unwrap_or_else(|| DEFAULT_POLICY_LABEL.to_owned());
+        check_label_key("policyLabel", &policy_label)?;
+        let global_dry_run = self.dry_run.unwrap_or(false);
+        let registry = self.registry.unwrap_or_default();
+        let registry = RegistrySettings {
+            insecure_registries: registry.insecure_registries.unwrap_or_default(),
+            ca_files: registry.ca_files.unwrap_or_default(),
+            docker_config: registry.docker_config,
+        };
+        for (i, host) in registry.insecure_registries.iter().enumerate() {
+            if host.is_empty() || host.contains('/') || host.contains(char::is_whitespace) {
+                return invalid(
+                    format!("registry.insecureRegistries[{i}]"),
+                    format!("{host:?} is not a host[:port]"),
+                );
+            }
+        }
+        let mut policies = BTreeMap::new();
+        for (name, raw) in self.policies.unwrap_or_default() {
+            let field = format!("policies.{name}");
+            check_label_value(&field, &name)?;
+            let policy = raw.check(&field, &name, global_dry_run)?;
+            policies.insert(name, policy);
+        }
+        let mut seen = BTreeMap::new();
+        for policy in policies.values() {
+            for target in &policy.targets {
+                if let Some(other) = seen.insert(target.clone(), policy.name.clone()) {
+                    return invalid(
+                        format!("policies.{}.targets", policy.name),
+                        format!("{target} is also a target of policy {other}"),
+                    );
+                }
+            }
+        }
+        Ok(Config {
+            policy_label,
+            dry_run: global_dry_run,
+            registry,
+            webhook_secret_file: self.webhook.and_then(|w| w.secret_file),
+            policies,
+        })
+    }
+}
+
+impl RawPolicy {
+    fn check(self, field: &str, name: &str, global_dry_run: bool) -> Checked<Policy> {
+        let Some(mode) = self.mode else {
+            return invalid(
+                format!("{field}.mode"),
+                "missing: one of report, rollout, restart",
+            );
+        };
+        let duration = |key: &str, value: Option<String>, default: Duration| match value {
+            None => Ok(default),
+            Some(text) => parse_duration(&text).map_err(|r| (format!("{field}.{key}"), r)),
+        };
+        let poll_interval = duration("pollInterval", self.poll_interval, Duration::from_secs(60))?;
+        if poll_interval < Duration::from_secs(1) {
+            return invalid(format!("{field}.pollInterval"), "must be at least 1s");
+        }
+        let kinds = match self.kinds {
+            None => [Kind::Deployment, Kind::StatefulSet, Kind::DaemonSet].into(),
+            Some(list) => {
+                if list.is_empty() {
+                    return invalid(format!("{field}.kinds"), "must name at least one kind");
+                }
+                let mut kinds = BTreeSet::new();
+                for (i, k) in list.iter().enumerate() {
+                    let kind = Kind::from_str(k).map_err(|r| (format!("{field}.kinds[{i}]"), r))?;
+                    kinds.insert(kind);
+                }
+                kinds
+            }
+        };
+        let namespaces = match self.namespaces {
+            None => Namespaces::All,
+            Some(RawNamespaces::Word(w)) if w == "all" => Namespaces::All,
+            Some(RawNamespaces::Word(w)) => {
+                return invalid(
+                    format!("{field}.namespaces"),
+                    format!("{w:?}: must be \"all\" or a list of namespaces"),
+                );
+            }
+            Some(RawNamespaces::List(list)) => {
+                if list.is_empty() {
+                    return invalid(
+                        format!("{field}.namespaces"),
+                        "an empty list selects nothing; use \"all\" or name namespaces",
+                    );
+                }
+                for (i, ns) in list.iter().enumerate() {
+                    if !is_dns_label(ns) {
+                        return invalid(
+                            format!("{field}.namespaces[{i}]"),
+                            format!("{ns:?} is not a namespace name"),
+                        );
+                    }
+                }
+                Namespaces::Only(list.into_iter().collect())
+            }
+        };
+        let mut targets = Vec::new();
+        for (i, t) in self.targets.unwrap_or_default().iter().enumerate() {
+            let key = WorkloadKey::parse(t).map_err(|r| (format!("{field}.targets[{i}]"), r))?;
+            if !kinds.contains(&key.kind) {
+                return invalid(
+                    format!("{field}.targets[{i}]"),
+                    format!("{t}: kind {} is not in this policy's kinds", key.kind),
+                );
+            }
+            targets.push(key);
+        }
+        let raw_warm = self.warm.unwrap_or_default();
+        let threshold = raw_warm.threshold.unwrap_or(1.0);
+        if !(0.0..=1.0).contains(&threshold) {
+            return invalid(format!("{field}.warm.threshold"), "must be between 0 and 1");
+        }
+        let warm = WarmPolicy {
+            threshold,
+            timeout: duration("warm.timeout", raw_warm.timeout, Duration::from_secs(600))?,
+            on_timeout: raw_warm.on_timeout.unwrap_or(OnTimeout::Hold),
+        };
+        if warm.timeout.is_zero() {
+            return invalid(format!("{field}.warm.timeout"), "must be more than 0s");
+        }
+        let stabilization_window = duration(
+            "stabilizationWindow",
+            self.stabilization_window,
+            Duration::from_secs(30),
+        )?;
+        let cooldown = duration("cooldown", self.cooldown, Duration::from_secs(300))?;
+        let rollout_timeout = duration(
+            "rolloutTimeout",
+            self.rollout_timeout,
+            Duration::from_secs(600),
+        )?;
+        let max_concurrent_rollouts = match self.max_concurrent_rollouts {
+            None => 1,
+            Some(0) => {
+                return invalid(
+                    format!("{field}.maxConcurrentRollouts"),
+                    "must be at least 1",
+                );
+            }
+            Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+        };
+        let annotation_key = self
+            .annotation_key
+            .unwrap_or_else(|| WARMROLL_RESTARTED_AT.to_owned());
+        check_label_key(&format!("{field}.annotationKey"), &annotation_key)?;
+        let schedule = match (mode, self.schedule) {
+            (Mode::Restart, None) => {
+                return invalid(
+                    format!("{field}.schedule"),
+                    "missing: mode restart needs a cron schedule",
+                );
+            }
+            (Mode::Restart, Some(text)) => Some(
+                Cron::from_str(&text)
+                    .map_err(|e| (format!("{field}.schedule"), format!("{text:?}: {e}")))?,
+            ),
+            (_, Some(_)) => {
+                return invalid(format!("{field}.schedule"), "only used by mode restart");
+            }
+            (_, None) => None,
+        };
+        Ok(Policy {
+            name: name.to_owned(),
+            mode,
+            poll_interval,
+            kinds,
+            namespaces,
+            targets,
+            warm,
+            stabilization_window,
+            cooldown,
+            rollout_timeout,
+            max_concurrent_rollouts,
+            annotation_key,
+            pull_policies: self.pull_policies.unwrap_or(PullPolicies::All),
+            init_containers: self.init_containers.unwrap_or(false),
+            dry_run: global_dry_run || self.dry_run.unwrap_or(false),
+            schedule,
+        })
+    }
+}
+
+/// `30s`, `5m`, `1h30m`, `2h 15m` (jiff's friendly format); never negative.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let signed = jiff::SignedDuration::from_str(text.trim())
+        .map_err(|e| format!("{text:?} is not a duration like 30s, 5m or 1h30m: {e}"))?;
+    Duration::try_from(signed).map_err(|_| format!("{text:?}: must not be negative"))
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_label_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && s.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+}
+
+fn check_label_key(field: &str, key: &str) -> Checked<()> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    let prefix_ok = prefix.is_none_or(|p| p.len() <= 253 && p.split('.').all(is_dns_label));
+    if !prefix_ok || !is_label_name(name) {
+        return invalid(
+            field,
+            format!("{key:?} is not a Kubernetes label/annotation key (prefix/name)"),
+        );
+    }
+    Ok(())
+}
+
+fn check_label_value(field: &str, value: &str) -> Checked<()> {
+    if !is_label_name(value) {
+        return invalid(
+            field,
+            "a policy name is a label value: up to 63 letters, digits, '-', '_' or '.'",
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

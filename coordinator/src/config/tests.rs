@@ -1,0 +1,279 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, "test.yaml")
+}
+
+fn error(text: &str) -> String {
+    match parse(text) {
+        Ok(c) => panic!("expected an error, got {c:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn the_example_file_parses() {
+    let text = include_str!("../../../docs/config.example.yaml");
+    let config = parse(text).unwrap();
+    assert_eq!(config.policy_label, DEFAULT_POLICY_LABEL);
+    let web = &config.policies["web"];
+    assert_eq!(web.mode, Mode::Rollout);
+    assert_eq!(web.poll_interval, Duration::from_secs(60));
+    assert_eq!(web.warm.timeout, Duration::from_secs(600));
+    let nightly = &config.policies["nightly"];
+    assert_eq!(nightly.mode, Mode::Restart);
+    assert!(nightly.schedule.is_some());
+    assert!(nightly.namespaces.contains("batch"));
+    assert!(!nightly.namespaces.contains("default"));
+    let watch = &config.policies["watch-only"];
+    assert_eq!(
+        watch.targets,
+        [WorkloadKey::new(
+            "default",
+            Kind::Deployment,
+            "legacy-frontend"
+        )]
+    );
+    assert_eq!(config.cycle_interval(), Duration::from_secs(60));
+}
+
+#[test]
+fn defaults() {
+    let config = parse("").unwrap();
+    assert_eq!(config.policy_label, "warmroll.io/policy");
+    assert!(config.policies.is_empty());
+    assert!(!config.dry_run);
+    assert_eq!(config.registry, RegistrySettings::default());
+
+    let config = parse("policies:\n  p:\n    mode: rollout\n").unwrap();
+    let p = &config.policies["p"];
+    assert_eq!(p.name, "p");
+    assert_eq!(p.poll_interval, Duration::from_secs(60));
+    assert_eq!(p.kinds.len(), 3);
+    assert_eq!(p.namespaces, Namespaces::All);
+    assert!(p.targets.is_empty());
+    assert_eq!(p.warm.threshold, 1.0);
+    assert_eq!(p.warm.timeout, Duration::from_secs(600));
+    assert_eq!(p.warm.on_timeout, OnTimeout::Hold);
+    assert_eq!(p.stabilization_window, Duration::from_secs(30));
+    assert_eq!(p.cooldown, Duration::from_secs(300));
+    assert_eq!(p.rollout_timeout, Duration::from_secs(600));
+    assert_eq!(p.max_concurrent_rollouts, 1);
+    assert_eq!(p.annotation_key, WARMROLL_RESTARTED_AT);
+    assert_eq!(p.pull_policies, PullPolicies::All);
+    assert!(!p.init_containers);
+    assert!(!p.dry_run);
+    assert!(p.schedule.is_none());
+}
+
+#[test]
+fn every_key_is_read() {
+    let config = parse(
+        r#"
+policyLabel: krar.slash-mnt.com/rollout-policy
+dryRun: true
+registry:
+  insecureRegistries: ["reg.local:5000"]
+  caFiles: [/etc/ca.pem]
+  dockerConfig: /etc/docker
+webhook:
+  secretFile: /etc/warmroll/webhook/secret
+policies:
+  web:
+    mode: report
+    pollInterval: 1m30s
+    kinds: [StatefulSet]
+    namespaces: [a, b]
+    targets: [a/StatefulSet/db]
+    warm: {threshold: 0.5, timeout: 2m, onTimeout: rollout}
+    stabilizationWindow: 0s
+    cooldown: 1h
+    rolloutTimeout: 3m
+    maxConcurrentRollouts: 4
+    annotationKey: kubectl.kubernetes.io/restartedAt
+    pullPolicies: always
+    initContainers: true
+"#,
+    )
+    .unwrap();
+    assert_eq!(config.policy_label, "krar.slash-mnt.com/rollout-policy");
+    assert_eq!(config.registry.insecure_registries, ["reg.local:5000"]);
+    assert_eq!(config.registry.ca_files, [PathBuf::from("/etc/ca.pem")]);
+    assert_eq!(
+        config.registry.docker_config,
+        Some(PathBuf::from("/etc/docker"))
+    );
+    assert_eq!(
+        config.webhook_secret_file,
+        Some(PathBuf::from("/etc/warmroll/webhook/secret"))
+    );
+    let p = &config.policies["web"];
+    assert_eq!(p.mode, Mode::Report);
+    assert_eq!(p.poll_interval, Duration::from_secs(90));
+    assert_eq!(p.kinds, [Kind::StatefulSet].into());
+    assert_eq!(
+        p.namespaces,
+        Namespaces::Only(["a".to_owned(), "b".to_owned()].into())
+    );
+    assert_eq!(p.warm.threshold, 0.5);
+    assert_eq!(p.warm.timeout, Duration::from_secs(120));
+    assert_eq!(p.warm.on_timeout, OnTimeout::Rollout);
+    assert_eq!(p.stabilization_window, Duration::ZERO);
+    assert_eq!(p.cooldown, Duration::from_secs(3600));
+    assert_eq!(p.rollout_timeout, Duration::from_secs(180));
+    assert_eq!(p.max_concurrent_rollouts, 4);
+    assert_eq!(p.annotation_key, KUBECTL_RESTARTED_AT);
+    assert_eq!(p.pull_policies, PullPolicies::Always);
+    assert!(p.init_containers);
+    // The global dryRun forces every policy.
+    assert!(p.dry_run);
+}
+
+#[test]
+fn every_validation_error_names_its_field() {
+    let cases: &[(&str, &str)] = &[
+        ("bogus: 1\n", "unknown field"),
+        ("webhook:\n  secret: x\n", "unknown field"),
+        (
+            "policies:\n  p:\n    mode: rollout\n    colour: red\n",
+            "unknown field",
+        ),
+        ("policies:\n  p:\n    mode: sometimes\n", "sometimes"),
+        (
+            "policies:\n  p:\n    mode: rollout\n    warm: {treshold: 1}\n",
+            "unknown field",
+        ),
+        ("policyLabel: 'bad key!'\n", "policyLabel:"),
+        (
+            "registry:\n  insecureRegistries: ['http://x']\n",
+            "registry.insecureRegistries[0]:",
+        ),
+        (
+            "policies:\n  'bad name!':\n    mode: rollout\n",
+            "policies.bad name!:",
+        ),
+        ("policies:\n  p: {}\n", "policies.p.mode: missing"),
+        (
+            "policies:\n  p:\n    mode: rollout\n    pollInterval: soon\n",
+            "policies.p.pollInterval:",
+        ),
+        (
+            "policies:\n  p:\n    mode: rollout\n    pollInterval: 0s\n",
+            "policies.p.pollInterval: must be at least 1s",
+        ),
+        (
+            "policies:\n  p:\n    mode: rollout\n    kinds: []\n",
+            "policies.p.kinds:",
+        ),
+        (
+            "policies:\n  p:\n    mode: rollout\n    kinds: [Pod]\n",
+            "policies.p.kinds[0]:",
+        ),
+        (
+            "policies:\n  p:\n    mode: rollout\n    namespaces: some\n",
+            "policies.p.namespaces:",
+        ),
+        (
+            "policies:\n  p:\n    mode: rollout\n    namespaces: []\n",
+            "policies.p.namespaces:",
+        ),
+        (
+            "policies:\n  p:\n    mode: rollout\n    namespaces: [Bad_NS]\n",
+            "policies.p.namespaces[0]:",
+        ),
+        (
+            "policies:\n  p:\n    mode: rollout\n    targets: [a/b]\n",
+            "policies.p.targets[0]:",
+        ),
+        (
+            "policies:\n  p:\n    mode: rollout\n    kinds: [Deployment]\n    targets: [a/DaemonSet/b]\n",
+            "policies.p.targets[0]:",
+        ),
+        (
+            "policies:\n  p:\n    mode: rollout\n    targets: [a/Deployment/b]\n  q:\n    mode: report\n    targets: [a/Deployment/b]\n",
+            "policies.q.targets:",
+        ),
+        (
+            "policies:\n  web:\n    mode: rollout\n    warm: {threshold: 1.5}\n",
+            "policies.web.warm.threshold: must be between 0 and 1",
+        ),
+        (
+            "policies:\n  p:\n    mode: rollout\n    warm: {timeout: 0s}\n",
+            "policies.p.warm.timeout:",
+        ),
+        (
+            "policies:\n  p:\n    mode: rollout\n    warm: {onTimeout: wait}\n",
+            "wait",
+        ),
+        (
+            "policies:\n  p:\n    mode: rollout\n    stabilizationWindow: -5s\n",
+            "policies.p.stabilizationWindow: \"-5s\": must not be negative",
+        ),
+        (
+            "policies:\n  p:\n    mode: rollout\n    cooldown: x\n",
+            "policies.p.cooldown:",
+        ),
+        (
+            "policies:\n  p:\n    mode: rollout\n    rolloutTimeout: x\n",
+            "policies.p.rolloutTimeout:",
+        ),
+        (
+            "policies:\n  p:\n    mode: rollout\n    maxConcurrentRollouts: 0\n",
+            "policies.p.maxConcurrentRollouts:",
+        ),
+        (
+            "policies:\n  p:\n    mode: rollout\n    annotationKey: 'no good/'\n",
+            "policies.p.annotationKey:",
+        ),
+        (
+            "policies:\n  p:\n    mode: rollout\n    pullPolicies: never\n",
+            "never",
+        ),
+        (
+            "policies:\n  p:\n    mode: restart\n",
+            "policies.p.schedule: missing",
+        ),
+        (
+            "policies:\n  p:\n    mode: restart\n    schedule: 'every day'\n",
+            "policies.p.schedule:",
+        ),
+        (
+            "policies:\n  p:\n    mode: rollout\n    schedule: '0 3 * * *'\n",
+            "policies.p.schedule: only used by mode restart",
+        ),
+        ("policies: [1, 2]\n", "test.yaml"),
+    ];
+    for (text, expected) in cases {
+        let message = error(text);
+        assert!(
+            message.contains(expected),
+            "{text:?}: {message:?} does not contain {expected:?}"
+        );
+        assert!(message.contains("test.yaml"), "{message}");
+    }
+}
+
+#[test]
+fn load_names_a_missing_file() {
+    let err = Config::load(Path::new("/nonexistent/warmroll.yaml")).unwrap_err();
+    assert!(
+        err.to_string().contains("/nonexistent/warmroll.yaml"),
+        "{err}"
+    );
+}
+
+#[test]
+fn pull_policy_rule() {
+    let mut p = parse("policies:\n  p:\n    mode: rollout\n    pullPolicies: always\n")
+        .unwrap()
+        .policies
+        .remove("p")
+        .unwrap();
+    assert!(p.counts_pull_policy(Some("Always"), "app:v1"));
+    assert!(!p.counts_pull_policy(Some("IfNotPresent"), "app:latest"));
+    assert!(p.counts_pull_policy(None, "app:latest"));
+    assert!(p.counts_pull_policy(None, "reg:5000/app"));
+    assert!(!p.counts_pull_policy(None, "reg:5000/app:v1"));
+    p.pull_policies = PullPolicies::All;
+    assert!(p.counts_pull_policy(Some("IfNotPresent"), "app:v1"));
+}

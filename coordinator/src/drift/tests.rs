@@ -1,0 +1,489 @@
+use super::*;
+use crate::config::Config;
+use crate::registry::Child;
+use crate::workload::builders::mk_workload;
+use warmroll_proto::image::Platform;
+
+/// A distinct digest per character.
+fn d(c: char) -> Digest {
+    Digest::sha256_hex(&format!("{:02x}", c as u8).repeat(32)).unwrap()
+}
+
+fn resolved(image: &str, digest: Digest, children: &[Digest]) -> Lookup {
+    Lookup::Tag(Resolved {
+        image: ImageRef::parse(image).unwrap(),
+        digest,
+        media_type: if children.is_empty() {
+            "application/vnd.oci.image.manifest.v1+json".into()
+        } else {
+            "application/vnd.oci.image.index.v1+json".into()
+        },
+        children: children
+            .iter()
+            .map(|c| Child {
+                platform: Platform::parse("linux/amd64").unwrap(),
+                digest: c.clone(),
+                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            })
+            .collect::<Vec<_>>()
+            .into(),
+    })
+}
+
+fn run(node: &str, pod: &str, container: &str, digest: Option<Digest>) -> Running {
+    Running {
+        node: node.into(),
+        pod: pod.into(),
+        container: container.into(),
+        digest,
+    }
+}
+
+fn policy(extra: &str) -> Policy {
+    let text =
+        format!("policies:\n  web:\n    mode: rollout\n    stabilizationWindow: 10s\n{extra}");
+    Config::parse(&text, "t")
+        .unwrap()
+        .policies
+        .remove("web")
+        .unwrap()
+}
+
+fn tc(name: &str, image: &str) -> TemplateContainer {
+    TemplateContainer {
+        name: name.into(),
+        image: image.into(),
+        pull_policy: None,
+        init: false,
+    }
+}
+
+fn ts(secs: i64) -> Timestamp {
+    Timestamp::from_second(1_700_000_000 + secs).unwrap()
+}
+
+#[test]
+fn in_sync_and_drift() {
+    let c = tc("app", "reg:5000/app:latest");
+    let lookup = resolved("reg:5000/app:latest", d('a'), &[]);
+    let running = [
+        run("n1", "p1", "app", Some(d('a'))),
+        run("n2", "p2", "app", Some(d('a'))),
+        run("n2", "p2", "sidecar", Some(d('f'))),
+    ];
+    let drift = container_drift(&c, Some(&lookup), &running);
+    assert_eq!(drift.state, State::InSync);
+    assert_eq!(drift.registry_digest, Some(d('a')));
+    assert_eq!(drift.running.len(), 1);
+    assert_eq!((drift.running[0].pods, drift.running[0].nodes), (2, 2));
+    assert!(drift.running[0].current);
+
+    let running = [
+        run("n1", "p1", "app", Some(d('a'))),
+        run("n2", "p2", "app", Some(d('b'))),
+        run("n3", "p3", "app", Some(d('b'))),
+    ];
+    let drift = container_drift(&c, Some(&lookup), &running);
+    assert_eq!(drift.state, State::Drift);
+    assert_eq!(
+        drift.drifted_nodes,
+        ["n2".to_owned(), "n3".to_owned()].into()
+    );
+    let old = drift.running.iter().find(|r| !r.current).unwrap();
+    assert_eq!((old.pods, old.nodes), (2, 2));
+}
+
+#[test]
+fn multi_arch_children_are_in_sync() {
+    let c = tc("app", "reg:5000/app:multi");
+    let lookup = resolved("reg:5000/app:multi", d('i'), &[d('1'), d('2')]);
+    let running = [
+        run("amd", "p1", "app", Some(d('1'))),
+        run("arm", "p2", "app", Some(d('2'))),
+        run("x", "p3", "app", Some(d('i'))),
+    ];
+    assert_eq!(
+        container_drift(&c, Some(&lookup), &running).state,
+        State::InSync
+    );
+    let running = [run("amd", "p1", "app", Some(d('3')))];
+    assert_eq!(
+        container_drift(&c, Some(&lookup), &running).state,
+        State::Drift
+    );
+}
+
+#[test]
+fn unknown_digest_is_no_evidence_of_drift() {
+    let c = tc("app", "reg:5000/app:latest");
+    let lookup = resolved("reg:5000/app:latest", d('a'), &[]);
+    let drift = container_drift(&c, Some(&lookup), &[run("n1", "p1", "app", None)]);
+    assert_eq!(drift.state, State::InSync);
+    assert_eq!(drift.running[0].digest, None);
+}
+
+#[test]
+fn pinned_bad_reference_and_registry_errors() {
+    let pinned = tc("app", &format!("reg:5000/app@{}", d('a')));
+    let drift = container_drift(&pinned, None, &[run("n", "p", "app", Some(d('b')))]);
+    assert_eq!(drift.state, State::Pinned);
+
+    let bad = tc("app", "Reg:5000/UPPER::x");
+    let drift = container_drift(&bad, None, &[]);
+    assert!(
+        matches!(&drift.state, State::Error(r) if r.contains("bad image reference")),
+        "{drift:?}"
+    );
+
+    let c = tc("app", "reg:5000/app:latest");
+    let drift = container_drift(&c, Some(&Lookup::Error("registry down".into())), &[]);
+    assert_eq!(drift.state, State::Error("registry down".into()));
+    assert_eq!(drift.state.name(), "error");
+    assert_eq!(drift.state.reason(), Some("registry down"));
+}
+
+#[test]
+fn tracked_containers_follow_the_policy() {
+    let mut w = mk_workload("ns", "web", &[("app", "a:latest"), ("side", "b:v1")]);
+    w.containers.push(TemplateContainer {
+        name: "init".into(),
+        image: "c:latest".into(),
+        pull_policy: Some("Always".into()),
+        init: true,
+    });
+    let names = |p: &Policy| {
+        tracked_containers(&w, p)
+            .map(|c| c.name.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(&policy("")), ["app", "side"]);
+    assert_eq!(
+        names(&policy("    initContainers: true\n")),
+        ["app", "side", "init"]
+    );
+    assert_eq!(names(&policy("    pullPolicies: always\n")), ["app"]);
+}
+
+#[test]
+fn last_rollout_round_trips_and_covers() {
+    let last = LastRollout {
+        containers: [("app".to_owned(), d('a'))].into(),
+        time: ts(0),
+        reason: "drift".into(),
+    };
+    let mut w = mk_workload("ns", "web", &[("app", "a:latest")]);
+    w.annotations.insert(
+        LAST_ROLLOUT_ANNOTATION.into(),
+        serde_json::to_string(&last).unwrap(),
+    );
+    assert_eq!(LastRollout::from_workload(&w), Some(Ok(last.clone())));
+    assert!(last.covers(&[("app".to_owned(), d('a'))].into()));
+    assert!(!last.covers(&[("app".to_owned(), d('b'))].into()));
+    assert!(!last.covers(&BTreeMap::new()));
+    w.annotations
+        .insert(LAST_ROLLOUT_ANNOTATION.into(), "{".into());
+    assert!(matches!(LastRollout::from_workload(&w), Some(Err(_))));
+}
+
+struct Case {
+    workload: Workload,
+    policy: Policy,
+    containers: Vec<ContainerDrift>,
+    nodes: BTreeSet<String>,
+}
+
+fn drifting(extra: &str) -> Case {
+    let workload = mk_workload("ns", "web", &[("app", "reg:5000/app:latest")]);
+    let lookup = resolved("reg:5000/app:latest", d('n'), &[]);
+    let running = [
+        run("n1", "p1", "app", Some(d('o'))),
+        run("n2", "p2", "app", Some(d('o'))),
+    ];
+    let containers = vec![container_drift(
+        &workload.containers[0],
+        Some(&lookup),
+        &running,
+    )];
+    let nodes = warm_nodes(&workload, &containers, &running);
+    Case {
+        workload,
+        policy: policy(extra),
+        containers,
+        nodes,
+    }
+}
+
+fn gates(secs: i64) -> Gates {
+    Gates {
+        now: ts(secs),
+        leader: true,
+        slot_free: true,
+    }
+}
+
+impl Case {
+    fn step(&self, phase: &Phase, warm: &WarmProgress, gates: &Gates) -> Step {
+        self.step_with(phase, None, warm, gates)
+    }
+    fn step_with(
+        &self,
+        phase: &Phase,
+        last: Option<&LastRollout>,
+        warm: &WarmProgress,
+        gates: &Gates,
+    ) -> Step {
+        decide(
+            &self.workload,
+            &self.policy,
+            &self.containers,
+            &self.nodes,
+            phase,
+            last,
+            warm,
+            gates,
+        )
+    }
+}
+
+fn warm_on(nodes: &[&str]) -> WarmProgress {
+    WarmProgress {
+        warm: nodes.iter().map(|n| (*n).to_owned()).collect(),
+        failed: BTreeMap::new(),
+    }
+}
+
+#[test]
+fn rollout_goes_stabilise_warm_patch_converge() {
+    let case = drifting("");
+    let none = WarmProgress::default();
+    let s1 = case.step(&Phase::Idle, &none, &gates(0));
+    assert!(matches!(s1.phase, Phase::Stabilising { .. }));
+    assert_eq!(s1.action, Action::None);
+    assert_eq!(s1.state, State::Drift);
+    // Inside the window: nothing.
+    let s2 = case.step(&s1.phase, &none, &gates(5));
+    assert_eq!(s2.action, Action::None);
+    // After it: warm the nodes running drifted pods.
+    let s3 = case.step(&s2.phase, &none, &gates(11));
+    assert_eq!(
+        s3.action,
+        Action::Warm {
+            nodes: ["n1".to_owned(), "n2".to_owned()].into()
+        }
+    );
+    assert_eq!(s3.state, State::Warming);
+    // One node warm of two: threshold 1 not reached.
+    let s4 = case.step(&s3.phase, &warm_on(&["n1"]), &gates(20));
+    assert_eq!(s4.action, Action::None);
+    assert_eq!(s4.state, State::Warming);
+    let s5 = case.step(&s4.phase, &warm_on(&["n1", "n2"]), &gates(21));
+    assert!(
+        matches!(&s5.action, Action::Patch { reason } if reason.contains("2/2 target nodes warm")),
+        "{s5:?}"
+    );
+    assert!(matches!(s5.phase, Phase::Rolling { partial: false, .. }));
+    assert_eq!(s5.state, State::Rolling);
+
+    // Converged once nothing drifts any more.
+    let mut done = drifting("");
+    done.containers[0].state = State::InSync;
+    let s6 = done.step(&s5.phase, &none, &gates(30));
+    assert_eq!(s6.state, State::Converged);
+    assert_eq!(s6.phase, Phase::Idle);
+}
+
+#[test]
+fn a_new_target_restarts_the_window() {
+    let case = drifting("");
+    let phase = Phase::Warming {
+        target: [("app".to_owned(), d('x'))].into(),
+        started: ts(0),
+        nodes: BTreeSet::new(),
+    };
+    let step = case.step(&phase, &WarmProgress::default(), &gates(100));
+    assert!(matches!(step.phase, Phase::Stabilising { since, .. } if since == ts(100)));
+}
+
+fn warming(case: &Case) -> Phase {
+    Phase::Warming {
+        target: drift_target(&case.containers),
+        started: ts(0),
+        nodes: case.nodes.clone(),
+    }
+}
+
+#[test]
+fn warm_timeout_hold_says_why_and_stays_held() {
+    let case = drifting("    warm: {timeout: 60s, onTimeout: hold}\n");
+    let phase = warming(&case);
+    let mut progress = warm_on(&["n1"]);
+    assert_eq!(
+        case.step(&phase, &progress, &gates(59)).action,
+        Action::None
+    );
+    progress.failed.insert("n2".into(), "auth: denied".into());
+    // Every node answered, below the threshold: hold at once.
+    let step = case.step(&phase, &progress, &gates(30));
+    assert_eq!(step.action, Action::None);
+    let State::Held(reason) = &step.state else {
+        panic!("{step:?}")
+    };
+    assert!(reason.contains("1/2 target nodes warm"), "{reason}");
+    assert!(reason.contains("n2: auth: denied"), "{reason}");
+    // Held stays held for that target.
+    let again = case.step(&step.phase, &progress, &gates(500));
+    assert_eq!(again.action, Action::None);
+    assert!(matches!(again.state, State::Held(_)));
+
+    let timed = case.step(&phase, &warm_on(&["n1"]), &gates(60));
+    assert!(
+        matches!(&timed.state, State::Held(r) if r.contains("timed out")),
+        "{timed:?}"
+    );
+}
+
+#[test]
+fn warm_timeout_rollout_patches_and_says_partial() {
+    let case = drifting("    warm: {timeout: 60s, onTimeout: rollout}\n");
+    let step = case.step(&warming(&case), &warm_on(&["n1"]), &gates(61));
+    let Action::Patch { reason } = &step.action else {
+        panic!("{step:?}")
+    };
+    assert!(reason.contains("partial"), "{reason}");
+    assert!(matches!(step.phase, Phase::Rolling { partial: true, .. }));
+}
+
+#[test]
+fn threshold_below_one_rolls_early() {
+    let case = drifting("    warm: {threshold: 0.5}\n");
+    let step = case.step(&warming(&case), &warm_on(&["n2"]), &gates(5));
+    assert!(matches!(step.action, Action::Patch { .. }), "{step:?}");
+}
+
+#[test]
+fn safety_gates_block_the_patch() {
+    let case = drifting("");
+    let phase = warming(&case);
+    let warm = warm_on(&["n1", "n2"]);
+    let mut g = gates(10);
+    g.leader = false;
+    let step = case.step(&phase, &warm, &g);
+    assert_eq!(step.action, Action::None);
+    assert!(step.note.unwrap().contains("not the leader"));
+
+    let mut g = gates(10);
+    g.slot_free = false;
+    assert!(
+        case.step(&phase, &warm, &g)
+            .note
+            .unwrap()
+            .contains("rollout slot")
+    );
+
+    let mut mid = drifting("");
+    mid.workload.status.generation = 5;
+    assert!(
+        mid.step(&phase, &warm, &gates(10))
+            .note
+            .unwrap()
+            .contains("mid-rollout")
+    );
+
+    let mut zero = drifting("");
+    zero.workload.replicas = Some(0);
+    assert!(
+        zero.step(&phase, &warm, &gates(10))
+            .note
+            .unwrap()
+            .contains("scaled to zero")
+    );
+
+    // Cooldown after an earlier rollout to another digest.
+    let earlier = LastRollout {
+        containers: [("app".to_owned(), d('o'))].into(),
+        time: ts(0),
+        reason: "drift".into(),
+    };
+    let step = case.step_with(&phase, Some(&earlier), &warm, &gates(10));
+    assert!(step.note.unwrap().contains("cooldown"));
+    let step = case.step_with(&phase, Some(&earlier), &warm, &gates(301));
+    assert!(matches!(step.action, Action::Patch { .. }));
+}
+
+#[test]
+fn never_rolls_twice_for_one_digest() {
+    let case = drifting("");
+    let last = LastRollout {
+        containers: drift_target(&case.containers),
+        time: ts(0),
+        reason: "drift".into(),
+    };
+    // A restarted coordinator (phase Idle) sees the record: rolling, no action.
+    let step = case.step_with(
+        &Phase::Idle,
+        Some(&last),
+        &WarmProgress::default(),
+        &gates(30),
+    );
+    assert_eq!(step.action, Action::None);
+    assert_eq!(step.state, State::Rolling);
+    // Pods never converge: held, still no action.
+    let step = case.step_with(
+        &Phase::Idle,
+        Some(&last),
+        &WarmProgress::default(),
+        &gates(601),
+    );
+    assert_eq!(step.action, Action::None);
+    assert!(matches!(step.state, State::Held(_)));
+    // Deployment reports the progress deadline: held at once.
+    let mut failing = drifting("");
+    failing.workload.status.progress_deadline_exceeded = true;
+    let step = failing.step_with(
+        &Phase::Idle,
+        Some(&last),
+        &WarmProgress::default(),
+        &gates(30),
+    );
+    assert!(matches!(step.state, State::Held(_)));
+}
+
+#[test]
+fn report_mode_only_reports() {
+    let mut case = drifting("");
+    case.policy.mode = Mode::Report;
+    let step = case.step(&Phase::Idle, &WarmProgress::default(), &gates(1000));
+    assert_eq!(step.action, Action::None);
+    assert_eq!(step.state, State::Drift);
+}
+
+#[test]
+fn daemon_sets_warm_every_node() {
+    let mut case = drifting("");
+    case.workload.key.kind = crate::workload::Kind::DaemonSet;
+    let running = [
+        run("n1", "p1", "app", Some(d('n'))),
+        run("n2", "p2", "app", Some(d('o'))),
+    ];
+    let nodes = warm_nodes(&case.workload, &case.containers, &running);
+    assert_eq!(nodes, ["n1".to_owned(), "n2".to_owned()].into());
+}
+
+#[test]
+fn restart_schedule() {
+    let text = "policies:\n  n:\n    mode: restart\n    schedule: '0 3 * * *'\n";
+    let p = Config::parse(text, "t")
+        .unwrap()
+        .policies
+        .remove("n")
+        .unwrap();
+    let after: Timestamp = "2024-01-01T02:00:00Z".parse().unwrap();
+    assert_eq!(
+        restart_due(&p, after, "2024-01-01T02:59:59Z".parse().unwrap()),
+        None
+    );
+    assert_eq!(
+        restart_due(&p, after, "2024-01-01T03:00:30Z".parse().unwrap()),
+        Some("2024-01-01T03:00:00Z".parse().unwrap())
+    );
+}
