@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use serde::de::DeserializeOwned;
@@ -563,4 +563,38 @@ async fn missing_image_reports_image_pull_backoff_and_drop_leaves_nothing() {
         assert_eq!(mounts_under(&dir), Vec::<PathBuf>::new());
         assert!(!dir.exists());
     }
+}
+
+#[tokio::test]
+async fn image_pull_secrets_authenticate_the_pull() {
+    let (_registry, _images, cluster) = bed(1).await;
+    let private = Registry::start(RegistryOptions::plain().basic("ci", "s3cret"))
+        .await
+        .unwrap();
+    cluster.nodes()[0]
+        .containerd()
+        .trust_registry(&private)
+        .unwrap();
+    let pushed = ImageBuilder::new(&private)
+        .unwrap()
+        .push("private", "latest")
+        .await
+        .unwrap();
+    let config = json!({"auths": {private.host(): {"username": "ci", "password": "s3cret"}}});
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "pull", "namespace": NS},
+        "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": config.to_string()}
+    }))
+    .unwrap();
+    create(&cluster, &secret).await;
+    let spec = json!({"template": {"spec": {"imagePullSecrets": [{"name": "pull"}]}}});
+    create(
+        &cluster,
+        &workload::<Deployment>("Deployment", "private", &pushed.reference, spec),
+    )
+    .await;
+    let _: Deployment = rolled_out(&cluster, "private").await;
+    let running = pods(&cluster, "private").await;
+    assert_eq!(image_ids(&running[0]), [pushed.pinned()]);
 }

@@ -9,9 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
+use base64::Engine;
+use k8s_cri::v1::AuthConfig;
 use k8s_openapi::api::core::v1::{
     ContainerState, ContainerStateRunning, ContainerStateWaiting, ContainerStatus, HostIP, Pod,
-    PodCondition, PodIP, PodStatus,
+    PodCondition, PodIP, PodStatus, Secret,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -159,7 +161,11 @@ impl ContainerPhase {
 
 /// Runs one pod to Ready, writing its status at every step.
 async fn realise(kubelet: &Kubelet, pod: &Pod) -> Result<()> {
-    let spec = pod_spec(pod)?;
+    let mut spec = pod_spec(pod)?;
+    let secrets = pull_secrets(kubelet, pod).await;
+    for container in &mut spec.containers {
+        container.auth = auth_for(&container.image, &secrets);
+    }
     let start = Timestamp::now();
     let mut phases: Vec<ContainerPhase> = spec
         .containers
@@ -237,6 +243,108 @@ async fn realise(kubelet: &Kubelet, pod: &Pod) -> Result<()> {
         timeline.ready(&spec.uid, image_ids, Instant::now());
     }
     Ok(())
+}
+
+/// The pod's `imagePullSecrets` that exist (kubelet goes on without the missing ones).
+async fn pull_secrets(kubelet: &Kubelet, pod: &Pod) -> Vec<Secret> {
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+    let api = Api::<Secret>::namespaced(kubelet.client.clone(), namespace);
+    let mut secrets = Vec::new();
+    let names = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.image_pull_secrets.iter().flatten())
+        .map(|r| r.name.clone());
+    for name in names {
+        match api.get_opt(&name).await {
+            Ok(Some(secret)) => secrets.push(secret),
+            Ok(None) => {
+                tracing::warn!(node = %kubelet.node, "pull secret {namespace}/{name} not found")
+            }
+            Err(e) => {
+                tracing::warn!(node = %kubelet.node, "reading pull secret {namespace}/{name}: {e}")
+            }
+        }
+    }
+    secrets
+}
+
+/// The credentials for `image`'s registry in Docker config pull secrets
+/// (`.dockerconfigjson` or `.dockercfg`), as kubelet's keyring matches them: by registry
+/// host, with `docker.io` for images without one.
+pub fn auth_for(image: &str, secrets: &[Secret]) -> Option<AuthConfig> {
+    let host = registry_host(image);
+    for secret in secrets {
+        let Some(data) = secret.data.as_ref() else {
+            continue;
+        };
+        let auths = if let Some(json) = data.get(".dockerconfigjson") {
+            serde_json::from_slice::<serde_json::Value>(&json.0)
+                .ok()
+                .and_then(|v| v.get("auths").cloned())
+        } else {
+            data.get(".dockercfg")
+                .and_then(|cfg| serde_json::from_slice(&cfg.0).ok())
+        };
+        let Some(serde_json::Value::Object(auths)) = auths else {
+            continue;
+        };
+        for (key, entry) in auths {
+            if normalize_key(&key) != host {
+                continue;
+            }
+            if let Some(auth) = entry_auth(&entry) {
+                return Some(auth);
+            }
+        }
+    }
+    None
+}
+
+/// One Docker config entry's `username`/`password`, or its `auth` (base64 `user:pass`).
+fn entry_auth(entry: &serde_json::Value) -> Option<AuthConfig> {
+    let field = |name: &str| entry.get(name).and_then(|v| v.as_str()).map(str::to_string);
+    let (username, password) = match (field("username"), field("password")) {
+        (Some(u), Some(p)) => (u, p),
+        _ => {
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(field("auth")?)
+                .ok()?;
+            let text = String::from_utf8(decoded).ok()?;
+            let (u, p) = text.split_once(':')?;
+            (u.to_string(), p.to_string())
+        }
+    };
+    Some(AuthConfig {
+        username,
+        password,
+        ..Default::default()
+    })
+}
+
+/// The registry host of an image reference (`docker.io` when it names none).
+fn registry_host(image: &str) -> String {
+    match image.split_once('/') {
+        Some((first, _)) if first.contains(['.', ':']) || first == "localhost" => {
+            normalize_key(first)
+        }
+        _ => "docker.io".to_string(),
+    }
+}
+
+/// A Docker config key (`https://host/v1/`, `host`) as a host; Docker Hub's aliases as
+/// `docker.io`.
+fn normalize_key(key: &str) -> String {
+    let host = key
+        .trim_start_matches("https://")
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    match host {
+        "index.docker.io" | "registry-1.docker.io" => "docker.io".to_string(),
+        other => other.to_string(),
+    }
 }
 
 fn set(phases: &mut [ContainerPhase], i: usize, phase: ContainerPhase) {
@@ -441,6 +549,45 @@ mod tests {
             format!("{:#}", pod_spec(&no_image).unwrap_err())
                 .contains("container app has no image")
         );
+    }
+
+    fn docker_secret(key: &str, value: serde_json::Value) -> Secret {
+        Secret {
+            data: Some(
+                [(
+                    key.to_string(),
+                    k8s_openapi::ByteString(serde_json::to_vec(&value).unwrap()),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn pull_secrets_match_the_registry_host() {
+        let secrets = [
+            docker_secret(
+                ".dockerconfigjson",
+                json!({"auths": {"https://127.0.0.1:5000/v1/": {"username": "ci", "password": "pw"}}}),
+            ),
+            docker_secret(
+                ".dockercfg",
+                json!({"index.docker.io": {"auth": base64::engine::general_purpose::STANDARD.encode("hub:tok")}}),
+            ),
+        ];
+        let local = auth_for("127.0.0.1:5000/app:1", &secrets).unwrap();
+        assert_eq!(
+            (local.username.as_str(), local.password.as_str()),
+            ("ci", "pw")
+        );
+        let hub = auth_for("library/nginx:1", &secrets).unwrap();
+        assert_eq!(
+            (hub.username.as_str(), hub.password.as_str()),
+            ("hub", "tok")
+        );
+        assert!(auth_for("127.0.0.1:6000/app:1", &secrets).is_none());
+        assert!(auth_for("127.0.0.1:5000/app:1", &[]).is_none());
     }
 
     #[test]
