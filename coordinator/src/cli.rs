@@ -1,6 +1,6 @@
 //! The `warmroll-coordinator` command line. Subcommands: `resolve` (what does this
-//! tag point to now, as warmroll sees it); the coordinator's `run` and `report` join
-//! [`Command`] later. Every flag can also be set through its environment variable.
+//! tag point to now, as warmroll sees it) and `run` (the coordinator itself, see
+//! [`crate::run`]). Every flag can also be set through its environment variable.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -35,6 +35,8 @@ pub enum Command {
     /// Resolve an image reference at its registry: the digest its tag points to now
     /// and, for a multi-arch image, the per-platform children.
     Resolve(ResolveArgs),
+    /// Run the coordinator: the agents' fleet API, health and metrics, leader election.
+    Run(Box<crate::run::RunArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -79,6 +81,8 @@ pub enum CliError {
     Output(#[from] std::io::Error),
     #[error("cannot encode the output: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error(transparent)]
+    Run(#[from] crate::run::RunError),
 }
 
 /// Sets up logging to stderr (text or JSON).
@@ -100,6 +104,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
     init_logging(cli.log_format, &cli.log);
     match cli.command {
         Command::Resolve(args) => resolve(args, out).await,
+        Command::Run(args) => Ok(crate::run::run(*args).await?),
     }
 }
 
@@ -192,7 +197,9 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cli.log_format, LogFormat::Json);
-        let Command::Resolve(args) = cli.command;
+        let Command::Resolve(args) = cli.command else {
+            panic!("not the resolve command")
+        };
         assert_eq!(args.image, "nginx");
         assert_eq!(args.insecure_registries, ["a:5000", "b:5000"]);
         assert_eq!(args.ca_files, [PathBuf::from("/ca.pem")]);

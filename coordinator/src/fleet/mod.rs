@@ -12,5 +12,6 @@ pub mod view;
 pub use auth::{Authenticator, Identity, TokenReviewAuthenticator};
 pub use server::{FleetService, ServeError, SessionConfig, TlsFiles, serve};
 pub use view::{
-    FleetEvent, FleetEventKind, FleetView, NodeInfo, ViewError, WarmRequest, WarmState, WarmTicket,
+    FleetCounts, FleetEvent, FleetEventKind, FleetView, NodeInfo, ViewError, WarmRequest,
+    WarmState, WarmTicket,
 };

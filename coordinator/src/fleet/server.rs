@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::{Identity as TlsIdentity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
@@ -97,6 +97,7 @@ pub struct FleetService<A> {
     view: FleetView,
     auth: Arc<A>,
     config: Arc<SessionConfig>,
+    gate: Option<watch::Receiver<bool>>,
 }
 
 impl<A> Clone for FleetService<A> {
@@ -105,7 +106,25 @@ impl<A> Clone for FleetService<A> {
             view: self.view.clone(),
             auth: self.auth.clone(),
             config: self.config.clone(),
+            gate: self.gate.clone(),
         }
+    }
+}
+
+/// The status for agents while the gate is closed: `unavailable`, which agents retry.
+fn gate_closed() -> Status {
+    Status::unavailable(
+        "this coordinator is not serving agents (not the leader, or shutting down); retry",
+    )
+}
+
+/// Completes once the gate is closed (or its sender is gone); never without a gate.
+async fn gate_closes(gate: &mut Option<watch::Receiver<bool>>) {
+    match gate {
+        Some(gate) => {
+            let _ = gate.wait_for(|open| !*open).await;
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -115,7 +134,17 @@ impl<A: Authenticator> FleetService<A> {
             view,
             auth: Arc::new(auth),
             config: Arc::new(config),
+            gate: None,
         }
+    }
+
+    /// Serves agents only while `gate` reads `true` (the coordinator leads and is not
+    /// shutting down): new sessions are refused with `unavailable` otherwise, and open
+    /// sessions end with `unavailable` when it turns `false` (agents then reconnect,
+    /// through the Service, to the replica that leads).
+    pub fn with_gate(mut self, gate: watch::Receiver<bool>) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     /// The tonic service with explicit message size limits.
@@ -221,6 +250,9 @@ impl<A: Authenticator> Fleet for FleetService<A> {
         request: Request<Streaming<v1::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let peer = request.remote_addr();
+        if self.gate.as_ref().is_some_and(|g| !*g.borrow()) {
+            return Err(gate_closed());
+        }
         let identity = {
             // Owned, so the request (not Sync) is not borrowed across the review.
             let token = bearer_token(&request)?.to_owned();
@@ -272,6 +304,7 @@ impl<A: Authenticator> Fleet for FleetService<A> {
             run_session(
                 self.view.clone(),
                 self.config.clone(),
+                self.gate.clone(),
                 node,
                 session,
                 inbound,
@@ -287,13 +320,18 @@ impl<A: Authenticator> Fleet for FleetService<A> {
 async fn run_session(
     view: FleetView,
     config: Arc<SessionConfig>,
+    mut gate: Option<watch::Receiver<bool>>,
     node: NodeName,
     session: SessionId,
     mut inbound: Streaming<v1::AgentMessage>,
     tx: SessionTx,
 ) {
     let end: Option<Status> = loop {
-        let message = match tokio::time::timeout(config.idle_timeout, inbound.message()).await {
+        let next = tokio::select! {
+            next = tokio::time::timeout(config.idle_timeout, inbound.message()) => next,
+            () = gate_closes(&mut gate) => break Some(gate_closed()),
+        };
+        let message = match next {
             Err(_) => {
                 break Some(Status::deadline_exceeded(format!(
                     "no message (not even a heartbeat) for {:?}",

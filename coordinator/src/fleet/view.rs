@@ -139,6 +139,19 @@ pub struct NodeInfo {
     pub warms: Vec<(OrderId, ImageRef, WarmState)>,
 }
 
+/// Counts over the fleet view.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FleetCounts {
+    /// Nodes in the view (connected, or within their grace period).
+    pub nodes: usize,
+    /// Nodes whose agent is connected.
+    pub connected: usize,
+    /// Connected nodes with a current inventory.
+    pub ready: usize,
+    /// Containers over all nodes in the view.
+    pub containers: usize,
+}
+
 enum Session {
     Connected {
         id: SessionId,
@@ -327,6 +340,25 @@ impl FleetView {
                     .count()
             })
             .sum()
+    }
+
+    /// Counts over the whole view, in one pass.
+    pub fn counts(&self) -> FleetCounts {
+        let mut counts = FleetCounts::default();
+        for shard in self.inner.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for entry in shard.values() {
+                counts.nodes += 1;
+                if matches!(entry.session, Session::Connected { .. }) {
+                    counts.connected += 1;
+                    if entry.sequence.is_some() {
+                        counts.ready += 1;
+                    }
+                }
+                counts.containers += entry.containers.len();
+            }
+        }
+        counts
     }
 
     /// A copy of one node's entry.
