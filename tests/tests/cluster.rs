@@ -316,6 +316,15 @@ async fn recreate_deletes_every_old_pod_before_creating_new_ones() {
         gaps.iter().all(|g| g.duration().unwrap() > Duration::ZERO),
         "{gaps:?}"
     );
+
+    // Deleting the workload deletes its pods (garbage collection), and kubelet their
+    // sandboxes.
+    Api::<Deployment>::namespaced(cluster.client(), NS)
+        .delete("rec", &Default::default())
+        .await
+        .unwrap();
+    wait_sandboxes(&cluster, "node-1", 0).await;
+    assert!(pods(&cluster, "rec").await.is_empty());
 }
 
 #[tokio::test]

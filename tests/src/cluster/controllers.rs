@@ -5,7 +5,7 @@
 //! it changed. Pods are bound at creation (`spec.nodeName`), which is where the
 //! scheduler's choice goes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -113,7 +113,38 @@ async fn sync(c: &Controllers) -> Result<()> {
             tracing::warn!("daemonset {}: {e:#}", key(&d.metadata));
         }
     }
+    let live: HashSet<&str> = deployments
+        .iter()
+        .map(|d| &d.metadata)
+        .chain(sets.iter().map(|s| &s.metadata))
+        .chain(daemons.iter().map(|d| &d.metadata))
+        .filter_map(|m| m.uid.as_deref())
+        .collect();
+    collect_garbage(c, &world.pods, &live).await;
     Ok(())
+}
+
+/// The garbage collector's part: pods whose controlling workload is gone are deleted.
+async fn collect_garbage(c: &Controllers, pods: &[Pod], live: &HashSet<&str>) {
+    for pod in pods {
+        let meta = &pod.metadata;
+        let orphaned = meta.owner_references.iter().flatten().any(|o| {
+            o.controller == Some(true)
+                && o.api_version == "apps/v1"
+                && ["Deployment", "StatefulSet", "DaemonSet"].contains(&o.kind.as_str())
+                && !live.contains(o.uid.as_str())
+        });
+        if !orphaned || meta.deletion_timestamp.is_some() {
+            continue;
+        }
+        let (Some(namespace), Some(name), Some(uid)) = (&meta.namespace, &meta.name, &meta.uid)
+        else {
+            continue;
+        };
+        if let Err(e) = delete_pod(c, namespace, name, uid).await {
+            tracing::warn!("garbage collection: {e:#}");
+        }
+    }
 }
 
 fn key(meta: &ObjectMeta) -> String {
@@ -208,7 +239,7 @@ impl<'a> Workload<'a> {
         }
         for action in actions {
             match action {
-                Action::Delete { name, uid } => self.delete_pod(c, name, uid).await?,
+                Action::Delete { name, uid } => delete_pod(c, self.namespace, name, uid).await?,
                 Action::Create { node, ordinal } => {
                     let node = match node {
                         Some(node) => node.clone(),
@@ -286,33 +317,34 @@ impl<'a> Workload<'a> {
         }
         Ok(())
     }
+}
 
-    async fn delete_pod(&self, c: &Controllers, name: &str, uid: &str) -> Result<()> {
-        let params = DeleteParams {
-            preconditions: Some(Preconditions {
-                uid: Some(uid.to_string()),
-                resource_version: None,
-            }),
-            ..Default::default()
-        };
-        match Api::<Pod>::namespaced(c.client.clone(), self.namespace)
-            .delete(name, &params)
-            .await
-        {
-            Ok(_) => {}
-            // Already gone, or a newer pod of the same name.
-            Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {
-                return Ok(());
-            }
-            Err(e) => {
-                return Err(e).with_context(|| format!("deleting pod {}/{name}", self.namespace));
-            }
+/// Deletes a pod (only the one with `uid`) and records when.
+async fn delete_pod(c: &Controllers, namespace: &str, name: &str, uid: &str) -> Result<()> {
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: Some(uid.to_string()),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match Api::<Pod>::namespaced(c.client.clone(), namespace)
+        .delete(name, &params)
+        .await
+    {
+        Ok(_) => {}
+        // Already gone, or a newer pod of the same name.
+        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {
+            return Ok(());
         }
-        if let Ok(mut timeline) = c.timeline.lock() {
-            timeline.deleted(uid, Instant::now());
+        Err(e) => {
+            return Err(e).with_context(|| format!("deleting pod {namespace}/{name}"));
         }
-        Ok(())
     }
+    if let Ok(mut timeline) = c.timeline.lock() {
+        timeline.deleted(uid, Instant::now());
+    }
+    Ok(())
 }
 
 enum PodName {

@@ -27,6 +27,8 @@ use super::timeline::{Seen, Timeline};
 use super::{owner_of, revision_of};
 use crate::containerd::{ContainerSpec, ImagePull, PodRuntime, PodSpec};
 
+const STATUS_ATTEMPTS: u32 = 5;
+
 /// Host networking: every pod's IP is the node's.
 pub const NODE_IP: &str = "127.0.0.1";
 
@@ -353,17 +355,33 @@ fn set(phases: &mut [ContainerPhase], i: usize, phase: ContainerPhase) {
     }
 }
 
-/// The status subresource write kubelet makes (a merge patch of `status`).
+/// The status subresource write kubelet makes (a merge patch of `status`), retried a
+/// few times unless the pod is gone.
 async fn write_status(kubelet: &Kubelet, spec: &PodSpec, status: PodStatus) -> Result<()> {
-    Api::<Pod>::namespaced(kubelet.client.clone(), &spec.namespace)
-        .patch_status(
-            &spec.name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "status": status })),
-        )
-        .await
-        .with_context(|| format!("writing the status of pod {}/{}", spec.namespace, spec.name))?;
-    Ok(())
+    let api = Api::<Pod>::namespaced(kubelet.client.clone(), &spec.namespace);
+    let patch = Patch::Merge(json!({ "status": status }));
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match api
+            .patch_status(&spec.name, &PatchParams::default(), &patch)
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                return Err(anyhow!("pod {}/{} is gone", spec.namespace, spec.name));
+            }
+            Err(e) if attempt >= STATUS_ATTEMPTS => {
+                return Err(e).with_context(|| {
+                    format!("writing the status of pod {}/{}", spec.namespace, spec.name)
+                });
+            }
+            Err(e) => {
+                tracing::debug!(node = %kubelet.node, "writing pod status: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 /// What kubelet hands the runtime for an API Pod.
