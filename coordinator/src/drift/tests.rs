@@ -232,16 +232,13 @@ impl Case {
         warm: &WarmProgress,
         gates: &Gates,
     ) -> Step {
-        decide(
-            &self.workload,
-            &self.policy,
-            &self.containers,
-            &self.nodes,
-            phase,
-            last,
-            warm,
-            gates,
-        )
+        let subject = Subject {
+            workload: &self.workload,
+            policy: &self.policy,
+            containers: &self.containers,
+            nodes: &self.nodes,
+        };
+        decide(&subject, phase, last, warm, gates)
     }
 }
 
