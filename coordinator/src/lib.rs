@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod config;
 pub mod drift;
+pub mod engine;
 pub mod fleet;
 pub mod http;
 pub mod leader;

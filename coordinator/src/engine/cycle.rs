@@ -1,0 +1,406 @@
+//! The engine loop: every second (or at once on a webhook) it resolves the tags whose
+//! policy poll interval came round, computes drift from the reflector stores and the
+//! fleet view, steps each workload's rollout and acts; every poll it logs the report.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use tracing::{info, warn};
+use warmroll_proto::fleet::Container;
+use warmroll_proto::image::ImageRef;
+
+use super::act::{Actor, WarmOrders};
+use super::watch::Watches;
+use super::{Shared, containers_of, resolve_all, tag_key, unique};
+use crate::config::{Config, Mode, Policy};
+use crate::drift::{
+    self, Action, ContainerDrift, Gates, LastRollout, Lookup, Phase, State, Subject, decide,
+    restart_due, running_of, tracked_containers, warm_nodes,
+};
+use crate::registry::{Keyring, Resolver};
+use crate::report::{Report, WorkloadReport};
+use crate::run::Context;
+use crate::workload::{Workload, WorkloadKey};
+
+/// How often the engine steps (warm gates and convergence react this fast).
+const STEP: Duration = Duration::from_secs(1);
+
+/// The engine's memory of one workload.
+struct Memory {
+    phase: Phase,
+    warm: WarmOrders,
+    /// The last note/state logged, to log changes only.
+    logged: Option<(String, Option<String>)>,
+    /// `restart` mode: schedule times up to here are done.
+    restart_after: Timestamp,
+}
+
+/// The engine's memory across steps.
+struct EngineState {
+    lookups: HashMap<ImageRef, Lookup>,
+    /// Per policy: when its tags were last resolved.
+    polled: HashMap<String, Timestamp>,
+    workloads: HashMap<WorkloadKey, Memory>,
+    warned_unknown: BTreeSet<(WorkloadKey, String)>,
+    /// Pushes announced by webhooks, waiting for their drift to show: image → time.
+    announced: HashMap<String, Timestamp>,
+    started: Timestamp,
+}
+
+pub(crate) async fn run(
+    mut ctx: Context,
+    config: Config,
+    resolver: Resolver,
+    keyring: Keyring,
+    shared: Arc<Shared>,
+) {
+    let watches = Watches::start(&ctx.client, &config);
+    tokio::select! {
+        _ = watches.ready() => {}
+        _ = ctx.shutdown.wait_for(|s| *s) => return,
+    }
+    info!(
+        policies = config.policies.len(),
+        label = %config.policy_label,
+        "policy engine started"
+    );
+    let actor = Actor::new(ctx.client.clone(), ctx.fleet.clone(), keyring);
+    let mut state = EngineState {
+        lookups: HashMap::new(),
+        polled: HashMap::new(),
+        workloads: HashMap::new(),
+        warned_unknown: BTreeSet::new(),
+        announced: HashMap::new(),
+        started: Timestamp::now(),
+    };
+    let mut tick = tokio::time::interval(STEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shared.nudge.notified() => {}
+            _ = ctx.shutdown.wait_for(|s| *s) => break,
+        }
+        let leader = *ctx.leader.borrow();
+        step(
+            &config, &watches, &resolver, &actor, &shared, &mut state, leader, &ctx,
+        )
+        .await;
+    }
+    info!("policy engine stopped");
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn step(
+    config: &Config,
+    watches: &Watches,
+    resolver: &Resolver,
+    actor: &Actor,
+    shared: &Shared,
+    state: &mut EngineState,
+    leader: bool,
+    ctx: &Context,
+) {
+    let now = Timestamp::now();
+    let selection = drift::select(config, watches.workloads());
+    for unknown in selection.unknown {
+        if state.warned_unknown.insert(unknown.clone()) {
+            warn!(workload = %unknown.0, policy = %unknown.1, "label names no configured policy: ignored");
+        }
+    }
+    let tracked = selection.tracked;
+
+    // Resolve the tags of the policies that are due, and those a webhook announced.
+    let pushed = shared.take_pushed();
+    for (image, at) in &pushed {
+        state.announced.entry(image.clone()).or_insert(*at);
+    }
+    let pushed: BTreeSet<String> = pushed.into_iter().map(|(i, _)| i).collect();
+    let due: BTreeSet<&str> = config
+        .policies
+        .values()
+        .filter(|p| {
+            state
+                .polled
+                .get(&p.name)
+                .is_none_or(|t| elapsed(*t, now) >= p.poll_interval)
+        })
+        .map(|p| p.name.as_str())
+        .collect();
+    let to_resolve: Vec<ImageRef> = unique(tracked.iter().flat_map(|(w, p)| {
+        let policy_due = due.contains(p.name.as_str());
+        let pushed = &pushed;
+        tracked_containers(w, p).filter_map(move |c| {
+            let image = ImageRef::parse(&c.image).ok()?;
+            let announced = tag_key(&image).is_some_and(|k| pushed.contains(&k));
+            (policy_due || announced).then_some(image)
+        })
+    }));
+    let polled = !to_resolve.is_empty() || !due.is_empty();
+    let results = resolve_all(resolver, to_resolve).await;
+    state.lookups.extend(results);
+    for name in &due {
+        state.polled.insert((*name).to_owned(), now);
+    }
+
+    // What the nodes run, by namespace.
+    let namespaces: BTreeSet<&str> = tracked
+        .iter()
+        .map(|(w, _)| w.key.namespace.as_str())
+        .collect();
+    let mut running: HashMap<String, Vec<(String, Container)>> = HashMap::new();
+    for node in ctx.fleet.nodes() {
+        let Some(info) = ctx.fleet.node(&node) else {
+            continue;
+        };
+        for c in info.containers {
+            if namespaces.contains(c.pod.namespace.as_str()) {
+                running
+                    .entry(c.pod.namespace.clone())
+                    .or_default()
+                    .push((node.as_str().to_owned(), c));
+            }
+        }
+    }
+
+    let mut rolling: HashMap<&str, usize> = HashMap::new();
+    for (w, p) in &tracked {
+        if matches!(
+            state.workloads.get(&w.key).map(|m| &m.phase),
+            Some(Phase::Rolling { .. })
+        ) {
+            *rolling.entry(p.name.as_str()).or_default() += 1;
+        }
+    }
+
+    let mut reports = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (workload, policy) in &tracked {
+        seen.insert(workload.key.clone());
+        let empty = Vec::new();
+        let in_ns = running.get(&workload.key.namespace).unwrap_or(&empty);
+        let pods = running_of(workload, in_ns);
+        let mut containers = containers_of(workload, policy, &state.lookups, &pods);
+        let note = step_workload(
+            workload,
+            policy,
+            &mut containers,
+            &pods,
+            state,
+            &mut rolling,
+            actor,
+            shared,
+            leader,
+            now,
+        )
+        .await;
+        reports.push(WorkloadReport {
+            namespace: workload.key.namespace.clone(),
+            kind: workload.key.kind,
+            name: workload.key.name.clone(),
+            policy: policy.name.clone(),
+            mode: policy.mode,
+            note,
+            containers,
+        });
+    }
+    state.workloads.retain(|k, _| seen.contains(k));
+
+    let report = Report::new(now, leader, reports);
+    // Time to detect: a push a webhook announced now shows as drift.
+    for w in &report.workloads {
+        for c in w.containers.iter().filter(|c| c.state != State::InSync) {
+            if let Some(key) = ImageRef::parse(&c.image).ok().and_then(|i| tag_key(&i))
+                && let Some(at) = state.announced.remove(&key)
+            {
+                shared.metrics.detected(elapsed(at, now).as_secs_f64());
+            }
+        }
+    }
+    state
+        .announced
+        .retain(|_, at| elapsed(*at, now) < Duration::from_secs(3600));
+    shared.metrics.observe_report(&report);
+    if polled {
+        report.log();
+    }
+    shared.set_report(report);
+}
+
+/// Steps one workload's rollout, acts, and sets the drifting containers' states.
+/// Returns the workload's note.
+#[allow(clippy::too_many_arguments)]
+async fn step_workload<'p>(
+    workload: &Workload,
+    policy: &'p Policy,
+    containers: &mut [ContainerDrift],
+    pods: &[drift::Running],
+    state: &mut EngineState,
+    rolling: &mut HashMap<&'p str, usize>,
+    actor: &Actor,
+    shared: &Shared,
+    leader: bool,
+    now: Timestamp,
+) -> Option<String> {
+    let started = state.started;
+    let memory = state
+        .workloads
+        .entry(workload.key.clone())
+        .or_insert_with(|| Memory {
+            phase: Phase::Idle,
+            warm: WarmOrders::default(),
+            logged: None,
+            restart_after: started,
+        });
+    let last = match LastRollout::from_workload(workload) {
+        Some(Ok(last)) => Some(last),
+        Some(Err(e)) => {
+            warn!(workload = %workload.key, error = %e, "unreadable last-rollout annotation: ignored");
+            None
+        }
+        None => None,
+    };
+    let nodes = warm_nodes(workload, containers, pods);
+    let slot_free =
+        rolling.get(policy.name.as_str()).copied().unwrap_or(0) < policy.max_concurrent_rollouts;
+    let gates = Gates {
+        now,
+        leader,
+        slot_free,
+    };
+    let progress = memory.warm.progress();
+    let subject = Subject {
+        workload,
+        policy,
+        containers,
+        nodes: &nodes,
+    };
+    let mut step = decide(&subject, &memory.phase, last.as_ref(), &progress, &gates);
+
+    // restart mode: the cron schedule, gated like a rollout.
+    if policy.mode == Mode::Restart {
+        let after = last
+            .as_ref()
+            .map_or(memory.restart_after, |l| l.time.max(memory.restart_after));
+        if let Some(slot) = restart_due(policy, after, now) {
+            match drift::blocked(workload, policy, None, &gates) {
+                Some(why) => step.note = Some(format!("scheduled restart due at {slot}: {why}")),
+                None => {
+                    memory.restart_after = now;
+                    step.action = Action::Patch {
+                        reason: format!("scheduled restart ({slot})"),
+                    };
+                    step.phase = Phase::Rolling {
+                        target: containers
+                            .iter()
+                            .filter_map(|c| Some((c.container.clone(), c.registry_digest.clone()?)))
+                            .collect(),
+                        patched: now,
+                        partial: false,
+                    };
+                    step.state = State::Rolling;
+                }
+            }
+        }
+    }
+
+    let dry_run = policy.dry_run;
+    match &step.action {
+        Action::None => {}
+        Action::Warm { nodes } => {
+            let target = drift::drift_target(containers);
+            if dry_run {
+                info!(workload = %workload.key, nodes = ?nodes, target = ?target, "dry-run: would send warm orders");
+                memory.warm = WarmOrders::pretend(nodes);
+            } else {
+                memory.warm = actor
+                    .warm(workload, &target, nodes, policy.warm.timeout)
+                    .await;
+            }
+        }
+        Action::Patch { reason } => {
+            let target = match &step.phase {
+                Phase::Rolling { target, .. } => target.clone(),
+                _ => BTreeMap::new(),
+            };
+            if let Phase::Warming { started, .. } = &memory.phase {
+                shared.metrics.warmed(elapsed(*started, now).as_secs_f64());
+            }
+            if dry_run {
+                let would = format!("would patch {} ({reason})", workload.key);
+                info!(workload = %workload.key, reason = %reason, target = ?target, "dry-run: would roll; nothing written");
+                shared.metrics.rollout("dry_run");
+                step.phase = Phase::DryRun {
+                    target,
+                    would: would.clone(),
+                };
+                step.state = State::Drift;
+                step.note = Some(format!("dry-run: {would}"));
+            } else {
+                let record = LastRollout {
+                    containers: target,
+                    time: now,
+                    reason: reason.clone(),
+                };
+                match actor.patch(workload, policy, &record).await {
+                    Ok(()) => {
+                        let partial = matches!(step.phase, Phase::Rolling { partial: true, .. });
+                        shared
+                            .metrics
+                            .rollout(if partial { "partial" } else { "patched" });
+                        *rolling.entry(policy.name.as_str()).or_default() += 1;
+                        info!(workload = %workload.key, reason = %reason, "rollout: patched the pod template");
+                        actor.event(workload, reason, partial).await;
+                        memory.warm = WarmOrders::default();
+                    }
+                    Err(e) => {
+                        shared.metrics.rollout("failed");
+                        warn!(workload = %workload.key, error = %e, "rollout patch failed; retrying next step");
+                        step.phase = memory.phase.clone();
+                        step.state = State::Error(format!("patch failed: {e}"));
+                    }
+                }
+            }
+        }
+    }
+
+    if step.state == State::Converged
+        && let Phase::Rolling { patched, .. } = &memory.phase
+    {
+        let took = elapsed(*patched, now);
+        shared.metrics.converged(took.as_secs_f64());
+        info!(workload = %workload.key, seconds = took.as_secs_f64(), "rollout converged: every pod runs the new digest");
+    }
+    if let (State::Held(reason), false) = (&step.state, matches!(memory.phase, Phase::Held { .. }))
+    {
+        shared.metrics.rollout("held");
+        warn!(workload = %workload.key, reason = %reason, "rollout held");
+    }
+    memory.phase = step.phase;
+
+    // Drifting containers take the workload's rollout state; a converged rollout marks
+    // its in-sync containers.
+    for c in containers.iter_mut() {
+        match (&c.state, &step.state) {
+            (State::Drift, s) if *s != State::InSync && *s != State::Converged => {
+                c.state = s.clone();
+            }
+            (State::InSync, State::Converged) => c.state = State::Converged,
+            _ => {}
+        }
+    }
+    let logged = (step.state.name().to_owned(), step.note.clone());
+    if memory.logged.as_ref() != Some(&logged) {
+        if step.note.is_some() || step.state != State::InSync {
+            info!(workload = %workload.key, state = step.state.name(), reason = step.state.reason().unwrap_or_default(), note = step.note.as_deref().unwrap_or_default(), "workload state");
+        }
+        memory.logged = Some(logged);
+    }
+    step.note
+}
+
+fn elapsed(since: Timestamp, now: Timestamp) -> Duration {
+    Duration::try_from(now.duration_since(since)).unwrap_or(Duration::ZERO)
+}

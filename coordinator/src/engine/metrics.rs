@@ -1,0 +1,109 @@
+//! The engine's Prometheus metrics.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::drift::State;
+use crate::report::Report;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+/// Handles on the engine's metrics (cheap clones of shared atomics).
+#[derive(Clone)]
+pub struct EngineMetrics {
+    tracked_workloads: Gauge,
+    containers: Family<StateLabel, Gauge>,
+    time_to_detect: Histogram,
+    time_to_warm: Histogram,
+    rollout_duration: Histogram,
+    rollouts: Family<ResultLabel, Counter>,
+}
+
+impl EngineMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let seconds = || Histogram::new(exponential_buckets(0.5, 2.0, 14));
+        let metrics = EngineMetrics {
+            tracked_workloads: Gauge::default(),
+            containers: Family::default(),
+            time_to_detect: seconds(),
+            time_to_warm: seconds(),
+            rollout_duration: seconds(),
+            rollouts: Family::default(),
+        };
+        registry.register(
+            "warmroll_tracked_workloads",
+            "Workloads a policy tracks",
+            metrics.tracked_workloads.clone(),
+        );
+        registry.register(
+            "warmroll_containers",
+            "Tracked containers by drift state",
+            metrics.containers.clone(),
+        );
+        registry.register(
+            "warmroll_time_to_detect_seconds",
+            "From a registry webhook announcing a push to the drift showing in the report",
+            metrics.time_to_detect.clone(),
+        );
+        registry.register(
+            "warmroll_time_to_warm_seconds",
+            "From the first warm order of a rollout to its warm gate opening",
+            metrics.time_to_warm.clone(),
+        );
+        registry.register(
+            "warmroll_rollout_duration_seconds",
+            "From the rollout patch to every pod running the new digest",
+            metrics.rollout_duration.clone(),
+        );
+        registry.register(
+            "warmroll_rollouts",
+            "Rollout decisions by result (patched, partial, held, dry_run, failed)",
+            metrics.rollouts.clone(),
+        );
+        metrics
+    }
+
+    pub fn observe_report(&self, report: &Report) {
+        self.tracked_workloads
+            .set(i64::try_from(report.summary.workloads).unwrap_or(i64::MAX));
+        for state in State::NAMES {
+            self.containers
+                .get_or_create(&StateLabel {
+                    state: state.to_owned(),
+                })
+                .set(i64::try_from(report.count(state)).unwrap_or(i64::MAX));
+        }
+    }
+
+    pub fn detected(&self, seconds: f64) {
+        self.time_to_detect.observe(seconds);
+    }
+
+    pub fn warmed(&self, seconds: f64) {
+        self.time_to_warm.observe(seconds);
+    }
+
+    pub fn converged(&self, seconds: f64) {
+        self.rollout_duration.observe(seconds);
+    }
+
+    pub fn rollout(&self, result: &str) {
+        self.rollouts
+            .get_or_create(&ResultLabel {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+}

@@ -1,0 +1,231 @@
+//! The policy engine: watches the selected workloads, resolves their tags, computes
+//! drift against what the agents report, warms the new image on the nodes, then rolls
+//! the workload with one merge patch, and reports every cycle.
+//!
+//! `run` starts it through [`spawn`]; the returned router serves `/report` and the
+//! registry webhook. Decisions are the pure functions of [`crate::drift`]; this module
+//! does the I/O around them.
+
+mod act;
+mod command;
+mod cycle;
+mod metrics;
+mod once;
+mod watch;
+pub mod webhook;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State as AxumState;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use futures::StreamExt;
+use jiff::Timestamp;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use warmroll_proto::image::ImageRef;
+
+use crate::config::{Config, Policy};
+use crate::drift::{ContainerDrift, Lookup, Running, container_drift, tracked_containers};
+use crate::registry::{Keyring, RegistryError, Resolution, Resolver, ResolverConfig};
+use crate::report::Report;
+use crate::run::Context;
+use crate::workload::Workload;
+
+pub use command::{ReportArgs, ReportError, report_command};
+pub use metrics::EngineMetrics;
+pub use once::{report_once, running_from_status};
+
+/// A running engine: its routes (state applied) and its task.
+pub struct Engine {
+    pub router: Router,
+    pub task: JoinHandle<()>,
+}
+
+/// Why the engine cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot read CA bundle {path}: {source}")]
+    ReadCaFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read the webhook secret file {path}: {source}")]
+    ReadWebhookSecret {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("registry settings: {0}")]
+    Registry(#[from] RegistryError),
+    #[error("cannot list {what}: {source}")]
+    List { what: String, source: kube::Error },
+}
+
+/// What the engine's task and its HTTP handlers share.
+pub(crate) struct Shared {
+    report: RwLock<Option<Report>>,
+    /// Tags (`repository:tag`) a webhook said were pushed, and when.
+    pushed: Mutex<Vec<(String, Timestamp)>>,
+    nudge: Notify,
+    webhook_secret: Option<String>,
+    metrics: EngineMetrics,
+}
+
+impl Shared {
+    fn set_report(&self, report: Report) {
+        *self.report.write().unwrap_or_else(PoisonError::into_inner) = Some(report);
+    }
+
+    pub(crate) fn push_notified(&self, images: Vec<String>) {
+        if images.is_empty() {
+            return;
+        }
+        let now = Timestamp::now();
+        self.pushed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(images.into_iter().map(|i| (i, now)));
+        self.nudge.notify_one();
+    }
+
+    fn take_pushed(&self) -> Vec<(String, Timestamp)> {
+        std::mem::take(&mut *self.pushed.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+/// Builds the resolver and keyring from the configuration's registry settings.
+pub fn resolver_for(config: &Config) -> Result<(Resolver, Keyring), EngineError> {
+    let mut keyring = Keyring::new();
+    if let Some(path) = &config.registry.docker_config {
+        keyring.add_docker_config_path(path)?;
+    }
+    let mut ca_bundles_pem = Vec::new();
+    for path in &config.registry.ca_files {
+        let pem = std::fs::read(path).map_err(|source| EngineError::ReadCaFile {
+            path: path.clone(),
+            source,
+        })?;
+        ca_bundles_pem.push(pem);
+    }
+    let resolver = Resolver::new(
+        ResolverConfig {
+            insecure_registries: config.registry.insecure_registries.clone(),
+            ca_bundles_pem,
+            // The engine decides when to ask (per policy poll interval, or a webhook).
+            min_interval: Duration::from_millis(500),
+            ..ResolverConfig::default()
+        },
+        keyring.clone(),
+    )?;
+    Ok((resolver, keyring))
+}
+
+/// Starts the engine. Registers its metrics (and the resolver's) into `metrics`.
+pub fn spawn(
+    ctx: Context,
+    config: Config,
+    metrics: &mut prometheus_client::registry::Registry,
+) -> Result<Engine, EngineError> {
+    let (resolver, keyring) = resolver_for(&config)?;
+    resolver.register_metrics(metrics);
+    let webhook_secret = match &config.webhook_secret_file {
+        None => None,
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|source| EngineError::ReadWebhookSecret {
+                    path: path.clone(),
+                    source,
+                })?
+                .trim()
+                .to_owned(),
+        ),
+    };
+    let shared = Arc::new(Shared {
+        report: RwLock::new(None),
+        pushed: Mutex::new(Vec::new()),
+        nudge: Notify::new(),
+        webhook_secret,
+        metrics: EngineMetrics::register(metrics),
+    });
+    let router = Router::new()
+        .route("/report", get(report_handler))
+        .route("/webhooks/registry", post(webhook::handler))
+        .with_state(shared.clone());
+    let task = tokio::spawn(cycle::run(ctx, config, resolver, keyring, shared));
+    Ok(Engine { router, task })
+}
+
+async fn report_handler(AxumState(shared): AxumState<Arc<Shared>>) -> impl IntoResponse {
+    let report = shared
+        .report
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    match report {
+        Some(report) => Json(report).into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no report yet: the first cycle has not finished\n",
+        )
+            .into_response(),
+    }
+}
+
+/// The form webhooks and the engine compare images in: `repository:tag`. The registry
+/// is left out: a webhook names the registry by the host it was reached at, which need
+/// not be how workloads name it (a spare re-resolve costs one HEAD).
+pub(crate) fn tag_key(image: &warmroll_proto::image::ImageRef) -> Option<String> {
+    image.tag().map(|t| format!("{}:{t}", image.repository()))
+}
+
+/// Registry requests in flight at once.
+const RESOLVE_CONCURRENCY: usize = 16;
+
+/// Resolves each unique tag once, concurrently. Pinned references need no entry.
+pub(crate) async fn resolve_all(
+    resolver: &Resolver,
+    images: impl IntoIterator<Item = ImageRef>,
+) -> HashMap<ImageRef, Lookup> {
+    futures::stream::iter(unique(images))
+        .map(|image| async move {
+            let lookup = match resolver.resolve(&image, &Keyring::new()).await {
+                Ok(Resolution::Tag(resolved)) => Lookup::Tag(resolved),
+                Ok(Resolution::Pinned { .. }) => return None,
+                Err(e) => Lookup::Error(e.to_string()),
+            };
+            Some((image, lookup))
+        })
+        .buffer_unordered(RESOLVE_CONCURRENCY)
+        .filter_map(|r| async move { r })
+        .collect()
+        .await
+}
+
+/// The drift of a workload's tracked containers.
+pub(crate) fn containers_of(
+    workload: &Workload,
+    policy: &Policy,
+    lookups: &HashMap<ImageRef, Lookup>,
+    pods: &[Running],
+) -> Vec<ContainerDrift> {
+    tracked_containers(workload, policy)
+        .map(|c| {
+            let lookup = ImageRef::parse(&c.image).ok().and_then(|i| lookups.get(&i));
+            container_drift(c, lookup, pods)
+        })
+        .collect()
+}
+
+/// Unique values, sorted.
+pub(crate) fn unique<T: Ord>(items: impl IntoIterator<Item = T>) -> Vec<T> {
+    items
+        .into_iter()
+        .collect::<BTreeSet<T>>()
+        .into_iter()
+        .collect()
+}

@@ -1,0 +1,154 @@
+//! kube-runtime reflectors on the selected workloads only: one per kind on the policy
+//! label (all namespaces), one per explicit target (its namespace, by name). No Pod
+//! watch: pods come from the agents.
+
+use std::fmt::Debug;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::task::JoinSet;
+use tracing::warn;
+
+use crate::config::Config;
+use crate::workload::{Kind, Workload};
+
+/// The reflector stores of one kind.
+struct KindStores<K: Resource<DynamicType = ()> + Clone + 'static> {
+    stores: Vec<Store<K>>,
+}
+
+impl<K> KindStores<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    fn new() -> Self {
+        KindStores { stores: Vec::new() }
+    }
+
+    fn reflect(
+        &mut self,
+        api: Api<K>,
+        config: watcher::Config,
+        what: String,
+        tasks: &mut JoinSet<()>,
+    ) {
+        let (reader, writer) = reflector::store();
+        let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+        tasks.spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(event) = stream.next().await {
+                if let Err(e) = event {
+                    warn!(watch = %what, error = %e, "workload watch failed; retrying");
+                }
+            }
+        });
+        self.stores.push(reader);
+    }
+
+    async fn ready(&self) {
+        for store in &self.stores {
+            // Fails only when the writer is gone (the watch task ended).
+            let _ = store.wait_until_ready().await;
+        }
+    }
+
+    fn workloads(&self, convert: fn(&K) -> Workload, out: &mut Vec<Workload>) {
+        for store in &self.stores {
+            out.extend(store.state().iter().map(|k| convert(k)));
+        }
+    }
+}
+
+/// Every reflector the configuration asks for; dropping it stops them.
+pub(crate) struct Watches {
+    deployments: KindStores<Deployment>,
+    stateful_sets: KindStores<StatefulSet>,
+    daemon_sets: KindStores<DaemonSet>,
+    _tasks: JoinSet<()>,
+}
+
+impl Watches {
+    pub(crate) fn start(client: &Client, config: &Config) -> Watches {
+        let mut tasks = JoinSet::new();
+        let mut deployments = KindStores::new();
+        let mut stateful_sets = KindStores::new();
+        let mut daemon_sets = KindStores::new();
+        let kinds: std::collections::BTreeSet<Kind> = config
+            .policies
+            .values()
+            .flat_map(|p| p.kinds.iter().copied())
+            .collect();
+        let labelled = || watcher::Config::default().labels(&config.policy_label);
+        for kind in &kinds {
+            let what = format!("{kind} labelled {}", config.policy_label);
+            match kind {
+                Kind::Deployment => {
+                    deployments.reflect(Api::all(client.clone()), labelled(), what, &mut tasks)
+                }
+                Kind::StatefulSet => {
+                    stateful_sets.reflect(Api::all(client.clone()), labelled(), what, &mut tasks)
+                }
+                Kind::DaemonSet => {
+                    daemon_sets.reflect(Api::all(client.clone()), labelled(), what, &mut tasks)
+                }
+            }
+        }
+        for target in config.policies.values().flat_map(|p| &p.targets) {
+            let by_name =
+                watcher::Config::default().fields(&format!("metadata.name={}", target.name));
+            let what = format!("target {target}");
+            let ns = &target.namespace;
+            match target.kind {
+                Kind::Deployment => deployments.reflect(
+                    Api::namespaced(client.clone(), ns),
+                    by_name,
+                    what,
+                    &mut tasks,
+                ),
+                Kind::StatefulSet => stateful_sets.reflect(
+                    Api::namespaced(client.clone(), ns),
+                    by_name,
+                    what,
+                    &mut tasks,
+                ),
+                Kind::DaemonSet => daemon_sets.reflect(
+                    Api::namespaced(client.clone(), ns),
+                    by_name,
+                    what,
+                    &mut tasks,
+                ),
+            }
+        }
+        Watches {
+            deployments,
+            stateful_sets,
+            daemon_sets,
+            _tasks: tasks,
+        }
+    }
+
+    /// Waits until every reflector has its first complete list.
+    pub(crate) async fn ready(&self) {
+        self.deployments.ready().await;
+        self.stateful_sets.ready().await;
+        self.daemon_sets.ready().await;
+    }
+
+    /// Every watched workload (a labelled target appears once).
+    pub(crate) fn workloads(&self) -> Vec<Workload> {
+        let mut out = Vec::new();
+        self.deployments
+            .workloads(Workload::from_deployment, &mut out);
+        self.stateful_sets
+            .workloads(Workload::from_stateful_set, &mut out);
+        self.daemon_sets
+            .workloads(Workload::from_daemon_set, &mut out);
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        out.dedup_by(|a, b| a.key == b.key);
+        out
+    }
+}
