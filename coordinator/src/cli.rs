@@ -1,6 +1,7 @@
 //! The `warmroll-coordinator` command line. Subcommands: `resolve` (what does this
-//! tag point to now, as warmroll sees it) and `run` (the coordinator itself, see
-//! [`crate::run`]). Every flag can also be set through its environment variable.
+//! tag point to now, as warmroll sees it), `run` (the coordinator itself, see
+//! [`crate::run`]) and `report` (the drift report as a table, see [`crate::engine`]).
+//! Every flag can also be set through its environment variable.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -37,6 +38,8 @@ pub enum Command {
     Resolve(ResolveArgs),
     /// Run the coordinator: the agents' fleet API, health and metrics, leader election.
     Run(Box<crate::run::RunArgs>),
+    /// Print the drift report: from a running coordinator, or computed once (`--once`).
+    Report(crate::engine::ReportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -83,6 +86,8 @@ pub enum CliError {
     Encode(#[from] serde_json::Error),
     #[error(transparent)]
     Run(#[from] crate::run::RunError),
+    #[error(transparent)]
+    Report(#[from] crate::engine::ReportError),
 }
 
 /// Sets up logging to stderr (text or JSON).
@@ -105,6 +110,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
     match cli.command {
         Command::Resolve(args) => resolve(args, out).await,
         Command::Run(args) => Ok(crate::run::run(*args).await?),
+        Command::Report(args) => Ok(crate::engine::report_command(args, out).await?),
     }
 }
 
