@@ -239,6 +239,19 @@ pub fn check_hello(hello: &Hello, token_node: Option<&str>) -> Result<(), Status
     Ok(())
 }
 
+/// tonic reports a message above the decoding limit as `out_of_range`; gRPC's code for
+/// "message larger than allowed" is `resource_exhausted`, which is what agents get.
+fn oversize_as_resource_exhausted(status: Status) -> Status {
+    if status.code() == tonic::Code::OutOfRange && status.message().contains("too large") {
+        Status::resource_exhausted(format!(
+            "agent message too large (the limit is {MAX_MESSAGE_BYTES} bytes): {}",
+            status.message()
+        ))
+    } else {
+        status
+    }
+}
+
 type SessionStream = Pin<Box<dyn Stream<Item = Result<v1::CoordinatorMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -343,7 +356,7 @@ async fn run_session(
             // Oversized or undecodable messages land here (tonic's status says which).
             Ok(Err(status)) => {
                 debug!(error = %status, "session stream failed");
-                break Some(status);
+                break Some(oversize_as_resource_exhausted(status));
             }
         };
         let message = match AgentMessage::try_from(message) {
