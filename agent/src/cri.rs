@@ -95,6 +95,11 @@ pub trait Cri: Send + Sync + 'static {
     fn list_running_containers(
         &self,
     ) -> impl Future<Output = Result<Vec<Container>, CriError>> + Send;
+    /// One container by id, `Ok(None)` when it is not running (or unknown).
+    fn running_container(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<Container>, CriError>> + Send;
     fn container_status(
         &self,
         id: &str,
@@ -173,6 +178,11 @@ impl CriClient {
             metrics,
             health,
         }
+    }
+
+    /// The socket this client dials.
+    pub fn socket(&self) -> &Path {
+        &self.socket
     }
 
     async fn clients(&self) -> Result<Clients, CriError> {
@@ -289,6 +299,26 @@ impl Cri for CriClient {
         })
         .await
         .map(|r| r.containers)
+    }
+
+    #[instrument(skip(self))]
+    async fn running_container(&self, id: &str) -> Result<Option<Container>, CriError> {
+        let filter = ContainerFilter {
+            id: id.to_string(),
+            state: Some(ContainerStateValue {
+                state: ContainerState::ContainerRunning as i32,
+            }),
+            ..Default::default()
+        };
+        self.call("ListContainers", CALL_TIMEOUT, |mut c| async move {
+            c.runtime
+                .list_containers(ListContainersRequest {
+                    filter: Some(filter),
+                })
+                .await
+        })
+        .await
+        .map(|r| r.containers.into_iter().find(|c| c.id == id))
     }
 
     #[instrument(skip(self))]

@@ -81,6 +81,14 @@ impl Cri for FakeCri {
         Ok(s.containers.clone())
     }
 
+    async fn running_container(&self, id: &str) -> Result<Option<Container>, CriError> {
+        let mut s = self.state.lock().unwrap();
+        if let Some(e) = s.list_failures.pop_front() {
+            return Err(e);
+        }
+        Ok(s.containers.iter().find(|c| c.id == id).cloned())
+    }
+
     async fn container_status(&self, id: &str) -> Result<ContainerStatus, CriError> {
         self.status_calls.fetch_add(1, Ordering::SeqCst);
         self.state

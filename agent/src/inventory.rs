@@ -2,11 +2,13 @@
 //! images present, read through CRI and kept current as change sets.
 //!
 //! [`Collector::snapshot`] reads one [`Snapshot`]; [`diff`] turns two snapshots into a
-//! [`ChangeSet`] (pure); [`run`] polls at an interval (and at once on a runtime container
-//! event, where the runtime offers `GetContainerEvents`), sending the first snapshot and
-//! then change sets only.
+//! [`ChangeSet`] (pure); [`run`] sends the first snapshot and then change sets only. On
+//! containerd it follows the runtime's events and re-reads just the items they name
+//! ([`Collector::refresh`]), with a slow full re-read as the safety net; elsewhere it polls
+//! at an interval (and at once on CRI container events where the runtime offers
+//! `GetContainerEvents`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,9 +16,11 @@ use futures::StreamExt;
 use k8s_cri::v1::{Container, Image, PodSandbox};
 use serde::Serialize;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tracing::{debug, info, instrument, warn};
 use warmroll_proto::image::{Digest, ImageRef};
 
+use crate::containerd::{EventSource, RuntimeEvent, RuntimeEvents};
 use crate::cri::{Backoff, Cri, CriError, EventStream};
 use crate::metrics::{Health, Metrics};
 
@@ -289,10 +293,43 @@ pub fn build_snapshot(
     snap
 }
 
-/// Reads snapshots, caching `ContainerStatus` answers by container id.
+/// Reads snapshots, caching `ContainerStatus` answers by container id, and the sandboxes
+/// and images of the last full read for re-reading single items after an event.
 pub struct Collector<C> {
     cri: Arc<C>,
     statuses: HashMap<String, StatusInfo>,
+    sandboxes: HashMap<String, PodSandbox>,
+    images: HashMap<String, Image>,
+}
+
+/// The items runtime events named, to re-read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Affected {
+    /// Container ids, with the state the event implied (`Some(true)`: started).
+    pub containers: BTreeMap<String, Option<bool>>,
+    /// Image names (tags, digest references, ids).
+    pub images: BTreeSet<String>,
+}
+
+impl Affected {
+    pub fn is_empty(&self) -> bool {
+        self.containers.is_empty() && self.images.is_empty()
+    }
+
+    pub fn add(&mut self, event: RuntimeEvent) {
+        match event {
+            RuntimeEvent::Container { id, running } => {
+                let slot = self.containers.entry(id).or_insert(running);
+                // The latest event that implies a state wins.
+                if running.is_some() {
+                    *slot = running;
+                }
+            }
+            RuntimeEvent::Image { name } => {
+                self.images.insert(name);
+            }
+        }
+    }
 }
 
 impl<C: Cri> Collector<C> {
@@ -300,6 +337,8 @@ impl<C: Cri> Collector<C> {
         Collector {
             cri,
             statuses: HashMap::new(),
+            sandboxes: HashMap::new(),
+            images: HashMap::new(),
         }
     }
 
@@ -313,28 +352,123 @@ impl<C: Cri> Collector<C> {
         self.statuses
             .retain(|id, _| containers.iter().any(|c| &c.id == id));
         for c in &containers {
-            if self.statuses.contains_key(&c.id) {
-                continue;
+            self.ensure_status(&c.id).await;
+        }
+        let snapshot = build_snapshot(&sandboxes, &containers, &self.statuses, &images);
+        self.sandboxes = sandboxes.into_iter().map(|s| (s.id.clone(), s)).collect();
+        self.images = images.into_iter().map(|i| (i.id.clone(), i)).collect();
+        Ok(snapshot)
+    }
+
+    /// Asks `ContainerStatus` once per container id.
+    async fn ensure_status(&mut self, id: &str) {
+        if self.statuses.contains_key(id) {
+            return;
+        }
+        match self.cri.container_status(id).await {
+            Ok(s) => {
+                let info = StatusInfo {
+                    image: s.image.map(|i| i.image).unwrap_or_default(),
+                    digest: digest_of_reference(&s.image_ref),
+                };
+                self.statuses.insert(id.to_string(), info);
             }
-            match self.cri.container_status(&c.id).await {
-                Ok(s) => {
-                    let info = StatusInfo {
-                        image: s.image.map(|i| i.image).unwrap_or_default(),
-                        digest: digest_of_reference(&s.image_ref),
-                    };
-                    self.statuses.insert(c.id.clone(), info);
-                }
-                // Gone since the list, or a passing failure: the image list still gives a
-                // digest, and the status is asked again next time.
-                Err(e) => debug!(container = %c.id, error = %e, "ContainerStatus failed"),
+            // Gone since the list, or a passing failure: the image list still gives a
+            // digest, and the status is asked again next time.
+            Err(e) => debug!(container = %id, error = %e, "ContainerStatus failed"),
+        }
+    }
+
+    /// `base` with the `affected` items re-read through CRI. Also returns the containers
+    /// whose state is not yet what their event implied (CRI may lag the event a little).
+    #[instrument(skip(self, base))]
+    pub async fn refresh(
+        &mut self,
+        base: &Snapshot,
+        affected: &Affected,
+    ) -> Result<(Snapshot, Vec<String>), CriError> {
+        let mut next = base.clone();
+        for name in &affected.images {
+            self.refresh_image(&mut next, name).await?;
+        }
+        let mut unsettled = Vec::new();
+        for (id, implied) in &affected.containers {
+            let running = self.refresh_container(&mut next, id).await?;
+            if implied.is_some_and(|want| want != running) {
+                unsettled.push(id.clone());
             }
         }
-        Ok(build_snapshot(
+        Ok((next, unsettled))
+    }
+
+    async fn refresh_image(&mut self, next: &mut Snapshot, name: &str) -> Result<(), CriError> {
+        let found = self.cri.image_status(name).await?;
+        // Images that carried the name before may have lost it (a moved or deleted tag).
+        let mut recheck: Vec<String> = next
+            .images
+            .values()
+            .filter(|i| {
+                i.id == name
+                    || i.repo_tags.iter().any(|t| t == name)
+                    || i.repo_digests.iter().any(|d| d == name)
+            })
+            .map(|i| i.id.clone())
+            .collect();
+        if let Some(image) = found {
+            recheck.retain(|id| *id != image.id);
+            next.images
+                .insert(image.id.clone(), NodeImage::from(&image));
+            self.images.insert(image.id.clone(), image);
+        }
+        for id in recheck {
+            match self.cri.image_status(&id).await? {
+                Some(image) => {
+                    next.images
+                        .insert(image.id.clone(), NodeImage::from(&image));
+                    self.images.insert(image.id.clone(), image);
+                }
+                None => {
+                    next.images.remove(&id);
+                    self.images.remove(&id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-reads one container into `next`; returns whether it is running.
+    async fn refresh_container(&mut self, next: &mut Snapshot, id: &str) -> Result<bool, CriError> {
+        let Some(container) = self.cri.running_container(id).await? else {
+            next.containers.remove(id);
+            self.statuses.remove(id);
+            return Ok(false);
+        };
+        if !self.sandboxes.contains_key(&container.pod_sandbox_id) {
+            let sandboxes = self.cri.list_pod_sandboxes().await?;
+            self.sandboxes = sandboxes.into_iter().map(|s| (s.id.clone(), s)).collect();
+        }
+        self.ensure_status(id).await;
+        let sandboxes: Vec<PodSandbox> = self
+            .sandboxes
+            .get(&container.pod_sandbox_id)
+            .cloned()
+            .into_iter()
+            .collect();
+        let images: Vec<Image> = self.images.values().cloned().collect();
+        let built = build_snapshot(
             &sandboxes,
-            &containers,
+            std::slice::from_ref(&container),
             &self.statuses,
             &images,
-        ))
+        );
+        match built.containers.into_values().next() {
+            Some(c) => {
+                next.containers.insert(c.id.clone(), c);
+                Ok(true)
+            }
+            // No sandbox for it (yet): the next read finds it.
+            None => Ok(false),
+        }
     }
 }
 
@@ -386,12 +520,42 @@ pub enum InventoryUpdate {
     Changes(ChangeSet),
 }
 
-/// Poll the runtime every `interval` (and at once on container events where the runtime
-/// offers them) and send updates to `tx` until the receiver is dropped. Runtime failures
-/// are logged and retried with backoff; the loop never ends because of them.
+/// How often the inventory re-reads everything through CRI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Intervals {
+    /// Without runtime events (not containerd, or its event stream is down).
+    pub poll: Duration,
+    /// With containerd's events keeping the inventory current: the safety net that
+    /// corrects any missed event. The runtime is still checked every `poll` (`Version`).
+    pub resync: Duration,
+}
+
+/// How long a burst of events may settle before the affected items are re-read.
+const EVENT_SETTLE: Duration = Duration::from_millis(50);
+/// Re-reads of a container whose CRI state lags its event, and the pause between them.
+const UNSETTLED_RETRIES: u32 = 10;
+const UNSETTLED_PAUSE: Duration = Duration::from_millis(100);
+
+/// The loop's view of runtime events.
+enum Events {
+    /// No event source (not containerd, or its API is unavailable).
+    None,
+    /// Subscribed.
+    Live(RuntimeEvents),
+    /// Waiting to (re)subscribe.
+    Down { retry_at: Instant },
+}
+
+/// Keep the inventory current and send updates to `tx` until the receiver is dropped:
+/// the first snapshot, then change sets. With `events` (containerd), each event's items
+/// are re-read through CRI at once and everything is re-read every `intervals.resync`;
+/// without, the runtime is polled every `intervals.poll` (and at once on CRI container
+/// events where the runtime offers `GetContainerEvents`). Runtime failures are logged and
+/// retried with backoff; the loop never ends because of them.
 pub async fn run<C: Cri>(
     cri: Arc<C>,
-    interval: Duration,
+    events: Option<Arc<dyn EventSource>>,
+    intervals: Intervals,
     metrics: Metrics,
     health: Arc<Health>,
     tx: mpsc::Sender<InventoryUpdate>,
@@ -399,86 +563,209 @@ pub async fn run<C: Cri>(
     let mut collector = Collector::new(cri.clone());
     let mut last: Option<Snapshot> = None;
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
-    let mut events: Option<EventStream> = None;
-    let mut events_supported = true;
+    let mut events_backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+    let mut runtime_events = match &events {
+        Some(_) => Events::Down {
+            retry_at: Instant::now(),
+        },
+        None => Events::None,
+    };
+    let mut ever_subscribed = false;
+    let mut cri_events: Option<EventStream> = None;
+    let mut cri_events_supported = true;
     let mut failing = false;
+    let mut full_at = Instant::now();
+    let mut probe_at = Instant::now() + intervals.poll;
+    let mut affected = Affected::default();
+    let mut affected_at: Option<Instant> = None;
+    let mut retries = 0u32;
     loop {
-        let wait = match collector.snapshot().await {
-            Ok(snap) => {
+        // Subscribe before reading, so nothing that happens in between is missed.
+        if let (Some(source), Events::Down { retry_at }) = (&events, &runtime_events)
+            && Instant::now() >= *retry_at
+        {
+            match source.subscribe().await {
+                Ok(stream) => {
+                    if ever_subscribed {
+                        info!("containerd events followed again; re-reading the inventory");
+                    }
+                    ever_subscribed = true;
+                    events_backoff.reset();
+                    runtime_events = Events::Live(stream);
+                    full_at = Instant::now();
+                }
+                Err(e) => {
+                    let delay = events_backoff.next_delay();
+                    debug!(error = %e, retry_in = ?delay, "containerd events not available now");
+                    runtime_events = Events::Down {
+                        retry_at: Instant::now() + delay,
+                    };
+                }
+            }
+        }
+        let live = matches!(runtime_events, Events::Live(_));
+        let now = Instant::now();
+        let result = if last.is_none() || now >= full_at {
+            collector.snapshot().await.map(|snap| {
+                affected = Affected::default();
+                affected_at = None;
+                full_at = Instant::now()
+                    + if live {
+                        intervals.resync
+                    } else {
+                        intervals.poll
+                    };
+                Some(snap)
+            })
+        } else if let (Some(at), Some(base)) = (affected_at, &last)
+            && now >= at
+        {
+            let batch = std::mem::take(&mut affected);
+            affected_at = None;
+            collector
+                .refresh(base, &batch)
+                .await
+                .map(|(snap, unsettled)| {
+                    if unsettled.is_empty() || retries >= UNSETTLED_RETRIES {
+                        retries = 0;
+                    } else {
+                        retries += 1;
+                        for id in unsettled {
+                            let implied = batch.containers.get(&id).copied().flatten();
+                            affected.add(RuntimeEvent::Container {
+                                id,
+                                running: implied,
+                            });
+                        }
+                        affected_at = Some(Instant::now() + UNSETTLED_PAUSE);
+                    }
+                    Some(snap)
+                })
+        } else if live && now >= probe_at {
+            // Events keep the inventory current; still check that the runtime answers.
+            probe_at = now + intervals.poll;
+            cri.version().await.map(|_| None)
+        } else {
+            Ok(None)
+        };
+        match result {
+            Ok(read) => {
                 if failing {
                     info!("container runtime reachable again");
                     failing = false;
+                    full_at = Instant::now();
                 }
                 backoff.reset();
-                metrics.inventory_size(snap.containers.len(), snap.images.len());
-                let update = match &last {
-                    None => Some(InventoryUpdate::Full(snap.clone())),
-                    Some(prev) => {
-                        let changes = diff(prev, &snap);
-                        (!changes.is_empty()).then_some(InventoryUpdate::Changes(changes))
+                if let Some(snap) = read {
+                    metrics.inventory_size(snap.containers.len(), snap.images.len());
+                    let update = match &last {
+                        None => Some(InventoryUpdate::Full(snap.clone())),
+                        Some(prev) => {
+                            let changes = diff(prev, &snap);
+                            (!changes.is_empty()).then_some(InventoryUpdate::Changes(changes))
+                        }
+                    };
+                    last = Some(snap);
+                    health.set_inventory_ready();
+                    if let Some(update) = update
+                        && tx.send(update).await.is_err()
+                    {
+                        return;
                     }
-                };
-                last = Some(snap);
-                health.set_inventory_ready();
-                if let Some(update) = update
-                    && tx.send(update).await.is_err()
-                {
-                    return;
                 }
-                interval
             }
             Err(e) => {
                 let delay = backoff
                     .next_delay()
-                    .min(interval.max(Duration::from_secs(1)));
+                    .min(intervals.poll.max(Duration::from_secs(1)));
                 if !failing || !e.is_unreachable() {
                     warn!(error = %e, retry_in = ?delay, "inventory failed");
                 }
                 failing = true;
-                events = None;
-                delay
+                cri_events = None;
+                // Whatever was missed, a full read after the outage catches it.
+                full_at = Instant::now() + delay;
             }
-        };
-        if events_supported && events.is_none() && !failing {
+        }
+        if events.is_none() && cri_events_supported && cri_events.is_none() && !failing {
             match cri.container_events().await {
-                Ok(stream) => events = Some(stream),
+                Ok(stream) => cri_events = Some(stream),
                 Err(e) if e.code() == Some(tonic::Code::Unimplemented) => {
-                    events_supported = false;
-                    info!(interval = ?interval, "the runtime does not offer GetContainerEvents; inventory polls only");
+                    cri_events_supported = false;
+                    info!(interval = ?intervals.poll, "the runtime does not offer GetContainerEvents; inventory polls only");
                 }
                 Err(e) => debug!(error = %e, "GetContainerEvents not available now"),
             }
         }
-        let sleep = tokio::time::sleep(wait);
-        tokio::pin!(sleep);
+        let mut wake = full_at;
+        if let Some(at) = affected_at {
+            wake = wake.min(at);
+        }
+        if let Events::Down { retry_at } = &runtime_events {
+            wake = wake.min(*retry_at);
+        }
+        if matches!(runtime_events, Events::Live(_)) {
+            wake = wake.min(probe_at);
+        }
         loop {
             tokio::select! {
-                () = &mut sleep => break,
+                () = tokio::time::sleep_until(wake) => break,
                 () = tx.closed() => return,
-                event = next_event(&mut events) => match event {
+                event = next_runtime_event(&mut runtime_events) => match event {
+                    Some(Ok(ev)) => {
+                        debug!(event = ?ev, "containerd event");
+                        affected.add(ev);
+                        // Let a burst of events settle, then re-read what they name.
+                        let at = *affected_at.get_or_insert(Instant::now() + EVENT_SETTLE);
+                        wake = wake.min(at);
+                    }
+                    ended => {
+                        let delay = events_backoff.next_delay();
+                        match ended {
+                            Some(Err(e)) => info!(error = %e, retry_in = ?delay, "containerd event stream lost; polling CRI until it is back"),
+                            _ => info!(retry_in = ?delay, "containerd event stream ended; polling CRI until it is back"),
+                        }
+                        let retry_at = Instant::now() + delay;
+                        runtime_events = Events::Down { retry_at };
+                        full_at = full_at.min(Instant::now() + intervals.poll);
+                        wake = wake.min(retry_at).min(full_at);
+                    }
+                },
+                event = next_event(&mut cri_events) => match event {
                     Some(Ok(ev)) => {
                         debug!(container = %ev.container_id, kind = ev.container_event_type, "container event");
                         // Let a burst of events settle, then poll at once.
                         tokio::time::sleep(Duration::from_millis(100)).await;
+                        full_at = Instant::now();
                         break;
                     }
                     Some(Err(e)) => {
                         if e.code() == Some(tonic::Code::Unimplemented) {
-                            events_supported = false;
-                            info!(interval = ?interval, "the runtime does not offer GetContainerEvents; inventory polls only");
+                            cri_events_supported = false;
+                            info!(interval = ?intervals.poll, "the runtime does not offer GetContainerEvents; inventory polls only");
                         } else {
                             debug!(error = %e, "container event stream ended");
                         }
-                        events = None;
+                        cri_events = None;
                     }
-                    None => events = None,
+                    None => cri_events = None,
                 },
             }
         }
     }
 }
 
-/// The next event, or pending forever when there is no stream.
+/// The next containerd event, or pending forever when not subscribed.
+async fn next_runtime_event(
+    events: &mut Events,
+) -> Option<Result<RuntimeEvent, crate::containerd::ContainerdError>> {
+    match events {
+        Events::Live(s) => s.next().await,
+        _ => std::future::pending().await,
+    }
+}
+
+/// The next CRI container event, or pending forever when there is no stream.
 async fn next_event(
     events: &mut Option<EventStream>,
 ) -> Option<Result<k8s_cri::v1::ContainerEventResponse, CriError>> {
@@ -772,7 +1059,11 @@ mod tests {
             let health = Arc::new(Health::default());
             let task = tokio::spawn(run(
                 fake.clone(),
-                Duration::from_millis(50),
+                None,
+                Intervals {
+                    poll: Duration::from_millis(50),
+                    resync: Duration::from_millis(50),
+                },
                 metrics.clone(),
                 health.clone(),
                 tx,

@@ -8,14 +8,18 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use k8s_cri::v1::VersionResponse;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
+use warmroll_agent::containerd::{ContainerdApi, ContentStore, EventSource};
 use warmroll_agent::cri::{self, Backoff, CriClient};
 use warmroll_agent::http;
-use warmroll_agent::inventory::{self, Collector, InventoryUpdate};
+use warmroll_agent::inventory::{self, Collector, Intervals, InventoryUpdate};
 use warmroll_agent::metrics::{Health, Metrics};
+use warmroll_agent::progress::PullProgress;
 use warmroll_agent::session;
-use warmroll_agent::warm::{Credentials, WarmConfig, Warmer};
+use warmroll_agent::warm::{WarmConfig, Warmer};
+use warmroll_proto::fleet::Credentials;
 use warmroll_proto::image::{Digest, ImageRef};
 
 #[derive(Parser, Debug)]
@@ -29,6 +33,10 @@ struct Cli {
     /// are tried in turn.
     #[arg(long, global = true, env = "WARMROLL_CRI_SOCKET")]
     cri_socket: Option<PathBuf>,
+    /// Do not open containerd's own API next to its CRI plugin: CRI only (inventory by
+    /// polling, no pull progress).
+    #[arg(long, global = true, env = "WARMROLL_CRI_ONLY")]
+    cri_only: bool,
     /// Log line format (logs go to stderr).
     #[arg(long, global = true, env = "WARMROLL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -85,9 +93,8 @@ enum Command {
     /// Keep the inventory current and log every change set; serves /healthz, /readyz and
     /// /metrics. (The protocol's `run` mode builds on this.)
     Watch {
-        /// How often to poll the runtime (e.g. 10s).
-        #[arg(long, env = "WARMROLL_INVENTORY_INTERVAL", default_value = "10s", value_parser = parse_duration)]
-        inventory_interval: Duration,
+        #[command(flatten)]
+        inventory: InventoryArgs,
         /// Address of the health and metrics server.
         #[arg(long, env = "WARMROLL_LISTEN", default_value = "0.0.0.0:9464")]
         listen: SocketAddr,
@@ -97,15 +104,35 @@ enum Command {
     Run {
         #[command(flatten)]
         session: session::SessionArgs,
-        /// How often to poll the runtime (e.g. 10s).
-        #[arg(long, env = "WARMROLL_INVENTORY_INTERVAL", default_value = "10s", value_parser = parse_duration)]
-        inventory_interval: Duration,
+        #[command(flatten)]
+        inventory: InventoryArgs,
         /// Address of the health and metrics server.
         #[arg(long, env = "WARMROLL_LISTEN", default_value = "0.0.0.0:9464")]
         listen: SocketAddr,
         #[command(flatten)]
         warm: WarmConfig,
     },
+}
+
+/// How the inventory is kept current (the `watch` and `run` commands).
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct InventoryArgs {
+    /// How often to poll the runtime through CRI (and, on containerd, to check it answers).
+    #[arg(long, env = "WARMROLL_INVENTORY_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    inventory_interval: Duration,
+    /// On containerd, whose events keep the inventory current at once: how often to
+    /// re-read the whole inventory through CRI anyway (the safety net for missed events).
+    #[arg(long, env = "WARMROLL_INVENTORY_RESYNC_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    inventory_resync_interval: Duration,
+}
+
+impl InventoryArgs {
+    fn intervals(&self) -> Intervals {
+        Intervals {
+            poll: self.inventory_interval,
+            resync: self.inventory_resync_interval,
+        }
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -152,6 +179,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<ExitCode> {
     let metrics = Metrics::new();
     let health = Arc::new(Health::default());
+    let cri_only = cli.cri_only;
     match cli.command {
         Command::Inventory { json } => {
             let (client, _) = cri::connect(cli.cri_socket.as_deref(), metrics, health).await?;
@@ -181,14 +209,18 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 (_, _, Some(token)) => Some(Credentials::Token(token)),
                 _ => None,
             };
-            let (client, _) =
+            let (client, version) =
                 cri::connect(cli.cri_socket.as_deref(), metrics.clone(), health).await?;
-            let warmer = Warmer::new(Arc::new(client), warm, metrics);
+            let api = containerd_api(&client, &version, cri_only).await;
+            let content = api.map(|a| Arc::new(a) as Arc<dyn ContentStore>);
+            let warmer = Warmer::new(Arc::new(client), content, warm, metrics);
             let deadline = tokio::time::Instant::now() + timeout;
-            match warmer
-                .warm(&image, expect.as_ref(), credentials, deadline)
-                .await
-            {
+            let warming = warmer.warm(&image, expect.as_ref(), credentials, deadline);
+            let shown = tokio::spawn(show_progress(warming.progress()));
+            let outcome = warming.await;
+            // The display ends with the pull (its sender is gone).
+            let _ = shown.await;
+            match outcome {
                 Ok(ok) => {
                     println!(
                         "ok: {} is {} (image {}) after {:.1}s, {}",
@@ -213,35 +245,95 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Watch {
-            inventory_interval,
+            inventory: args,
             listen,
-        } => watch(cli.cri_socket, inventory_interval, listen, metrics, health).await,
+        } => watch(cli.cri_socket, cri_only, args, listen, metrics, health).await,
         Command::Run {
             session,
-            inventory_interval,
+            inventory: args,
             listen,
             warm,
         } => {
-            let server = serve_health(listen, inventory_interval, &metrics, &health).await?;
-            let client = tokio::select! {
-                c = connect_forever(cli.cri_socket, metrics.clone(), health.clone()) => Arc::new(c),
+            let server = serve_health(listen, args.inventory_interval, &metrics, &health).await?;
+            let (client, version) = tokio::select! {
+                c = connect_forever(cli.cri_socket, metrics.clone(), health.clone()) => c,
                 () = shutdown_signal() => return Ok(ExitCode::SUCCESS),
             };
-            let runtime = session::runtime_of(client.as_ref()).await;
+            let api = containerd_api(&client, &version, cri_only)
+                .await
+                .map(Arc::new);
+            let runtime = session::runtime(&version);
+            let client = Arc::new(client);
             let (tx, rx) = mpsc::channel(16);
             let inventory = tokio::spawn(inventory::run(
                 client.clone(),
-                inventory_interval,
+                api.clone().map(|a| a as Arc<dyn EventSource>),
+                args.intervals(),
                 metrics.clone(),
                 health,
                 tx,
             ));
-            let warmer = Warmer::new(client, warm, metrics);
+            let content = api.map(|a| a as Arc<dyn ContentStore>);
+            let warmer = Warmer::new(client, content, warm, metrics);
             session::run(session, runtime, warmer, rx, shutdown_signal()).await;
             inventory.abort();
             server.abort();
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// containerd's own API next to its CRI plugin, unless `--cri-only` or not containerd.
+async fn containerd_api(
+    client: &CriClient,
+    version: &VersionResponse,
+    cri_only: bool,
+) -> Option<ContainerdApi> {
+    if cri_only {
+        info!("--cri-only: inventory through CRI polling alone, no pull progress");
+        return None;
+    }
+    ContainerdApi::detect(client.socket(), version).await
+}
+
+/// Shows a pull's progress until it ends: a live bar on a terminal, else one plain line
+/// per change (at most one a second).
+async fn show_progress(mut progress: tokio::sync::watch::Receiver<Option<PullProgress>>) {
+    use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
+    use std::io::IsTerminal;
+    let terminal = std::io::stdout().is_terminal();
+    let mut bar: Option<ProgressBar> = None;
+    while progress.changed().await.is_ok() {
+        let Some(p) = *progress.borrow_and_update() else {
+            continue;
+        };
+        if !terminal {
+            match (p.percent(), p.total) {
+                (Some(pct), Some(total)) => println!(
+                    "pulling: {pct} %, {} of {}",
+                    HumanBytes(p.done),
+                    HumanBytes(total)
+                ),
+                _ => println!("pulling: {}", HumanBytes(p.done)),
+            }
+            continue;
+        }
+        let bar = bar.get_or_insert_with(|| {
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stdout());
+            if let Ok(style) = ProgressStyle::with_template(
+                "pulling [{bar:40}] {percent:>3} % {bytes} of {total_bytes} ({bytes_per_sec}, {eta})",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar
+        });
+        if let Some(total) = p.total {
+            bar.set_length(total);
+        }
+        bar.set_position(p.done);
+    }
+    if let Some(bar) = bar {
+        bar.finish();
     }
 }
 
@@ -251,11 +343,11 @@ async fn connect_forever(
     socket: Option<PathBuf>,
     metrics: Metrics,
     health: Arc<Health>,
-) -> CriClient {
+) -> (CriClient, VersionResponse) {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
         match cri::connect(socket.as_deref(), metrics.clone(), health.clone()).await {
-            Ok((client, _)) => return client,
+            Ok(found) => return found,
             Err(e) => {
                 let delay = backoff.next_delay();
                 warn!(error = %e, retry_in = ?delay, "no container runtime yet");
@@ -286,20 +378,25 @@ async fn serve_health(
 
 async fn watch(
     socket: Option<PathBuf>,
-    interval: Duration,
+    cri_only: bool,
+    args: InventoryArgs,
     listen: SocketAddr,
     metrics: Metrics,
     health: Arc<Health>,
 ) -> Result<ExitCode> {
-    let server = serve_health(listen, interval, &metrics, &health).await?;
-    let client = tokio::select! {
+    let server = serve_health(listen, args.inventory_interval, &metrics, &health).await?;
+    let (client, version) = tokio::select! {
         c = connect_forever(socket, metrics.clone(), health.clone()) => c,
         () = shutdown_signal() => return Ok(ExitCode::SUCCESS),
     };
+    let events = containerd_api(&client, &version, cri_only)
+        .await
+        .map(|a| Arc::new(a) as Arc<dyn EventSource>);
     let (tx, mut rx) = mpsc::channel(16);
     let inventory = tokio::spawn(inventory::run(
         Arc::new(client),
-        interval,
+        events,
+        args.intervals(),
         metrics,
         health,
         tx,

@@ -3,7 +3,8 @@
 //! One long-lived `warmroll.v1.Fleet/Session` stream over TLS, authenticated with the
 //! projected ServiceAccount token (re-read on every connect, so rotation just works).
 //! After every (re)connect the agent sends its hello and a fresh inventory snapshot, then
-//! numbered changes. Warm orders run on the [`Warmer`]; while the coordinator is away the
+//! numbered changes. Warm orders run on the [`Warmer`], their pull progress (containerd
+//! only) sent as it changes, at most once per second; while the coordinator is away the
 //! inventory stays current and ordered pulls go on, their results buffered until the
 //! next session. Reconnects back off exponentially with jitter.
 
@@ -21,7 +22,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use tracing::{debug, info, instrument, warn};
 use warmroll_proto::fleet::{
     self, AgentMessage, CoordinatorMessage, FailureKind, Hello, InventoryChange, MAX_MESSAGE_BYTES,
-    NodeName, OrderId, PROTOCOL_VERSION, Runtime, WarmOrder, WarmOutcome, WarmResult,
+    NodeName, OrderId, PROTOCOL_VERSION, Runtime, WarmOrder, WarmOutcome, WarmProgress, WarmResult,
 };
 use warmroll_proto::image::Platform;
 use warmroll_proto::v1;
@@ -29,7 +30,8 @@ use warmroll_proto::v1::fleet_client::FleetClient;
 
 use crate::cri::{Backoff, Cri, error_chain};
 use crate::inventory::{ChangeSet, InventoryUpdate, NodeImage, RunningContainer, Snapshot};
-use crate::warm::{Credentials, WarmError, Warmer};
+use crate::progress::PullProgress;
+use crate::warm::{WarmError, Warmer};
 
 /// Results kept while the coordinator is away (the oldest are dropped beyond this).
 const BUFFERED_RESULTS_MAX: usize = 1024;
@@ -89,7 +91,7 @@ pub enum SessionError {
 }
 
 /// The Go/OCI name of this machine's architecture.
-fn oci_architecture() -> &'static str {
+pub(crate) fn oci_architecture() -> &'static str {
     match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
@@ -197,6 +199,15 @@ pub fn warm_result(order: OrderId, outcome: &Result<crate::warm::Warmed, WarmErr
     WarmResult { order, outcome }
 }
 
+/// The protocol progress of a running warm-up.
+pub fn progress_message(order: OrderId, p: PullProgress) -> WarmProgress {
+    WarmProgress {
+        order,
+        bytes_done: p.done,
+        bytes_total: p.total,
+    }
+}
+
 fn failed(order: OrderId, kind: FailureKind, message: String) -> WarmResult {
     WarmResult {
         order,
@@ -205,15 +216,6 @@ fn failed(order: OrderId, kind: FailureKind, message: String) -> WarmResult {
             message,
             found: None,
         },
-    }
-}
-
-fn credentials(c: fleet::Credentials) -> Credentials {
-    match c {
-        fleet::Credentials::Basic { username, password } => {
-            Credentials::Basic { username, password }
-        }
-        fleet::Credentials::Token(t) => Credentials::Token(t),
     }
 }
 
@@ -300,6 +302,7 @@ struct Agent<C: Cri> {
     buffered: VecDeque<WarmResult>,
     running: HashMap<OrderId, AbortHandle>,
     results_tx: mpsc::UnboundedSender<WarmResult>,
+    progress_tx: mpsc::Sender<WarmProgress>,
     heartbeat: Duration,
 }
 
@@ -339,17 +342,36 @@ impl<C: Cri> Agent<C> {
         info!(order = %order.id, image = %order.image, expected = ?order.expected, "warm order");
         let warmer = self.warmer.clone();
         let results = self.results_tx.clone();
+        let progress_tx = self.progress_tx.clone();
         let id = order.id.clone();
         let task = tokio::spawn(async move {
             let deadline = Instant::now() + order.timeout;
-            let outcome = warmer
-                .warm(
-                    &order.image,
-                    order.expected.as_ref(),
-                    order.credentials.map(credentials),
-                    deadline,
-                )
-                .await;
+            let warming = warmer.warm(
+                &order.image,
+                order.expected.as_ref(),
+                order.credentials,
+                deadline,
+            );
+            let mut progress = warming.progress();
+            let outcome = warming.into_future();
+            tokio::pin!(outcome);
+            let outcome = loop {
+                tokio::select! {
+                    outcome = &mut outcome => break outcome,
+                    changed = progress.changed() => {
+                        let current = *progress.borrow_and_update();
+                        match (changed, current) {
+                            (Ok(()), Some(p)) => {
+                                // Progress is best effort: dropped when the queue is full.
+                                let _ = progress_tx.try_send(progress_message(order.id.clone(), p));
+                            }
+                            (Ok(()), None) => {}
+                            // The pull finished: only the outcome is left.
+                            (Err(_), _) => break (&mut outcome).await,
+                        }
+                    }
+                }
+            };
             match &outcome {
                 Ok(w) => {
                     info!(order = %order.id, image = %order.image, downloaded = w.downloaded, "warmed")
@@ -458,6 +480,7 @@ pub async fn run<C: Cri>(
 ) {
     let hello = hello(args.node_name.clone(), runtime);
     let (results_tx, mut results_rx) = mpsc::unbounded_channel();
+    let (progress_tx, mut progress_rx) = mpsc::channel(OUTBOUND_QUEUE);
     let mut agent = Agent {
         warmer,
         inventory: None,
@@ -465,6 +488,7 @@ pub async fn run<C: Cri>(
         buffered: VecDeque::new(),
         running: HashMap::new(),
         results_tx,
+        progress_tx,
         heartbeat: Duration::from_secs(30),
     };
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
@@ -524,6 +548,14 @@ pub async fn run<C: Cri>(
                     agent.buffer(result);
                 }
             }
+            Some(progress) = progress_rx.recv() => {
+                // Only for a running order, and only while connected: progress is not
+                // worth buffering.
+                if conn.is_some() && agent.running.contains_key(&progress.order) {
+                    send_all(&mut conn, vec![AgentMessage::WarmProgress(progress).into()]).await;
+                    last_sent = Instant::now();
+                }
+            }
             message = next_message(&mut conn) => match message {
                 Ok(Some(m)) => {
                     let replies = agent.handle(m);
@@ -550,20 +582,11 @@ pub async fn run<C: Cri>(
     }
 }
 
-/// The runtime's name and version for the hello.
-pub async fn runtime_of<C: Cri>(cri: &C) -> Runtime {
-    match cri.version().await {
-        Ok(v) => Runtime {
-            name: v.runtime_name,
-            version: v.runtime_version,
-        },
-        Err(e) => {
-            warn!(error = %e, "runtime version unknown");
-            Runtime {
-                name: "unknown".to_owned(),
-                version: String::new(),
-            }
-        }
+/// The runtime's name and version for the hello, from its CRI `Version` answer.
+pub fn runtime(v: &k8s_cri::v1::VersionResponse) -> Runtime {
+    Runtime {
+        name: v.runtime_name.clone(),
+        version: v.runtime_version.clone(),
     }
 }
 

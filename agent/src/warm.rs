@@ -13,57 +13,34 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
-use k8s_cri::v1::AuthConfig;
+use k8s_cri::v1::{AuthConfig, Image};
 use serde::Serialize;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
-use tracing::{info, instrument, warn};
+use tracing::{debug, info, instrument, warn};
+use warmroll_proto::fleet::Credentials;
 use warmroll_proto::image::{Digest, ImageRef};
 
+use crate::containerd::ContentStore;
 use crate::cri::{Backoff, Cri, CriError};
 use crate::inventory::digest_of_reference;
 use crate::metrics::Metrics;
+use crate::progress::{PullProgress, Tracker};
 
-/// Pull credentials. `Debug` never shows the secret.
-#[derive(Clone, PartialEq, Eq)]
-pub enum Credentials {
-    Basic {
-        username: String,
-        password: String,
-    },
-    /// A registry bearer token.
-    Token(String),
-}
-
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Credentials::Basic { username, .. } => f
-                .debug_struct("Basic")
-                .field("username", username)
-                .field("password", &"<redacted>")
-                .finish(),
-            Credentials::Token(_) => f.write_str("Token(<redacted>)"),
-        }
-    }
-}
-
-impl Credentials {
-    /// The CRI auth config. `server_address` stays empty: containerd parses it as a URL
-    /// and drops the credentials when its host differs from the endpoint it contacts
-    /// (a mirror, `registry-1.docker.io`), and a pull order is for one image anyway.
-    fn auth_config(&self) -> AuthConfig {
-        match self {
-            Credentials::Basic { username, password } => AuthConfig {
-                username: username.clone(),
-                password: password.clone(),
-                ..Default::default()
-            },
-            Credentials::Token(token) => AuthConfig {
-                registry_token: token.clone(),
-                ..Default::default()
-            },
-        }
+/// The CRI auth config for pull credentials. `server_address` stays empty: containerd
+/// parses it as a URL and drops the credentials when its host differs from the endpoint it
+/// contacts (a mirror, `registry-1.docker.io`), and a pull order is for one image anyway.
+fn auth_config(credentials: &Credentials) -> AuthConfig {
+    match credentials {
+        Credentials::Basic { username, password } => AuthConfig {
+            username: username.clone(),
+            password: password.clone(),
+            ..Default::default()
+        },
+        Credentials::Token(token) => AuthConfig {
+            registry_token: token.clone(),
+            ..Default::default()
+        },
     }
 }
 
@@ -231,12 +208,20 @@ pub struct WarmConfig {
 type SharedOutcome = Shared<BoxFuture<'static, WarmOutcome>>;
 type Key = (ImageRef, Option<Digest>);
 
+/// A pull in flight: its outcome (shared by merged requests) and its progress.
+struct InFlight {
+    outcome: SharedOutcome,
+    progress: watch::Receiver<Option<PullProgress>>,
+}
+
 struct Inner<C> {
     cri: Arc<C>,
+    /// containerd's content store, for pull progress (none: no progress is reported).
+    content: Option<Arc<dyn ContentStore>>,
     permits: Semaphore,
     config: WarmConfig,
     metrics: Metrics,
-    inflight: Mutex<HashMap<Key, SharedOutcome>>,
+    inflight: Mutex<HashMap<Key, InFlight>>,
 }
 
 /// Runs warm-ups on the node. Clones share the semaphore and the in-flight pulls.
@@ -252,11 +237,42 @@ impl<C> Clone for Warmer<C> {
     }
 }
 
+/// A warm-up under way: `.await` it for the outcome; [`Warming::progress`] follows the
+/// bytes pulled so far (sampled at most once per second, updated only on change).
+pub struct Warming {
+    progress: watch::Receiver<Option<PullProgress>>,
+    outcome: BoxFuture<'static, WarmOutcome>,
+}
+
+impl Warming {
+    /// The pull's progress; stays `None` where the runtime shows none (not containerd).
+    pub fn progress(&self) -> watch::Receiver<Option<PullProgress>> {
+        self.progress.clone()
+    }
+}
+
+impl std::future::IntoFuture for Warming {
+    type Output = WarmOutcome;
+    type IntoFuture = BoxFuture<'static, WarmOutcome>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        self.outcome
+    }
+}
+
 impl<C: Cri> Warmer<C> {
-    pub fn new(cri: Arc<C>, config: WarmConfig, metrics: Metrics) -> Self {
+    /// A warmer pulling through `cri`; `content` (containerd's content store, where the
+    /// runtime is containerd) adds pull progress.
+    pub fn new(
+        cri: Arc<C>,
+        content: Option<Arc<dyn ContentStore>>,
+        config: WarmConfig,
+        metrics: Metrics,
+    ) -> Self {
         Warmer {
             inner: Arc::new(Inner {
                 cri,
+                content,
                 permits: Semaphore::new(config.max_concurrent_pulls.max(1)),
                 config,
                 metrics,
@@ -268,15 +284,15 @@ impl<C: Cri> Warmer<C> {
     /// Pull `image` (by its tag) and check the node's tag resolves to `expected`.
     /// A request identical to one in flight (same image and expected digest) waits for
     /// that pull instead of starting another; each caller's own `deadline` still applies.
-    pub async fn warm(
+    pub fn warm(
         &self,
         image: &ImageRef,
         expected: Option<&Digest>,
         credentials: Option<Credentials>,
         deadline: Instant,
-    ) -> WarmOutcome {
+    ) -> Warming {
         let key: Key = (image.clone(), expected.cloned());
-        let shared = {
+        let (shared, progress) = {
             let mut inflight = self
                 .inner
                 .inflight
@@ -285,15 +301,22 @@ impl<C: Cri> Warmer<C> {
             match inflight.get(&key) {
                 Some(s) => {
                     info!(image = %image, "identical warm-up in flight; waiting for it");
-                    s.clone()
+                    (s.outcome.clone(), s.progress.clone())
                 }
                 None => {
                     let inner = self.inner.clone();
                     let task_key = key.clone();
+                    let (progress_tx, progress) = watch::channel(None);
                     let handle = tokio::spawn(async move {
                         let started = Instant::now();
                         let outcome = inner
-                            .warm_once(&task_key.0, task_key.1.as_ref(), credentials, deadline)
+                            .warm_once(
+                                &task_key.0,
+                                task_key.1.as_ref(),
+                                credentials,
+                                deadline,
+                                &progress_tx,
+                            )
                             .await;
                         let label = match &outcome {
                             Ok(_) => "ok",
@@ -319,33 +342,84 @@ impl<C: Cri> Warmer<C> {
                         })
                         .boxed()
                         .shared();
-                    inflight.insert(key, shared.clone());
-                    shared
+                    inflight.insert(
+                        key,
+                        InFlight {
+                            outcome: shared.clone(),
+                            progress: progress.clone(),
+                        },
+                    );
+                    (shared, progress)
                 }
             }
         };
-        let started = Instant::now();
-        // The pull task ends by its own deadline with the precise error; the grace only
-        // matters to a merged caller whose deadline is earlier than the running pull's.
-        match tokio::time::timeout_at(deadline + Duration::from_millis(500), shared).await {
-            Ok(outcome) => outcome,
-            Err(_) => Err(WarmError::Timeout {
-                image: image.to_string(),
-                after: started.elapsed(),
-                last_error: None,
-            }),
+        let image = image.clone();
+        let outcome = async move {
+            let started = Instant::now();
+            // The pull task ends by its own deadline with the precise error; the grace
+            // only matters to a merged caller whose deadline is earlier than the pull's.
+            match tokio::time::timeout_at(deadline + Duration::from_millis(500), shared).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(WarmError::Timeout {
+                    image: image.to_string(),
+                    after: started.elapsed(),
+                    last_error: None,
+                }),
+            }
+        }
+        .boxed();
+        Warming { progress, outcome }
+    }
+}
+
+/// Samples `tracker` every second and publishes each changed value; never returns.
+async fn follow_progress(
+    store: &dyn ContentStore,
+    tracker: &mut Tracker,
+    progress: &watch::Sender<Option<PullProgress>>,
+) -> std::convert::Infallible {
+    let mut ticks = tokio::time::interval(PROGRESS_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        ticks.tick().await;
+        match tracker.sample(store).await {
+            Ok(Some(p)) => {
+                failing = false;
+                publish(progress, p);
+            }
+            Ok(None) => failing = false,
+            Err(e) => {
+                if !failing {
+                    debug!(error = %e, "pull progress unavailable for now");
+                }
+                failing = true;
+            }
         }
     }
 }
 
+/// Sends `p` when it differs from the last value.
+fn publish(progress: &watch::Sender<Option<PullProgress>>, p: PullProgress) {
+    progress.send_if_modified(|current| {
+        let changed = *current != Some(p);
+        *current = Some(p);
+        changed
+    });
+}
+
+/// How often a running pull's progress is sampled.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
 impl<C: Cri> Inner<C> {
-    #[instrument(skip(self, credentials), fields(image = %image, expected = ?expected.map(ToString::to_string)))]
+    #[instrument(skip(self, credentials, progress), fields(image = %image, expected = ?expected.map(ToString::to_string)))]
     async fn warm_once(
         &self,
         image: &ImageRef,
         expected: Option<&Digest>,
         credentials: Option<Credentials>,
         deadline: Instant,
+        progress: &watch::Sender<Option<PullProgress>>,
     ) -> WarmOutcome {
         let started = Instant::now();
         let timeout = |last_error: Option<String>| WarmError::Timeout {
@@ -365,46 +439,26 @@ impl<C: Cri> Inner<C> {
             Ok(r) => r?,
         }
         let name = image.to_string();
-        let auth = credentials.map(|c| c.auth_config());
-        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(15));
-        let mut last_error: Option<String> = None;
-        let before = loop {
-            // What the node holds before the pull tells whether the pull downloaded.
-            let attempt = async {
-                let before = self.cri.list_images().await?;
-                self.cri.pull_image(&name, auth.clone()).await?;
-                Ok::<_, CriError>(before)
-            };
-            let error = match tokio::time::timeout_at(deadline, attempt).await {
-                Err(_) => return Err(timeout(last_error)),
-                Ok(Ok(before)) => break before,
-                Ok(Err(e)) => e,
-            };
-            let message = error.to_string();
-            match classify(&error) {
-                PullFailure::Auth => {
-                    return Err(WarmError::Auth {
-                        image: image.to_string(),
-                        message,
-                    });
+        let auth = credentials.as_ref().map(auth_config);
+        let pull = self.pull(image, &name, auth, deadline, started);
+        let before = match &self.content {
+            None => pull.await?,
+            Some(store) => {
+                let (os, arch) = (std::env::consts::OS, crate::session::oci_architecture());
+                let mut tracker = Tracker::new(expected, os, arch, None);
+                let before = tokio::select! {
+                    before = pull => before?,
+                    never = follow_progress(store.as_ref(), &mut tracker, progress) => match never {},
+                };
+                match tokio::time::timeout(Duration::from_secs(5), tracker.finish(store.as_ref()))
+                    .await
+                {
+                    Ok(Ok(Some(p))) => publish(progress, p),
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => debug!(error = %e, "final pull progress unavailable"),
+                    Err(_) => debug!("final pull progress timed out"),
                 }
-                PullFailure::NotFound => {
-                    return Err(WarmError::NotFound {
-                        image: image.to_string(),
-                        message,
-                    });
-                }
-                PullFailure::Permanent => return Err(runtime(error)),
-                PullFailure::Transient => {
-                    let delay = backoff.next_delay();
-                    warn!(error = %message, retry_in = ?delay, "pull failed; retrying");
-                    last_error = Some(message);
-                    if Instant::now() + delay >= deadline {
-                        tokio::time::sleep_until(deadline).await;
-                        return Err(timeout(last_error));
-                    }
-                    tokio::time::sleep(delay).await;
-                }
+                before
             }
         };
         let status = match tokio::time::timeout_at(deadline, self.cri.image_status(&name)).await {
@@ -440,6 +494,69 @@ impl<C: Cri> Inner<C> {
         };
         info!(duration = ?warmed.duration, downloaded, digest = ?warmed.digest.as_ref().map(ToString::to_string), "image warm");
         Ok(warmed)
+    }
+
+    /// `PullImage` with retries of transient failures inside the deadline; returns the
+    /// images the node held just before the successful pull.
+    async fn pull(
+        &self,
+        image: &ImageRef,
+        name: &str,
+        auth: Option<AuthConfig>,
+        deadline: Instant,
+        started: Instant,
+    ) -> Result<Vec<Image>, WarmError> {
+        let timeout = |last_error: Option<String>| WarmError::Timeout {
+            image: image.to_string(),
+            after: started.elapsed(),
+            last_error,
+        };
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(15));
+        let mut last_error: Option<String> = None;
+        loop {
+            // What the node holds before the pull tells whether the pull downloaded.
+            let attempt = async {
+                let before = self.cri.list_images().await?;
+                self.cri.pull_image(name, auth.clone()).await?;
+                Ok::<_, CriError>(before)
+            };
+            let error = match tokio::time::timeout_at(deadline, attempt).await {
+                Err(_) => return Err(timeout(last_error)),
+                Ok(Ok(before)) => return Ok(before),
+                Ok(Err(e)) => e,
+            };
+            let message = error.to_string();
+            match classify(&error) {
+                PullFailure::Auth => {
+                    return Err(WarmError::Auth {
+                        image: image.to_string(),
+                        message,
+                    });
+                }
+                PullFailure::NotFound => {
+                    return Err(WarmError::NotFound {
+                        image: image.to_string(),
+                        message,
+                    });
+                }
+                PullFailure::Permanent => {
+                    return Err(WarmError::Runtime {
+                        image: image.to_string(),
+                        message,
+                    });
+                }
+                PullFailure::Transient => {
+                    let delay = backoff.next_delay();
+                    warn!(error = %message, retry_in = ?delay, "pull failed; retrying");
+                    last_error = Some(message);
+                    if Instant::now() + delay >= deadline {
+                        tokio::time::sleep_until(deadline).await;
+                        return Err(timeout(last_error));
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
     }
 
     async fn check_disk(&self, image: &ImageRef) -> Result<(), WarmError> {
@@ -611,12 +728,12 @@ mod tests {
             "{shown}"
         );
         assert!(shown.contains("ci"));
-        let auth = basic.auth_config();
+        let auth = auth_config(&basic);
         assert_eq!(
             (auth.username.as_str(), auth.password.as_str()),
             ("ci", "hunter2")
         );
-        assert_eq!(token.auth_config().registry_token, "tok-secret");
+        assert_eq!(auth_config(&token).registry_token, "tok-secret");
     }
 
     #[test]
@@ -719,7 +836,10 @@ mod tests {
                 max_concurrent_pulls: max,
                 min_free_disk,
             };
-            (Warmer::new(fake.clone(), config, metrics.clone()), metrics)
+            (
+                Warmer::new(fake.clone(), None, config, metrics.clone()),
+                metrics,
+            )
         }
 
         fn image() -> ImageRef {
