@@ -1,0 +1,172 @@
+//! `report --once` against the sandbox cluster (real containerd nodes whose kubelets
+//! write the pods' `imageID`) and the real registry: drift after a new build under the
+//! tag, multi-arch in sync, pinned, targets and namespace scope, one bad reference and
+//! one unreachable registry hurting nothing else, and not one API write.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use serde_json::json;
+use warmroll_coordinator::config::Config;
+use warmroll_coordinator::drift::State;
+use warmroll_coordinator::engine::{report_once, resolver_for};
+use warmroll_tests::cluster::{Cluster, ClusterOptions};
+use warmroll_tests::image::ImageBuilder;
+use warmroll_tests::registry::{Registry, RegistryOptions};
+
+fn deployment(ns: &str, name: &str, policy: Option<&str>, image: &str) -> Deployment {
+    let mut labels = json!({"app": name});
+    if let Some(p) = policy {
+        labels["warmroll.io/policy"] = json!(p);
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"namespace": ns, "name": name, "labels": labels},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "main", "image": image, "imagePullPolicy": "Always"}]}
+            }
+        }
+    }))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn report_once_sees_drift_pinned_multi_arch_scope_and_errors_without_writing() {
+    warmroll_tests::tls::install_crypto_provider();
+    let registry = Registry::start(RegistryOptions::plain()).await.unwrap();
+    let images = ImageBuilder::new(&registry).unwrap();
+    let first = images.push("app", "latest").await.unwrap();
+    let multi = images.push_index("multi", "multi").await.unwrap();
+    let cluster = Cluster::start(ClusterOptions::nodes(1), &registry)
+        .await
+        .unwrap();
+    let host = registry.host();
+
+    let config = Config::parse(
+        &format!(
+            r#"
+registry:
+  insecureRegistries: ["{host}", "127.0.0.1:1"]
+policies:
+  watch:
+    mode: report
+    namespaces: [shop]
+    targets: [shop/Deployment/unlabelled]
+"#
+        ),
+        "test",
+    )
+    .unwrap();
+    let api = cluster.api();
+    for d in [
+        deployment("shop", "web", Some("watch"), &first.reference),
+        deployment("shop", "multi", Some("watch"), &multi.reference),
+        deployment("shop", "pinned", Some("watch"), &first.pinned()),
+        deployment("shop", "unlabelled", None, &first.reference),
+        deployment("shop", "broken", Some("watch"), &format!("{host}/Bad::ref")),
+        deployment("shop", "down", Some("watch"), "127.0.0.1:1/gone:latest"),
+        deployment("elsewhere", "web", Some("watch"), &first.reference),
+        deployment("shop", "other-policy", Some("nope"), &first.reference),
+    ] {
+        api.insert(&d).unwrap();
+    }
+    for name in ["web", "multi", "pinned", "unlabelled"] {
+        cluster
+            .wait_rolled_out::<Deployment>("shop", name, Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
+
+    let (resolver, _) = resolver_for(&config).unwrap();
+    let writes_before = cluster.foreign_writes().len();
+    let report = report_once(&cluster.client(), &config, &resolver)
+        .await
+        .unwrap();
+    let names: Vec<&str> = report.workloads.iter().map(|w| w.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["broken", "down", "multi", "pinned", "unlabelled", "web"],
+        "namespace scope, the explicit target, and the unknown policy value: {report:#?}"
+    );
+    assert_eq!(report.state_of("shop", "web", "main"), Some(&State::InSync));
+    assert_eq!(
+        report.state_of("shop", "multi", "main"),
+        Some(&State::InSync),
+        "a pod on the amd64 child of the index is in sync"
+    );
+    assert_eq!(
+        report.state_of("shop", "pinned", "main"),
+        Some(&State::Pinned)
+    );
+    assert_eq!(
+        report.state_of("shop", "unlabelled", "main"),
+        Some(&State::InSync)
+    );
+    match report.state_of("shop", "broken", "main") {
+        Some(State::Error(reason)) => assert!(reason.contains("bad image reference"), "{reason}"),
+        other => panic!("broken: {other:?}"),
+    }
+    match report.state_of("shop", "down", "main") {
+        Some(State::Error(reason)) => assert!(reason.contains("127.0.0.1:1"), "{reason}"),
+        other => panic!("down: {other:?}"),
+    }
+    let web = report.workloads.iter().find(|w| w.name == "web").unwrap();
+    let running = &web.containers[0].running;
+    assert_eq!(running.len(), 1);
+    assert_eq!(
+        running[0].digest.as_ref().unwrap().to_string(),
+        first.manifest_digest
+    );
+    assert_eq!((running[0].pods, running[0].nodes), (1, 1));
+
+    // A new build under the tag: drift for both workloads on it, nothing else moves.
+    let second = images.push("app", "latest").await.unwrap();
+    // `report --once` is one process per report: a fresh resolver (no cached answer).
+    let (resolver, _) = resolver_for(&config).unwrap();
+    let report = report_once(&cluster.client(), &config, &resolver)
+        .await
+        .unwrap();
+    assert_eq!(report.state_of("shop", "web", "main"), Some(&State::Drift));
+    assert_eq!(
+        report.state_of("shop", "unlabelled", "main"),
+        Some(&State::Drift)
+    );
+    let web = report.workloads.iter().find(|w| w.name == "web").unwrap();
+    assert_eq!(
+        web.containers[0]
+            .registry_digest
+            .as_ref()
+            .unwrap()
+            .to_string(),
+        second.manifest_digest
+    );
+    assert_eq!(
+        report.state_of("shop", "multi", "main"),
+        Some(&State::InSync)
+    );
+    assert_eq!(
+        report.state_of("shop", "pinned", "main"),
+        Some(&State::Pinned)
+    );
+    assert_eq!(report.count("error"), 2);
+    assert_eq!(report.count("drift"), 2);
+    let table = report.table();
+    assert!(table.contains("6 workloads, 6 containers"), "{table}");
+
+    assert_eq!(
+        cluster.foreign_writes().len(),
+        writes_before,
+        "report --once writes nothing"
+    );
+}
