@@ -19,7 +19,7 @@ use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use warmroll_tests::cluster::{
-    Cluster, ClusterOptions, PodRecord, RolloutStatusOf, deployment_rollout,
+    CONTROLLER_USER, Cluster, ClusterOptions, PodRecord, RolloutStatusOf, deployment_rollout,
 };
 use warmroll_tests::containerd::{mounts_under, processes_mentioning};
 use warmroll_tests::image::ImageBuilder;
@@ -90,12 +90,17 @@ where
         .unwrap();
 }
 
+/// The pods of `app` that are not terminating (a rollout is done while the old pods
+/// still terminate, as in a real cluster).
 async fn pods(cluster: &Cluster, app: &str) -> Vec<Pod> {
     Api::<Pod>::namespaced(cluster.client(), NS)
         .list(&ListParams::default().labels(&format!("app={app}")))
         .await
         .unwrap()
         .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect()
 }
 
 fn node_of(pod: &Pod) -> String {
@@ -375,6 +380,21 @@ async fn daemonset_rolls_node_by_node_deleting_before_creating() {
     // maxUnavailable 1: the second node's old pod went after the first node's new one
     // was ready.
     assert!(rolled[1].0 >= rolled[0].1, "{rolled:?}");
+    // Graceful deletion: the controller deleted each old pod, its kubelet stopped it
+    // and then deleted it for good.
+    let deletes_by = |user: &str| {
+        cluster
+            .api()
+            .requests()
+            .iter()
+            .filter(|r| r.method.as_str() == "DELETE" && r.user.as_deref() == Some(user))
+            .count()
+    };
+    assert_eq!(deletes_by(CONTROLLER_USER), 2);
+    assert_eq!(
+        deletes_by("system:node:node-1") + deletes_by("system:node:node-2"),
+        2
+    );
     let gaps = cluster.not_ready_gaps(NS, "DaemonSet", "ds", since);
     assert_eq!(gaps.len(), 2);
     assert!(gaps.iter().all(|g| g.duration().unwrap() > Duration::ZERO));

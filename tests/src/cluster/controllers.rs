@@ -190,11 +190,10 @@ impl<'a> Workload<'a> {
         })
     }
 
-    /// Its pods that are not being deleted, as the plans see them.
+    /// Its pods, as the plans see them.
     fn members(&self, pods: &[Pod]) -> Vec<Member> {
         pods.iter()
             .filter(|p| p.metadata.namespace.as_deref() == Some(self.namespace))
-            .filter(|p| p.metadata.deletion_timestamp.is_none())
             .filter(|p| {
                 p.metadata
                     .owner_references
@@ -215,6 +214,7 @@ impl<'a> Workload<'a> {
                         .cloned()
                         .unwrap_or_default(),
                     ready: is_ready(p),
+                    terminating: p.metadata.deletion_timestamp.is_some(),
                 })
             })
             .collect()

@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use serde_json::json;
 use tokio::sync::Notify;
 use tokio::task::{AbortHandle, JoinSet};
@@ -71,12 +71,15 @@ async fn sync(
         .await
         .with_context(|| format!("listing the pods of node {}", kubelet.node))?;
     let mut desired = HashMap::new();
+    let mut terminating = Vec::new();
     for pod in pods {
-        // A pod being deleted (held by a finalizer) is stopped like a deleted one.
-        if pod.metadata.deletion_timestamp.is_some() {
+        let Some(uid) = pod.metadata.uid.clone() else {
             continue;
-        }
-        if let Some(uid) = pod.metadata.uid.clone() {
+        };
+        // A pod being deleted is stopped, then deleted for good.
+        if pod.metadata.deletion_timestamp.is_some() {
+            terminating.push((pod, uid));
+        } else {
             desired.insert(uid, pod);
         }
     }
@@ -122,6 +125,29 @@ async fn sync(
         kubelet.runtime.stop_sandbox(&sandbox_id).await?;
         kubelet.runtime.remove_sandbox(&sandbox_id).await?;
         tracing::debug!(node = %kubelet.node, %uid, "removed the sandbox of a deleted pod");
+    }
+    // Its containers are gone: finish the graceful deletion.
+    for (pod, uid) in terminating {
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+        let name = pod.metadata.name.as_deref().unwrap_or_default();
+        let params = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions {
+                uid: Some(uid),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        match Api::<Pod>::namespaced(kubelet.client.clone(), namespace)
+            .delete(name, &params)
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("deleting pod {namespace}/{name}"));
+            }
+        }
     }
     Ok(())
 }

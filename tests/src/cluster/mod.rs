@@ -17,7 +17,9 @@
 //!
 //! There are no ReplicaSets or ControllerRevisions: a pod carries its template revision
 //! in `pod-template-hash` (Deployments) or `controller-revision-hash` (StatefulSets,
-//! DaemonSets). Pod deletion is immediate (the stand-in has no graceful deletion).
+//! DaemonSets). Pods are deleted gracefully: a deleted pod stays, terminating, until its
+//! kubelet has removed its sandbox and deletes it for good; Recreate Deployments,
+//! StatefulSet ordinals and DaemonSet nodes wait for it to be gone.
 //!
 //! Everything the cluster does is timed for the benchmark ([`Cluster::pods`],
 //! [`Cluster::ready_on`], [`Cluster::not_ready_gaps`]), and its own API writes can be
@@ -83,6 +85,7 @@ pub struct ClusterOptions {
     /// First wait after a failed pull (kubelet: 10 s), doubling up to `max_pull_backoff`.
     pub pull_backoff: Duration,
     pub max_pull_backoff: Duration,
+    /// The API stand-in's options (`graceful_pod_deletion` is always on).
     pub api: KubeApiOptions,
 }
 
@@ -154,9 +157,13 @@ impl Cluster {
         if options.nodes == 0 {
             bail!("a sandbox cluster needs at least one node");
         }
-        let api = KubeApi::start_with(options.api.clone())
-            .await
-            .context("starting the API stand-in")?;
+        // The cluster's kubelets finish pod deletions, as in a real cluster.
+        let api = KubeApi::start_with(KubeApiOptions {
+            graceful_pod_deletion: true,
+            ..options.api.clone()
+        })
+        .await
+        .context("starting the API stand-in")?;
         let first = Containerd::start_with_registry(registry).await?;
         let sandbox = first.sandbox_image().to_string();
         let others = futures::future::try_join_all((1..options.nodes).map(|_| async {

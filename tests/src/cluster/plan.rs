@@ -16,6 +16,9 @@ pub struct Member {
     /// The template revision the pod was made from.
     pub revision: String,
     pub ready: bool,
+    /// Being deleted (`deletionTimestamp` set): it still exists, and runs until kubelet
+    /// has stopped it.
+    pub terminating: bool,
 }
 
 impl Member {
@@ -131,6 +134,9 @@ pub fn plan_deployment(
     members: &[Member],
 ) -> Vec<Action> {
     let replicas = replicas.max(0);
+    let terminating = members.iter().any(|m| m.terminating);
+    let members: Vec<Member> = members.iter().filter(|m| !m.terminating).cloned().collect();
+    let members = members.as_slice();
     let (new, old): (Vec<&Member>, Vec<&Member>) =
         members.iter().partition(|m| m.revision == revision);
     let mut actions = Vec::new();
@@ -140,7 +146,10 @@ pub fn plan_deployment(
             if !old.is_empty() {
                 return old.into_iter().map(Action::delete).collect();
             }
-            scale_new(&mut actions, replicas, new_count, replicas, &new);
+            // New pods come once the old ones are gone, not just going.
+            if !terminating {
+                scale_new(&mut actions, replicas, new_count, replicas, &new);
+            }
         }
         DeploymentStrategy::RollingUpdate {
             max_surge,
@@ -222,8 +231,13 @@ pub fn plan_statefulset(
         }
     }
     if !strays.is_empty() {
-        return strays.into_iter().map(Action::delete).collect();
+        return strays
+            .into_iter()
+            .filter(|m| !m.terminating)
+            .map(Action::delete)
+            .collect();
     }
+    // A terminating pod holds its ordinal (and name) until it is gone.
     for ordinal in 0..replicas.max(0) {
         match by_ordinal.get(&ordinal) {
             None => {
@@ -232,11 +246,14 @@ pub fn plan_statefulset(
                     ordinal: Some(ordinal),
                 }];
             }
-            Some(m) if !m.ready => return Vec::new(),
+            Some(m) if !m.ready || m.terminating => return Vec::new(),
             Some(_) => {}
         }
     }
     if let Some((_, m)) = by_ordinal.range(replicas.max(0)..).next_back() {
+        if m.terminating {
+            return Vec::new();
+        }
         return vec![Action::delete(m)];
     }
     if rolling {
@@ -264,9 +281,12 @@ pub fn plan_daemonset(
 ) -> Vec<Action> {
     let mut actions = Vec::new();
     let mut by_node: BTreeMap<&str, Vec<&Member>> = BTreeMap::new();
+    let mut going: BTreeMap<&str, usize> = BTreeMap::new();
     for m in members {
         match m.node.as_deref().filter(|n| nodes.iter().any(|k| k == n)) {
+            Some(node) if m.terminating => *going.entry(node).or_default() += 1,
             Some(node) => by_node.entry(node).or_default().push(m),
+            None if m.terminating => {}
             None => actions.push(Action::delete(m)),
         }
     }
@@ -278,10 +298,13 @@ pub fn plan_daemonset(
         pods.sort_by_key(|m| (m.revision != revision, !m.ready));
         let mut pods = pods.into_iter();
         let Some(keep) = pods.next() else {
-            actions.push(Action::Create {
-                node: Some(node.clone()),
-                ordinal: None,
-            });
+            // The new pod comes once the old one is gone, not just going.
+            if !going.contains_key(node.as_str()) {
+                actions.push(Action::Create {
+                    node: Some(node.clone()),
+                    ordinal: None,
+                });
+            }
             unavailable += 1;
             continue;
         };
@@ -307,10 +330,12 @@ pub fn plan_daemonset(
     actions
 }
 
-/// The members after `actions`: deleted pods gone, created pods present, not ready.
+/// The members that count after `actions`: deleted and terminating pods gone, created
+/// pods present, not ready.
 pub fn after(members: &[Member], actions: &[Action], revision: &str) -> Vec<Member> {
     let mut result: Vec<Member> = members
         .iter()
+        .filter(|m| !m.terminating)
         .filter(|m| {
             !actions
                 .iter()
@@ -326,6 +351,7 @@ pub fn after(members: &[Member], actions: &[Action], revision: &str) -> Vec<Memb
                 node: node.clone(),
                 revision: revision.to_string(),
                 ready: false,
+                terminating: false,
             });
         }
     }
@@ -359,7 +385,13 @@ mod tests {
             node: None,
             revision: revision.into(),
             ready,
+            terminating: false,
         }
+    }
+
+    fn going(mut m: Member) -> Member {
+        m.terminating = true;
+        m
     }
 
     fn on(mut m: Member, node: &str) -> Member {
@@ -595,6 +627,26 @@ mod tests {
             deleted(&plan_daemonset(&nodes, true, 1, "b", &state)),
             vec!["d-old"]
         );
+    }
+
+    #[test]
+    fn terminating_pods_hold_back_recreate_ordinals_and_daemon_nodes() {
+        let going_old = [going(pod("a1", "a", true))];
+        assert!(plan_deployment(2, DeploymentStrategy::Recreate, "b", &going_old).is_empty());
+        let rolling = DeploymentStrategy::RollingUpdate {
+            max_surge: 1,
+            max_unavailable: 0,
+        };
+        // RollingUpdate does not wait for them; they do not count.
+        assert_eq!(creates(&plan_deployment(1, rolling, "b", &going_old)), 1);
+
+        let state = [pod("db-0", "r2", true), going(pod("db-1", "r1", true))];
+        assert!(plan_statefulset("db", 2, true, "r2", &state).is_empty());
+
+        let nodes = vec!["n1".to_string()];
+        let state = [on(going(pod("d-a", "a", true)), "n1")];
+        assert!(plan_daemonset(&nodes, true, 1, "b", &state).is_empty());
+        assert!(after(&state, &[], "b").is_empty());
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! apply is 415), delete (finalizers, preconditions), deletecollection.
 //!
 //! Not modelled: defaulting and most validation, admission, RBAC (every authenticated
-//! user may do anything), graceful pod deletion (pods go at once, the answer is the pod),
+//! user may do anything), graceful pod deletion unless asked for
+//! ([`KubeApiOptions::graceful_pod_deletion`]; else pods go at once, the answer is the pod),
 //! `/scale`, managedFields, Table output, protobuf.
 
 mod patch;
@@ -60,6 +61,11 @@ pub struct KubeApiOptions {
     pub history_limit: usize,
     /// How often an open watch that asked for bookmarks gets one.
     pub bookmark_interval: Duration,
+    /// Delete pods bound to a node gracefully, as the API server does: the pod stays,
+    /// with `deletionTimestamp` and `deletionGracePeriodSeconds`, until it is deleted
+    /// again with a zero grace period (kubelet's part: the sandbox cluster does it).
+    /// Off by default: without kubelets, pods go at once.
+    pub graceful_pod_deletion: bool,
 }
 
 impl Default for KubeApiOptions {
@@ -68,6 +74,7 @@ impl Default for KubeApiOptions {
             tls: true,
             history_limit: 10_000,
             bookmark_interval: Duration::from_secs(5),
+            graceful_pod_deletion: false,
         }
     }
 }
@@ -152,7 +159,11 @@ impl KubeApi {
             },
         );
         let shared = Arc::new(Shared {
-            store: Mutex::new(Store::new(options.history_limit)),
+            store: Mutex::new({
+                let mut store = Store::new(options.history_limit);
+                store.graceful_pods = options.graceful_pod_deletion;
+                store
+            }),
             tokens: Mutex::new(tokens),
             requests: Mutex::new(Vec::new()),
             bookmark_interval: options.bookmark_interval,

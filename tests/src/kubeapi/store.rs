@@ -122,6 +122,9 @@ pub struct Store {
     /// The newest resourceVersion dropped from `history`: watches from before it get 410.
     compacted: u64,
     events: broadcast::Sender<Arc<StoredEvent>>,
+    /// Pods bound to a node are deleted gracefully: `deletionTimestamp` set, removed
+    /// when kubelet deletes them again with a zero grace period.
+    pub graceful_pods: bool,
 }
 
 impl Store {
@@ -134,6 +137,7 @@ impl Store {
             history_limit,
             compacted: 0,
             events,
+            graceful_pods: false,
         }
     }
 
@@ -355,7 +359,12 @@ impl Store {
             .pointer("/metadata/finalizers")
             .and_then(Value::as_array)
             .is_none_or(|f| f.is_empty());
-        if next.pointer("/metadata/deletionTimestamp").is_some() && finalizers_done {
+        let grace_over = next
+            .pointer("/metadata/deletionGracePeriodSeconds")
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+            == 0;
+        if next.pointer("/metadata/deletionTimestamp").is_some() && finalizers_done && grace_over {
             self.objects.remove(&key);
             self.record(EventType::Deleted, key, next.clone(), Some(old));
         } else {
@@ -401,6 +410,27 @@ impl Store {
             }
         }
         let key = Key::new(rt, namespace, name);
+        if let Some(grace) = self.pod_grace_period(rt, &old, options)
+            && grace > 0
+        {
+            let current = old
+                .pointer("/metadata/deletionGracePeriodSeconds")
+                .and_then(Value::as_i64);
+            if old.pointer("/metadata/deletionTimestamp").is_some()
+                && current.is_some_and(|c| c <= grace)
+            {
+                return Ok((old, false));
+            }
+            let mut next = old.clone();
+            let meta = metadata_mut(&mut next)?;
+            meta.insert("deletionTimestamp".into(), json!(now_plus(grace)));
+            meta.insert("deletionGracePeriodSeconds".into(), json!(grace));
+            self.rv += 1;
+            set_rv(&mut next, self.rv);
+            self.objects.insert(key.clone(), next.clone());
+            self.record(EventType::Modified, key, next.clone(), Some(old));
+            return Ok((next, false));
+        }
         let has_finalizers = old
             .pointer("/metadata/finalizers")
             .and_then(Value::as_array)
@@ -425,6 +455,37 @@ impl Store {
         set_rv(&mut last, self.rv);
         self.record(EventType::Deleted, key, last.clone(), Some(old));
         Ok((last, true))
+    }
+
+    /// The grace period of a graceful pod deletion (`None`: deleted at once): the
+    /// request's `gracePeriodSeconds`, else the pod's `terminationGracePeriodSeconds`,
+    /// else 30 — for pods bound to a node and not finished, as the API server does.
+    fn pod_grace_period(&self, rt: &ResourceType, pod: &Value, options: &Value) -> Option<i64> {
+        if !self.graceful_pods || rt.kind != "Pod" {
+            return None;
+        }
+        let bound = pod
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .is_some_and(|n| !n.is_empty());
+        let finished = matches!(
+            pod.pointer("/status/phase").and_then(Value::as_str),
+            Some("Succeeded" | "Failed")
+        );
+        if !bound || finished {
+            return None;
+        }
+        Some(
+            options
+                .get("gracePeriodSeconds")
+                .and_then(Value::as_i64)
+                .or_else(|| {
+                    pod.pointer("/spec/terminationGracePeriodSeconds")
+                        .and_then(Value::as_i64)
+                })
+                .unwrap_or(30)
+                .max(0),
+        )
     }
 
     /// Lists in key order (namespace, then name), one page of at most `limit` items.
@@ -691,6 +752,13 @@ fn decode_continue(token: &str) -> Result<(u64, (String, String)), ApiError> {
     Ok((rv, (namespace, name)))
 }
 
+/// [`now`] plus `seconds`.
+fn now_plus(seconds: i64) -> String {
+    (jiff::Timestamp::now() + jiff::SignedDuration::from_secs(seconds))
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+}
+
 /// RFC 3339 at second precision, like `metav1.Time`.
 pub fn now() -> String {
     jiff::Timestamp::now()
@@ -790,6 +858,40 @@ mod tests {
             .unwrap();
         assert_eq!(same, a);
         assert_eq!(store.watch(rt, Some(0)).unwrap().backlog.len(), 1);
+    }
+
+    #[test]
+    fn graceful_pod_deletion_waits_for_a_zero_grace_delete() {
+        let mut store = Store::new(100);
+        store.graceful_pods = true;
+        let rt = find("", "v1", "pods").unwrap();
+        let bound = json!({"metadata": {"name": "p"}, "spec": {"nodeName": "n1"}});
+        store.create(rt, "ns", bound, false).unwrap();
+        let (pod, gone) = store.delete(rt, "ns", "p", &json!({})).unwrap();
+        assert!(!gone);
+        assert_eq!(pod["metadata"]["deletionGracePeriodSeconds"], 30);
+        assert!(pod["metadata"]["deletionTimestamp"].is_string());
+        // kubelet's status writes while it stops the pod keep it.
+        store
+            .update(
+                rt,
+                "ns",
+                "p",
+                json!({"status": {"phase": "Running"}}),
+                Subresource::Status,
+            )
+            .unwrap();
+        assert!(store.get(rt, "ns", "p").is_ok());
+        let (_, gone) = store
+            .delete(rt, "ns", "p", &json!({"gracePeriodSeconds": 0}))
+            .unwrap();
+        assert!(gone);
+        assert_eq!(store.get(rt, "ns", "p").unwrap_err().code, 404);
+        // Pods bound to no node go at once.
+        store
+            .create(rt, "ns", json!({"metadata": {"name": "q"}}), false)
+            .unwrap();
+        assert!(store.delete(rt, "ns", "q", &json!({})).unwrap().1);
     }
 
     #[test]
