@@ -1,7 +1,9 @@
 //! `warmroll-coordinator run`: the coordinator's long-running mode.
 //!
-//! It starts the agents' fleet server (TLS, TokenReview authentication), the HTTP server
-//! (`/healthz`, `/readyz`, `/metrics`, `/fleet`) and Lease leader election. Only the
+//! It loads the policy configuration, starts the agents' fleet server (TLS, TokenReview
+//! authentication), the policy engine ([`crate::engine`]), the HTTP server (`/healthz`,
+//! `/readyz`, `/metrics`, `/fleet`, plus the engine's `/report` and webhook) and Lease
+//! leader election. Only the
 //! leader serves agents (the others answer them `unavailable`, which agents retry) and
 //! only the leader acts. A replica that loses the Lease after holding it shuts down and
 //! exits with an error, so Kubernetes restarts it as a follower with a clean state.
@@ -20,6 +22,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use crate::config::Config;
+use crate::engine::Engine;
 use crate::fleet::auth::service_account_user;
 use crate::fleet::{FleetService, FleetView, SessionConfig, TlsFiles, TokenReviewAuthenticator};
 use crate::leader::{self, KubeLeases, LeaseConfig};
@@ -86,7 +90,8 @@ pub struct RunArgs {
     /// down.
     #[arg(long, env = "WARMROLL_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     pub lease_duration: Duration,
-    /// The policy configuration file (YAML).
+    /// The policy configuration file (YAML). Without it: no policies (nothing is tracked;
+    /// agents are still served).
     #[arg(long, env = "WARMROLL_CONFIG")]
     pub config: Option<PathBuf>,
 }
@@ -145,6 +150,10 @@ pub enum RunError {
     Http(std::io::Error),
     #[error("lost the leader Lease; exiting so that this replica restarts as a follower")]
     LostLease,
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("starting the policy engine: {0}")]
+    Engine(#[from] crate::engine::EngineError),
     #[error("waiting for a shutdown signal: {0}")]
     Signal(std::io::Error),
 }
@@ -217,16 +226,16 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let client = kube::Client::try_default()
         .await
         .map_err(RunError::KubeClient)?;
-    if let Some(path) = &args.config {
-        // ENGINE SEAM (issue 6, h1): `crate::config::load(path)` and `engine::spawn(ctx, ..)`
-        // go here; until then the path is only reported.
-        info!(config = %path.display(), "policy configuration file given");
-    }
+    // A bad configuration stops start-up before anything listens.
+    let config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::parse("", "built-in defaults")?,
+    };
 
     let fleet = FleetView::new(args.grace_period);
     let (leader_tx, leader) = watch::channel(false);
     let (shutdown_tx, shutdown) = watch::channel(false);
-    let _context = Context {
+    let context = Context {
         client: client.clone(),
         fleet: fleet.clone(),
         leader: leader.clone(),
@@ -235,6 +244,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
 
     let mut metrics = Registry::default();
     crate::http::register_metrics(&mut metrics, fleet.clone(), leader.clone());
+    // The policy engine acts only while `leader` is true and stops on `shutdown`.
+    let Engine {
+        router: engine_routes,
+        task: mut engine,
+    } = crate::engine::spawn(context, config, &mut metrics)?;
 
     let agent = &args.agent_service_account;
     let auth = TokenReviewAuthenticator::new(
@@ -279,7 +293,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         },
         Arc::new(metrics),
         fleet.clone(),
-    );
+    )
+    .merge(engine_routes);
     let mut http_server = {
         let mut stop = shutdown.clone();
         tokio::spawn(crate::http::serve(http_listener, router, async move {
@@ -324,6 +339,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     shutdown_tx.send_replace(true);
     let drain = async {
         let _ = (&mut elector).await;
+        let _ = (&mut engine).await;
         if !fleet_server.is_finished() {
             let _ = (&mut fleet_server).await;
         }
@@ -334,6 +350,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     if tokio::time::timeout(SHUTDOWN_TIMEOUT, drain).await.is_err() {
         warn!(timeout = ?SHUTDOWN_TIMEOUT, "shutdown did not finish in time; stopping anyway");
         elector.abort();
+        engine.abort();
         fleet_server.abort();
         http_server.abort();
     }
