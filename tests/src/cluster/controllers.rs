@@ -328,6 +328,8 @@ async fn delete_pod(c: &Controllers, namespace: &str, name: &str, uid: &str) -> 
         }),
         ..Default::default()
     };
+    // Taken before the call: the pod stops counting as available when it is accepted.
+    let at = Instant::now();
     match Api::<Pod>::namespaced(c.client.clone(), namespace)
         .delete(name, &params)
         .await
@@ -342,7 +344,7 @@ async fn delete_pod(c: &Controllers, namespace: &str, name: &str, uid: &str) -> 
         }
     }
     if let Ok(mut timeline) = c.timeline.lock() {
-        timeline.deleted(uid, Instant::now());
+        timeline.deleted(uid, at);
     }
     Ok(())
 }

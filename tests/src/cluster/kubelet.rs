@@ -266,9 +266,11 @@ async fn realise(kubelet: &Kubelet, pod: &Pod) -> Result<()> {
             ContainerPhase::Waiting { .. } => None,
         })
         .collect();
+    // Taken before the write: anything reacting to the readiness comes after it.
+    let ready_at = Instant::now();
     report(&phases).await?;
     if let Ok(mut timeline) = kubelet.timeline.lock() {
-        timeline.ready(&spec.uid, image_ids, Instant::now());
+        timeline.ready(&spec.uid, image_ids, ready_at);
     }
     Ok(())
 }
