@@ -627,3 +627,40 @@ async fn image_pull_secrets_authenticate_the_pull() {
     let running = pods(&cluster, "private").await;
     assert_eq!(image_ids(&running[0]), [pushed.pinned()]);
 }
+
+#[test]
+fn a_panic_mid_rollout_still_cleans_up_every_node() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let outcome = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let (_registry, images, cluster) = bed(2).await;
+            let pushed = images.push("app", "latest").await.unwrap();
+            let web = workload::<Deployment>(
+                "Deployment",
+                "web",
+                &pushed.reference,
+                json!({"replicas": 2}),
+            );
+            create(&cluster, &web).await;
+            let _: Deployment = rolled_out(&cluster, "web").await;
+            restart::<Deployment>(&cluster, "web", "1").await;
+            let dirs: Vec<PathBuf> = cluster
+                .nodes()
+                .iter()
+                .map(|n| n.containerd().dir().to_path_buf())
+                .collect();
+            tx.send(dirs).unwrap();
+            panic!("test failure mid-rollout");
+        })
+    })
+    .join();
+    assert!(outcome.is_err(), "the test thread panicked");
+    let dirs = rx.recv().unwrap();
+    assert_eq!(dirs.len(), 2);
+    for dir in dirs {
+        assert_eq!(processes_mentioning(&dir), vec![]);
+        assert_eq!(mounts_under(&dir), Vec::<PathBuf>::new());
+        assert!(!dir.exists());
+    }
+}
