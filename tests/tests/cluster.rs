@@ -600,10 +600,7 @@ async fn image_pull_secrets_authenticate_the_pull() {
     let private = Registry::start(RegistryOptions::plain().basic("ci", "s3cret"))
         .await
         .unwrap();
-    cluster.nodes()[0]
-        .containerd()
-        .trust_registry(&private)
-        .unwrap();
+    cluster.trust_registry(&private).unwrap();
     let pushed = ImageBuilder::new(&private)
         .unwrap()
         .push("private", "latest")

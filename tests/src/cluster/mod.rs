@@ -281,6 +281,17 @@ impl Cluster {
         self.nodes.iter().find(|n| n.name == name)
     }
 
+    /// Lets every node pull from `registry` (another registry than the one the cluster
+    /// started with: an authenticated one, or one behind a throttling proxy).
+    pub fn trust_registry(&self, registry: &Registry) -> Result<()> {
+        for node in &self.nodes {
+            node.containerd
+                .trust_registry(registry)
+                .with_context(|| format!("trusting {} on {}", registry.host(), node.name))?;
+        }
+        Ok(())
+    }
+
     /// The API writes not made by the cluster's own kubelets and controllers (warmroll's,
     /// the test's).
     pub fn foreign_writes(&self) -> Vec<RecordedRequest> {
