@@ -1,0 +1,555 @@
+//! The policy engine end to end: the sandbox cluster (real containerd nodes, kubelets
+//! and workload controllers against the API stand-in), the real registry, in-process
+//! agents on the cluster's nodes talking to the coordinator's fleet server over TLS, and
+//! the engine itself.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use axum::body::Body;
+use axum::http::Request;
+use k8s_openapi::api::apps::v1::Deployment;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tower::ServiceExt;
+use warmroll_agent::inventory::Intervals;
+use warmroll_agent::metrics::{Health, Metrics};
+use warmroll_agent::session::SessionArgs;
+use warmroll_agent::warm::{WarmConfig, Warmer};
+use warmroll_coordinator::config::Config;
+use warmroll_coordinator::drift::State;
+use warmroll_coordinator::engine::{Engine, spawn};
+use warmroll_coordinator::fleet::{FleetView, WarmState};
+use warmroll_coordinator::report::Report;
+use warmroll_coordinator::run::Context;
+use warmroll_proto::fleet::{NodeName, Runtime, WarmOutcome};
+use warmroll_tests::cluster::{Cluster, ClusterOptions};
+use warmroll_tests::image::ImageBuilder;
+use warmroll_tests::kubeapi::RecordedRequest;
+use warmroll_tests::registry::{Registry, RegistryOptions};
+use warmroll_tests::scratch;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use warmroll_coordinator::fleet::auth::{NODE_NAME_EXTRA, service_account_user};
+use warmroll_coordinator::fleet::{
+    FleetService, SessionConfig, TlsFiles, TokenReviewAuthenticator,
+};
+use warmroll_tests::kubeapi::KubeApi;
+use warmroll_tests::tls::TestCa;
+
+const AUDIENCE: &str = "warmroll";
+
+fn agent_user() -> String {
+    service_account_user("warmroll", "warmroll-agent")
+}
+
+/// A node-bound token for the agent's ServiceAccount.
+fn register_token(kube: &KubeApi, user: &str, node: Option<&str>) -> String {
+    let token = format!("tok-{:032x}", rand::random::<u128>());
+    let extra = node
+        .map(|n| BTreeMap::from([(NODE_NAME_EXTRA.to_string(), vec![n.to_string()])]))
+        .unwrap_or_default();
+    kube.register_token(
+        &token,
+        user,
+        vec![
+            "system:serviceaccounts".into(),
+            "system:authenticated".into(),
+        ],
+        extra,
+        vec![AUDIENCE.into()],
+    );
+    token
+}
+
+/// The fleet server's TLS files and the CA file agents trust.
+struct Tls {
+    _dir: TempDir,
+    files: TlsFiles,
+    ca_file: std::path::PathBuf,
+}
+
+impl Tls {
+    fn new() -> Result<Self> {
+        warmroll_tests::tls::install_crypto_provider();
+        let ca = TestCa::new()?;
+        let cert = ca.issue(&["localhost", "127.0.0.1"])?;
+        let dir = scratch::temp_dir("policy-tls")?;
+        let files = TlsFiles {
+            cert: dir.path().join("tls.crt"),
+            key: dir.path().join("tls.key"),
+        };
+        std::fs::write(&files.cert, &cert.cert_pem)?;
+        std::fs::write(&files.key, &cert.key_pem)?;
+        let ca_file = dir.path().join("ca.crt");
+        std::fs::write(&ca_file, ca.cert_pem())?;
+        Ok(Tls {
+            _dir: dir,
+            files,
+            ca_file,
+        })
+    }
+}
+
+/// The coordinator's fleet server, in process; dropping it stops it.
+struct Coordinator {
+    addr: SocketAddr,
+    view: FleetView,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Coordinator {
+    async fn start(kube: &KubeApi, tls: &Tls) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let view = FleetView::new(Duration::from_secs(60));
+        let auth = TokenReviewAuthenticator::new(
+            kube.client(),
+            AUDIENCE,
+            &agent_user(),
+            Duration::from_secs(60),
+        );
+        let service = FleetService::new(
+            view.clone(),
+            auth,
+            SessionConfig {
+                heartbeat_interval: Duration::from_secs(2),
+                inventory_interval: Duration::from_millis(500),
+                ..SessionConfig::default()
+            },
+        );
+        let files = tls.files.clone();
+        let task = tokio::spawn(async move {
+            let _ = warmroll_coordinator::fleet::serve(
+                listener,
+                Some(&files),
+                service,
+                std::future::pending(),
+            )
+            .await;
+        });
+        Ok(Coordinator { addr, view, task })
+    }
+}
+
+/// An in-process agent on one of the cluster's nodes.
+struct Agent {
+    stop: Option<oneshot::Sender<()>>,
+    session: JoinHandle<()>,
+    inventory: JoinHandle<()>,
+    _dir: TempDir,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.session.abort();
+        self.inventory.abort();
+    }
+}
+
+async fn start_agent(
+    socket: &Path,
+    node: &str,
+    coordinator: &Coordinator,
+    tls: &Tls,
+    token: &str,
+) -> Result<Agent> {
+    let dir = scratch::temp_dir("policy-agent")?;
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token)?;
+    let metrics = Metrics::new();
+    let health = Arc::new(Health::default());
+    let (client, version) =
+        warmroll_agent::cri::connect(Some(socket), metrics.clone(), health.clone())
+            .await
+            .context("agent: connecting to containerd")?;
+    let client = Arc::new(client);
+    let runtime = Runtime {
+        name: version.runtime_name,
+        version: version.runtime_version,
+    };
+    let (tx, rx) = mpsc::channel(16);
+    let inventory = tokio::spawn(warmroll_agent::inventory::run(
+        client.clone(),
+        None,
+        Intervals {
+            poll: Duration::from_millis(300),
+            resync: Duration::from_millis(300),
+        },
+        metrics.clone(),
+        health,
+        tx,
+    ));
+    let warmer = Warmer::new(
+        client,
+        None,
+        WarmConfig {
+            max_concurrent_pulls: 2,
+            min_free_disk: 0,
+        },
+        metrics,
+    );
+    let args = SessionArgs {
+        coordinator_url: format!("https://localhost:{}", coordinator.addr.port()),
+        ca_file: Some(tls.ca_file.clone()),
+        token_file,
+        node_name: NodeName::parse(node).map_err(anyhow::Error::msg)?,
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let session = tokio::spawn(warmroll_agent::session::run(
+        args,
+        runtime,
+        warmer,
+        rx,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Ok(Agent {
+        stop: Some(stop),
+        session,
+        inventory,
+        _dir: dir,
+    })
+}
+
+/// The cluster, the registry, the fleet server and an agent per node.
+struct Bed {
+    agents: Vec<Agent>,
+    coordinator: Coordinator,
+    _tls: Tls,
+    cluster: Cluster,
+    registry: Registry,
+}
+
+impl Bed {
+    async fn start(nodes: usize) -> Result<Bed> {
+        let registry = Registry::start(RegistryOptions::plain()).await?;
+        let cluster = Cluster::start(
+            ClusterOptions {
+                resync: Duration::from_millis(300),
+                ..ClusterOptions::nodes(nodes)
+            },
+            &registry,
+        )
+        .await?;
+        let tls = Tls::new()?;
+        let coordinator = Coordinator::start(cluster.api(), &tls).await?;
+        let mut agents = Vec::new();
+        for node in cluster.nodes() {
+            let token = register_token(cluster.api(), &agent_user(), Some(node.name()));
+            agents.push(start_agent(node.socket(), node.name(), &coordinator, &tls, &token).await?);
+        }
+        Ok(Bed {
+            agents,
+            coordinator,
+            _tls: tls,
+            cluster,
+            registry,
+        })
+    }
+
+    fn view(&self) -> &FleetView {
+        &self.coordinator.view
+    }
+
+    /// Starts an engine for `config` (leader: `true`); dropping the returned sender stops it.
+    fn engine(&self, config: &str) -> Result<(Engine, watch::Sender<bool>)> {
+        let config = Config::parse(config, "test config")?;
+        let (_leader_tx, leader) = watch::channel(true);
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let ctx = Context {
+            client: self.cluster.client(),
+            fleet: self.view().clone(),
+            leader,
+            shutdown,
+        };
+        let mut metrics = prometheus_client::registry::Registry::default();
+        Ok((spawn(ctx, config, &mut metrics)?, shutdown_tx))
+    }
+
+    /// Waits until every pod of `app` in `ns` is in the fleet view with `digest`.
+    async fn wait_agents_see(&self, ns: &str, app: &str, pods: usize, digest: &str) -> Result<()> {
+        wait_for(
+            &format!("agents report {pods} {app} pods on {digest}"),
+            || {
+                let seen: usize = self
+                    .view()
+                    .nodes()
+                    .iter()
+                    .filter_map(|n| self.view().node(n))
+                    .flat_map(|n| n.containers)
+                    .filter(|c| {
+                        c.pod.namespace == ns
+                            && c.pod_labels.get("app").map(String::as_str) == Some(app)
+                            && c.digest.as_ref().is_some_and(|d| d.to_string() == digest)
+                    })
+                    .count();
+                seen == pods
+            },
+        )
+        .await
+    }
+
+    /// warmroll's own API writes (not the cluster's, not the test's inserts) to a workload.
+    fn patches_of(&self, ns: &str, plural: &str, name: &str) -> Vec<RecordedRequest> {
+        let path = format!("/apis/apps/v1/namespaces/{ns}/{plural}/{name}");
+        self.cluster
+            .foreign_writes()
+            .into_iter()
+            .filter(|w| w.path == path && w.method == "PATCH")
+            .collect()
+    }
+}
+
+async fn wait_for(what: &str, mut check: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !check() {
+        if Instant::now() > deadline {
+            bail!("timed out after 60 s waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+async fn report(engine: &Engine) -> Option<Report> {
+    let response = engine
+        .router
+        .clone()
+        .oneshot(Request::get("/report").body(Body::empty()).ok()?)
+        .await
+        .ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    let body = axum::body::to_bytes(response.into_body(), 1 << 24)
+        .await
+        .ok()?;
+    serde_json::from_slice(&body).ok()
+}
+
+async fn wait_state(engine: &Engine, ns: &str, name: &str, state: &str) -> Result<Report> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = report(engine).await;
+        if let Some(r) = &got
+            && r.state_of(ns, name, "main").map(State::name) == Some(state)
+        {
+            return Ok(got.unwrap_or_else(|| unreachable!()));
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {ns}/{name} to be {state}: {got:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn deployment(ns: &str, name: &str, policy: &str, image: &str, replicas: i32) -> Deployment {
+    serde_json::from_value(json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"namespace": ns, "name": name, "labels": {"app": name, "warmroll.io/policy": policy}},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "main", "image": image, "imagePullPolicy": "IfNotPresent"}]}
+            }
+        }
+    }))
+    .unwrap()
+}
+
+/// Per node, whether its warm orders for `image_name` (`host/repo`) all succeeded, and
+/// whether it has any.
+fn warmed(view: &FleetView, node: &str, image_name: &str) -> (bool, usize) {
+    let Some(info) = NodeName::parse(node).ok().and_then(|n| view.node(&n)) else {
+        return (false, 0);
+    };
+    let orders: Vec<&WarmState> = info
+        .warms
+        .iter()
+        .filter(|(_, image, _)| image.name() == image_name)
+        .map(|(_, _, s)| s)
+        .collect();
+    let ok = !orders.is_empty()
+        && orders
+            .iter()
+            .all(|s| matches!(s, WarmState::Finished(WarmOutcome::Succeeded { .. })));
+    (ok, orders.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rollout_warms_every_target_node_then_patches_once_and_a_restart_patches_nothing() {
+    let bed = Bed::start(2).await.unwrap();
+    let images = ImageBuilder::new(&bed.registry).unwrap();
+    let first = images.push("app", "latest").await.unwrap();
+    bed.cluster
+        .api()
+        .insert(&deployment("shop", "web", "fast", &first.reference, 2))
+        .unwrap();
+    bed.cluster
+        .wait_rolled_out::<Deployment>("shop", "web", Duration::from_secs(60))
+        .await
+        .unwrap();
+    bed.wait_agents_see("shop", "web", 2, &first.manifest_digest)
+        .await
+        .unwrap();
+    let nodes: Vec<String> = bed
+        .cluster
+        .pods()
+        .iter()
+        .filter(|p| p.deleted.is_none() && p.namespace == "shop")
+        .map(|p| p.node.clone())
+        .collect();
+    assert_eq!(nodes.len(), 2, "one pod per node: {nodes:?}");
+
+    let config = format!(
+        r#"
+registry:
+  insecureRegistries: ["{}"]
+policies:
+  fast:
+    mode: rollout
+    pollInterval: 1s
+    stabilizationWindow: 0s
+    cooldown: 0s
+    warm: {{timeout: 60s}}
+"#,
+        bed.registry.host()
+    );
+    let (engine, shutdown) = bed.engine(&config).unwrap();
+    wait_state(&engine, "shop", "web", "in-sync").await.unwrap();
+
+    // Slow registry answers: the warm-up takes seconds, a window a too-early patch
+    // would show in.
+    bed.registry.set_latency(Duration::from_millis(700));
+    let second = images.push("app", "latest").await.unwrap();
+    let repo = first.repository.clone();
+    let mut saw_warming = false;
+    wait_for("the rollout patch", || {
+        // Writes first, then the warm states: a patch seen here came before this read.
+        let patched = !bed.patches_of("shop", "deployments", "web").is_empty();
+        let warm: Vec<(bool, usize)> = nodes.iter().map(|n| warmed(bed.view(), n, &repo)).collect();
+        if warm.iter().any(|(_, orders)| *orders > 0) && !warm.iter().all(|(ok, _)| *ok) {
+            saw_warming = true;
+        }
+        if patched {
+            assert!(
+                warm.iter().all(|(ok, _)| *ok),
+                "patched before every target node held the new digest: {warm:?}"
+            );
+        }
+        patched
+    })
+    .await
+    .unwrap();
+    assert!(
+        saw_warming,
+        "the warm-up was observed in progress before the patch"
+    );
+    bed.registry.set_latency(Duration::ZERO);
+
+    // Every target node got the new digest under the tag.
+    for node in bed.cluster.nodes() {
+        let image = node
+            .containerd()
+            .image_status(&first.reference)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            image
+                .repo_digests
+                .iter()
+                .any(|d| d.ends_with(&second.manifest_digest)),
+            "{}: {:?}",
+            node.name(),
+            image.repo_digests
+        );
+    }
+
+    // One merge patch: the template annotation and the last-rollout record.
+    let patches = bed.patches_of("shop", "deployments", "web");
+    assert_eq!(patches.len(), 1, "{patches:?}");
+    assert_eq!(
+        patches[0].content_type.as_deref(),
+        Some("application/merge-patch+json")
+    );
+    let body = patches[0].json().unwrap();
+    assert!(
+        body["spec"]["template"]["metadata"]["annotations"]["warmroll.io/restartedAt"].is_string(),
+        "{body}"
+    );
+    let stored: Deployment = bed.cluster.api().get("shop", "web").unwrap().unwrap();
+    let record: Value =
+        serde_json::from_str(&stored.metadata.annotations.unwrap()["warmroll.io/last-rollout"])
+            .unwrap();
+    assert_eq!(record["containers"]["main"], second.manifest_digest);
+    assert!(
+        record["reason"]
+            .as_str()
+            .unwrap()
+            .contains("2/2 target nodes warm"),
+        "{record}"
+    );
+    assert!(
+        bed.cluster
+            .foreign_writes()
+            .iter()
+            .any(|w| w.method == "POST" && w.path.contains("/events")),
+        "an Event on the workload"
+    );
+
+    // The controller rolls, the new pods start on the warm digest, the engine sees it.
+    bed.cluster
+        .wait_rolled_out::<Deployment>("shop", "web", Duration::from_secs(60))
+        .await
+        .unwrap();
+    bed.wait_agents_see("shop", "web", 2, &second.manifest_digest)
+        .await
+        .unwrap();
+    let converged = wait_state(&engine, "shop", "web", "converged")
+        .await
+        .unwrap();
+    assert_eq!(converged.count("drift"), 0);
+    assert_eq!(bed.cluster.ready_on(&second.manifest_digest).len(), 2);
+
+    // A restarted engine reads the record and patches nothing.
+    shutdown.send_replace(true);
+    tokio::time::timeout(Duration::from_secs(10), engine.task)
+        .await
+        .unwrap()
+        .unwrap();
+    let (engine, _shutdown) = bed.engine(&config).unwrap();
+    wait_state(&engine, "shop", "web", "in-sync")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(bed.patches_of("shop", "deployments", "web").len(), 1);
+    drop(bed.agents);
+}
