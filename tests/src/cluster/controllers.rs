@@ -61,6 +61,7 @@ struct World {
     load: BTreeMap<String, usize>,
 }
 
+#[tracing::instrument(skip_all)]
 async fn sync(c: &Controllers) -> Result<()> {
     let all = ListParams::default();
     let mut nodes: Vec<String> = Api::<Node>::all(c.client.clone())

@@ -61,6 +61,7 @@ pub async fn run(kubelet: Arc<Kubelet>, wake: Arc<Notify>) {
     }
 }
 
+#[tracing::instrument(skip_all, fields(node = %kubelet.node))]
 async fn sync(
     kubelet: &Arc<Kubelet>,
     workers: &mut JoinSet<()>,
@@ -188,6 +189,7 @@ impl ContainerPhase {
 }
 
 /// Runs one pod to Ready, writing its status at every step.
+#[tracing::instrument(skip_all, fields(node = %kubelet.node, pod = ?pod.metadata.name))]
 async fn realise(kubelet: &Kubelet, pod: &Pod) -> Result<()> {
     let mut spec = pod_spec(pod)?;
     let secrets = pull_secrets(kubelet, pod).await;

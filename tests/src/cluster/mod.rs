@@ -153,6 +153,7 @@ impl Cluster {
     /// Starts the API stand-in and `options.nodes` containerds trusting `registry`
     /// (plain or TLS, without auth: containerd pulls the sandbox image from it
     /// anonymously), registers a Node for each, and starts the kubelets and controllers.
+    #[tracing::instrument(skip_all, fields(nodes = options.nodes, registry = registry.host()))]
     pub async fn start(options: ClusterOptions, registry: &Registry) -> Result<Self> {
         if options.nodes == 0 {
             bail!("a sandbox cluster needs at least one node");
