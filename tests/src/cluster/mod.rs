@@ -7,19 +7,25 @@
 //!   layers the node has are not fetched again), `IfNotPresent` uses the node's image —
 //!   and writes pod status: phase, Ready, `containerStatuses[].imageID` (the repo digest
 //!   the runtime reports), waiting reasons `ContainerCreating`, `ErrImagePull`,
-//!   `ImagePullBackOff`. Deleted pods are stopped and their sandboxes removed.
+//!   `ImagePullBackOff`. Pull credentials come from the pod's `imagePullSecrets`.
+//!   Deleted pods are stopped and their sandboxes removed.
 //! - the **controllers** (user [`CONTROLLER_USER`]) roll Deployments (RollingUpdate with
 //!   maxSurge/maxUnavailable, Recreate), StatefulSets (OrderedReady, highest ordinal
 //!   first, one at a time) and DaemonSets (per node: delete the old pod, then create the
 //!   new) when the pod template's hash changes, and keep their `status` as the real
 //!   controllers do, so [`deployment_rollout`] & co. read it as `kubectl rollout status`.
 //!   The scheduler's choice (spread by workload, then by load) is made at creation.
+//!   Pods of deleted workloads are garbage-collected.
 //!
 //! There are no ReplicaSets or ControllerRevisions: a pod carries its template revision
 //! in `pod-template-hash` (Deployments) or `controller-revision-hash` (StatefulSets,
 //! DaemonSets). Pods are deleted gracefully: a deleted pod stays, terminating, until its
 //! kubelet has removed its sandbox and deletes it for good; Recreate Deployments,
 //! StatefulSet ordinals and DaemonSet nodes wait for it to be gone.
+//!
+//! Not modelled: readiness probes (a pod is Ready once its containers started),
+//! container restarts, serialized image pulls, kubelet Events, StatefulSet partitions,
+//! DaemonSet maxSurge, Deployment minReadySeconds/progress deadlines/pause.
 //!
 //! Everything the cluster does is timed for the benchmark ([`Cluster::pods`],
 //! [`Cluster::ready_on`], [`Cluster::not_ready_gaps`]), and its own API writes can be
