@@ -6,7 +6,7 @@
 //! view while its session is down for the grace period (its pending warm orders survive a
 //! reconnect), then leaves.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -79,6 +79,88 @@ pub enum WarmState {
         bytes_total: Option<u64>,
     },
     Finished(WarmOutcome),
+}
+
+impl WarmState {
+    /// The bytes pulled so far, while the agent reports progress.
+    pub fn bytes(&self) -> Option<WarmBytes> {
+        match self {
+            WarmState::InProgress {
+                bytes_done,
+                bytes_total,
+            } => Some(WarmBytes {
+                orders: 1,
+                done: *bytes_done,
+                total: bytes_total.unwrap_or(0),
+                unknown_totals: usize::from(bytes_total.is_none()),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Bytes pulled so far by one or more warm orders in progress (summed over nodes with
+/// [`WarmBytes::add`]). Displays as `warming 63 %, 1.2 GiB of 1.9 GiB` (or
+/// `warming, 1.2 GiB so far` while some order's total is unknown).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct WarmBytes {
+    /// Orders summed.
+    pub orders: usize,
+    pub done: u64,
+    /// Sum of the known totals.
+    pub total: u64,
+    /// Orders whose agent does not know the total (yet): the percentage is then unknown.
+    pub unknown_totals: usize,
+}
+
+impl WarmBytes {
+    pub fn add(&mut self, other: WarmBytes) {
+        self.orders += other.orders;
+        self.done = self.done.saturating_add(other.done);
+        self.total = self.total.saturating_add(other.total);
+        self.unknown_totals += other.unknown_totals;
+    }
+
+    /// Whole percent done, when every total is known.
+    pub fn percent(&self) -> Option<u64> {
+        if self.unknown_totals > 0 || self.total == 0 {
+            return None;
+        }
+        Some(self.done.min(self.total).saturating_mul(100) / self.total)
+    }
+}
+
+impl std::fmt::Display for WarmBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.percent() {
+            Some(pct) => write!(
+                f,
+                "warming {pct} %, {} of {}",
+                human_bytes(self.done),
+                human_bytes(self.total)
+            ),
+            None => write!(f, "warming, {} so far", human_bytes(self.done)),
+        }
+    }
+}
+
+/// A byte count for people: `512 B`, `1.5 KiB`, `1.2 GiB` (one decimal from KiB on).
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    // f64 is exact enough for one decimal.
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = UNITS[0];
+    for next in UNITS.iter().skip(1) {
+        if value < 1024.0 {
+            break;
+        }
+        value /= 1024.0;
+        unit = next;
+    }
+    format!("{value:.1} {unit}")
 }
 
 /// What to warm on a node; the view picks the order id.
@@ -359,6 +441,28 @@ impl FleetView {
             }
         }
         counts
+    }
+
+    /// The warm orders in progress over the whole view, summed per image (pending and
+    /// finished orders are not counted).
+    pub fn warm_progress(&self) -> BTreeMap<ImageRef, WarmBytes> {
+        let mut out: BTreeMap<ImageRef, WarmBytes> = BTreeMap::new();
+        for shard in self.inner.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for w in shard.values().flat_map(|n| n.warms.values()) {
+                if let Some(bytes) = w.state.borrow().bytes() {
+                    out.entry(w.image.clone()).or_default().add(bytes);
+                }
+            }
+        }
+        out
+    }
+
+    /// A Prometheus collector of [`FleetView::warm_progress`], read at every scrape:
+    /// `warmroll_warm_orders_in_progress{image}`, `warmroll_warm_bytes_done{image}` and
+    /// `warmroll_warm_bytes_total{image}` (known totals only).
+    pub fn warm_progress_collector(&self) -> WarmProgressCollector {
+        WarmProgressCollector { view: self.clone() }
     }
 
     /// A copy of one node's entry.
@@ -686,6 +790,170 @@ impl FleetView {
         tx.send(Ok(CoordinatorMessage::CancelWarm(order.clone()).into()))
             .await
             .map_err(|_| ViewError::NotConnected(node.clone()))
+    }
+}
+
+/// See [`FleetView::warm_progress_collector`].
+pub struct WarmProgressCollector {
+    view: FleetView,
+}
+
+impl std::fmt::Debug for WarmProgressCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WarmProgressCollector")
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ImageLabel {
+    image: String,
+}
+
+impl prometheus_client::collector::Collector for WarmProgressCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::family::Family;
+        use prometheus_client::metrics::gauge::Gauge;
+        let progress = self.view.warm_progress();
+        type Gauged = (&'static str, &'static str, fn(&WarmBytes) -> u64);
+        let gauges: [Gauged; 3] = [
+            (
+                "warmroll_warm_orders_in_progress",
+                "Warm orders whose agents report pull progress, per image",
+                |b| u64::try_from(b.orders).unwrap_or(u64::MAX),
+            ),
+            (
+                "warmroll_warm_bytes_done",
+                "Bytes pulled so far by the warm orders in progress, per image",
+                |b| b.done,
+            ),
+            (
+                "warmroll_warm_bytes_total",
+                "Bytes to pull by the warm orders in progress (known totals), per image",
+                |b| b.total,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let family = Family::<ImageLabel, Gauge>::default();
+            for (image, bytes) in &progress {
+                family
+                    .get_or_create(&ImageLabel {
+                        image: image.to_string(),
+                    })
+                    .set(i64::try_from(value(bytes)).unwrap_or(i64::MAX));
+            }
+            let metric = encoder.encode_descriptor(name, help, None, family.metric_type())?;
+            family.encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod progress_tests {
+    use super::*;
+
+    #[test]
+    fn bytes_read_like_the_drift_report_wants_them() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(1_288_490_189), "1.2 GiB");
+        assert_eq!(human_bytes(u64::MAX), "16.0 EiB");
+        let state = |done, total| WarmState::InProgress {
+            bytes_done: done,
+            bytes_total: total,
+        };
+        let gib = 1u64 << 30;
+        let mut sum = WarmBytes::default();
+        sum.add(state(gib, Some(gib)).bytes().unwrap());
+        sum.add(state(gib / 5, Some(9 * gib / 10)).bytes().unwrap());
+        assert_eq!(sum.orders, 2);
+        assert_eq!(sum.percent(), Some(63));
+        assert_eq!(sum.to_string(), "warming 63 %, 1.2 GiB of 1.9 GiB");
+        sum.add(state(100, None).bytes().unwrap());
+        assert_eq!(sum.percent(), None);
+        assert!(
+            sum.to_string().starts_with("warming, 1.2 GiB so far"),
+            "{sum}"
+        );
+        assert_eq!(WarmState::Pending.bytes(), None);
+        assert_eq!(
+            state(5, Some(0)).bytes().unwrap().percent(),
+            None,
+            "nothing to pull has no percentage"
+        );
+    }
+
+    #[tokio::test]
+    async fn progress_is_summed_per_image_and_exported_as_gauges() {
+        use warmroll_proto::fleet::Runtime;
+        let view = FleetView::new(Duration::from_secs(60));
+        let node = NodeName::parse("node-a").unwrap();
+        let hello = Hello {
+            node: node.clone(),
+            platform: warmroll_proto::image::Platform {
+                os: "linux".into(),
+                architecture: "amd64".into(),
+                variant: None,
+            },
+            runtime: Runtime {
+                name: "containerd".into(),
+                version: "1.6".into(),
+            },
+            agent_version: "0".into(),
+            protocol_version: warmroll_proto::fleet::PROTOCOL_VERSION,
+        };
+        let (tx, mut rx) = mpsc::channel(8);
+        let session = view.connect(hello, true, tx);
+        let image = ImageRef::parse("registry.example/app:main").unwrap();
+        let ticket = view
+            .send_order(
+                &node,
+                WarmRequest {
+                    image: image.clone(),
+                    expected: None,
+                    credentials: None,
+                    timeout: Duration::from_secs(60),
+                },
+            )
+            .await
+            .unwrap();
+        let _order = rx.recv().await;
+        assert!(
+            view.warm_progress().is_empty(),
+            "pending orders have no bytes"
+        );
+        view.record_progress(
+            &node,
+            session,
+            WarmProgress {
+                order: ticket.order.clone(),
+                bytes_done: 300,
+                bytes_total: Some(1000),
+            },
+        );
+        let progress = view.warm_progress();
+        assert_eq!(
+            progress[&image].to_string(),
+            "warming 30 %, 300 B of 1000 B"
+        );
+        let info = view.node(&node).unwrap();
+        assert_eq!(info.warms[0].2.bytes().unwrap().done, 300);
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(view.warm_progress_collector()));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            "warmroll_warm_bytes_done{image=\"registry.example/app:main\"} 300",
+            "warmroll_warm_bytes_total{image=\"registry.example/app:main\"} 1000",
+            "warmroll_warm_orders_in_progress{image=\"registry.example/app:main\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
     }
 }
 
