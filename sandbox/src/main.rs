@@ -1,0 +1,378 @@
+//! `warmroll-sandbox demo`: watch warmroll keep a Deployment and a DaemonSet on a
+//! mutable tag, with the new image pulled onto every node before the rollout.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use warmroll_sandbox::sandbox::Rollout;
+use warmroll_sandbox::{Progress, Sandbox, SandboxOptions, WarmMode, Workload};
+
+#[derive(Parser, Debug)]
+#[command(name = "warmroll-sandbox", version, about)]
+struct Cli {
+    /// Log filter for warmroll's own logs (stderr), e.g. info or warmroll_coordinator=debug.
+    #[arg(
+        long,
+        global = true,
+        env = "WARMROLL_SANDBOX_LOG",
+        default_value = "error"
+    )]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start a registry, a cluster of containerd nodes, the agents and the coordinator;
+    /// deploy a labelled Deployment and DaemonSet on app:latest; push a new build and show
+    /// the drift report, the warm-up, the rollout and the converged state; clean up.
+    Demo(DemoArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct DemoArgs {
+    /// Nodes in the sandbox cluster.
+    #[arg(long, env = "WARMROLL_SANDBOX_NODES", default_value_t = 3)]
+    nodes: usize,
+    /// Size of the random layer in each build of the image (e.g. 32MiB, 500MiB).
+    #[arg(long, env = "WARMROLL_SANDBOX_IMAGE_SIZE", default_value = "32MiB", value_parser = parse_bytes)]
+    image_size: u64,
+    /// Bandwidth of the registry link during the rollout, per second, shared by all
+    /// nodes (e.g. 8MiB; 0 = unlimited).
+    #[arg(long, env = "WARMROLL_SANDBOX_BANDWIDTH", default_value = "16MiB", value_parser = parse_bytes)]
+    bandwidth: u64,
+    /// Delay the registry link adds to each request (e.g. 20ms).
+    #[arg(long, env = "WARMROLL_SANDBOX_LATENCY", default_value = "0s", value_parser = parse_duration)]
+    latency: Duration,
+    /// Deployment replicas.
+    #[arg(long, env = "WARMROLL_SANDBOX_REPLICAS", default_value_t = 3)]
+    replicas: usize,
+    /// Patch at once instead of warming first (the comparison).
+    #[arg(long, env = "WARMROLL_SANDBOX_NO_WARM")]
+    no_warm: bool,
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (try 32MiB)"))?;
+    let factor = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {s:?} (use KiB, MiB, GiB)"
+            ));
+        }
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    warmroll_coordinator::config::parse_duration(s)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Command::Demo(args) = cli.command;
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            result = demo(args) => result.map(|()| true),
+            // Dropping the demo's future drops the sandbox: its guards stop everything.
+            _ = tokio::signal::ctrl_c() => Ok(false),
+        }
+    });
+    // Give aborted tasks a moment to drop their guards before the runtime goes.
+    runtime.shutdown_timeout(Duration::from_secs(10));
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("interrupted: the sandbox was stopped and removed");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.0} MiB", bytes as f64 / f64::from(1 << 20))
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:5.1}s", d.as_secs_f64())
+}
+
+fn step(title: &str) {
+    println!("\n== {title}");
+}
+
+async fn demo(args: DemoArgs) -> Result<()> {
+    let started = Instant::now();
+    let warm = if args.no_warm {
+        WarmMode::Off
+    } else {
+        WarmMode::Gated
+    };
+    step(&format!(
+        "starting the sandbox: registry, {} containerd nodes with kubelet/controller loops, {} agents, coordinator ({})",
+        args.nodes,
+        args.nodes,
+        warm.label()
+    ));
+    let sandbox = Sandbox::start(SandboxOptions {
+        nodes: args.nodes,
+        warm,
+        latency: args.latency,
+        ..SandboxOptions::default()
+    })
+    .await?;
+    println!(
+        "   up in {} - registry {}, coordinator /report on http://{}, agents connected: {}",
+        secs(started.elapsed()),
+        sandbox.registry().host(),
+        sandbox.coordinator().http_addr(),
+        sandbox.coordinator().ready_agents()
+    );
+
+    step(&format!(
+        "pushing app:latest (build 1, {})",
+        mib(args.image_size)
+    ));
+    let first = sandbox
+        .images()
+        .push_random("app", "latest", args.image_size)
+        .await?;
+    println!("   app:latest -> {}", first.manifest_digest);
+    let workloads = [
+        Workload::deployment("web", &first.reference, args.replicas),
+        Workload::daemonset("node-cache", &first.reference),
+    ];
+    step("deploying, labelled warmroll.io/policy=sandbox");
+    for w in &workloads {
+        let t = Instant::now();
+        sandbox.deploy(w, Duration::from_secs(180)).await?;
+        println!(
+            "   {} {} rolled out ({} pods) in {}",
+            w.kind,
+            w.name,
+            w.pods(args.nodes),
+            secs(t.elapsed())
+        );
+    }
+    let report = settled_report(&sandbox, &workloads, args.nodes).await?;
+    println!("   coordinator report:\n{}", indent(&report.table()));
+
+    let bandwidth = (args.bandwidth > 0).then_some(args.bandwidth);
+    sandbox.registry().set_bandwidth(bandwidth);
+    step(&format!(
+        "pushing a new build under app:latest ({}, registry link now {})",
+        mib(args.image_size),
+        bandwidth.map_or("unlimited".to_owned(), |b| format!("{}/s", mib(b)))
+    ));
+    let rollouts = sandbox
+        .roll(
+            &workloads,
+            sandbox
+                .images()
+                .push_random("app", "latest", args.image_size),
+            Duration::from_secs(300),
+            show,
+        )
+        .await?;
+    if let Some(first) = rollouts.first() {
+        println!(
+            "   (times from the end of the push; new digest {})",
+            first.digest
+        );
+    }
+
+    step("converged");
+    let report = settled_report(&sandbox, &workloads, args.nodes).await?;
+    println!("{}", indent(&report.table()));
+    summary(&rollouts, args.nodes);
+    step("cleaning up");
+    let t = Instant::now();
+    sandbox.stop().await;
+    println!(
+        "   stopped in {}; demo took {}",
+        secs(t.elapsed()),
+        secs(started.elapsed())
+    );
+    Ok(())
+}
+
+/// The report once it lists every workload, each in sync (or converged) with all its
+/// pods on one digest; the last report after 30 s otherwise.
+async fn settled_report(
+    sandbox: &Sandbox,
+    workloads: &[Workload],
+    nodes: usize,
+) -> Result<warmroll_coordinator::report::Report> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let report = sandbox.report().await?;
+        let settled = workloads.iter().all(|w| {
+            report
+                .workloads
+                .iter()
+                .find(|r| r.name == w.name)
+                .is_some_and(|r| {
+                    r.containers.iter().all(|c| {
+                        matches!(c.state.name(), "in-sync" | "converged")
+                            && c.running.len() == 1
+                            && c.running.iter().map(|r| r.pods).sum::<usize>() == w.pods(nodes)
+                    })
+                })
+        });
+        if settled || Instant::now() > deadline {
+            return Ok(report);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn show(progress: Progress<'_>) {
+    match progress {
+        Progress::Drift { workload, report } => {
+            println!(
+                "   drift report ({} {} drifting):\n{}",
+                workload.kind,
+                workload.name,
+                indent(&report.table())
+            );
+        }
+        Progress::Warm { node, after } => {
+            println!("   {} warm-up: {node} holds the new image", secs(after));
+        }
+        Progress::Patched {
+            workload,
+            after,
+            reason,
+        } => println!(
+            "   {} rollout: {} {} patched ({})",
+            secs(after),
+            workload.kind,
+            workload.name,
+            reason.unwrap_or("no reason recorded")
+        ),
+        Progress::PodReady {
+            workload,
+            pod,
+            node,
+            after,
+        } => println!(
+            "   {}   {} pod {pod} ready on {node}",
+            secs(after),
+            workload.name
+        ),
+        Progress::Converged { workload, after } => println!(
+            "   {} converged: every pod of {} {} runs the new build",
+            secs(after),
+            workload.kind,
+            workload.name
+        ),
+    }
+}
+
+fn summary(rollouts: &[Rollout], nodes: usize) {
+    for r in rollouts {
+        let w = &r.workload;
+        let opt = |d: Option<Duration>| d.map_or("-".to_owned(), secs);
+        println!(
+            "   {} {}: drift seen {}, patched {}, converged {}; per pod not-ready max {} (mean {}), pod start mean {}",
+            w.kind,
+            w.name,
+            opt(r.drift_seen),
+            opt(r.patched),
+            opt(r.converged),
+            opt(r.max_gap()),
+            opt(r.mean_gap()),
+            opt(r.mean_start()),
+        );
+        let node_names: Vec<String> = (1..=nodes).map(|i| format!("node-{i}")).collect();
+        let targets: Vec<String> = match w.kind {
+            warmroll_sandbox::Kind::DaemonSet => node_names,
+            warmroll_sandbox::Kind::Deployment => r.starts.iter().map(|s| s.node.clone()).collect(),
+        };
+        println!(
+            "      new image on every target node before the patch: {}; coordinator API writes: {} merge patch(es), {} event(s), {} other",
+            if r.warm_before_patch(&targets) {
+                "yes"
+            } else {
+                "no"
+            },
+            r.writes.workload_patches,
+            r.writes.events,
+            r.writes.other.len()
+        );
+        for other in &r.writes.other {
+            println!("      other write: {other}");
+        }
+    }
+}
+
+fn indent(text: &str) -> String {
+    text.lines()
+        .map(|l| format!("     {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_bytes("32MiB"), Ok(32 << 20));
+        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_bytes("0"), Ok(0));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("5TB").is_err());
+    }
+
+    #[test]
+    fn the_demo_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "warmroll-sandbox",
+            "demo",
+            "--nodes",
+            "2",
+            "--bandwidth",
+            "4MiB",
+        ])
+        .unwrap();
+        let Command::Demo(args) = cli.command;
+        assert_eq!(args.nodes, 2);
+        assert_eq!(args.bandwidth, 4 << 20);
+        assert_eq!(args.image_size, 32 << 20);
+        assert!(!args.no_warm);
+    }
+}

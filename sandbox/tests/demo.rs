@@ -1,0 +1,111 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+//! The demo, small and end to end: a 2-node sandbox (real registry, real containerd per
+//! node, in-process agents and coordinator), a labelled DaemonSet on app:latest, a new
+//! build pushed under the tag. warmroll must report the drift, hold the new digest on
+//! every node before it patches, patch the DaemonSet exactly once (a merge patch, no
+//! per-node writes), and every pod must end up on the new digest.
+
+use std::time::Duration;
+
+use warmroll_sandbox::coordinator::COORDINATOR_USER;
+use warmroll_sandbox::{Progress, Sandbox, SandboxOptions, Workload};
+
+#[tokio::test]
+async fn a_daemonset_is_warmed_on_every_node_then_patched_once_and_converges() {
+    let sandbox = Sandbox::start(SandboxOptions {
+        nodes: 2,
+        ..SandboxOptions::default()
+    })
+    .await
+    .unwrap();
+    let first = sandbox
+        .images()
+        .push_random("app", "latest", 2 << 20)
+        .await
+        .unwrap();
+    let ds = Workload::daemonset("node-cache", &first.reference);
+    sandbox.deploy(&ds, Duration::from_secs(120)).await.unwrap();
+
+    let before = sandbox.report().await.unwrap();
+    assert_eq!(before.count("drift"), 0, "{}", before.table());
+
+    // A slow link, so that a pull after the patch would show.
+    sandbox.registry().set_bandwidth(Some(2 << 20));
+    let mut drift_tables = Vec::new();
+    let rollouts = sandbox
+        .roll(
+            std::slice::from_ref(&ds),
+            sandbox.images().push_random("app", "latest", 4 << 20),
+            Duration::from_secs(180),
+            |p| {
+                if let Progress::Drift { report, .. } = p {
+                    drift_tables.push(report.table());
+                }
+            },
+        )
+        .await
+        .unwrap();
+    let rollout = &rollouts[0];
+
+    // Drift reported (on /report) before anything rolled.
+    let drift_seen = rollout.drift_seen.expect("the report never showed drift");
+    let patched = rollout.patched.expect("the DaemonSet was never patched");
+    assert!(drift_seen <= patched, "{rollout:#?}");
+    assert_eq!(drift_tables.len(), 1);
+
+    // The new digest on every node before the patch.
+    let nodes = vec!["node-1".to_owned(), "node-2".to_owned()];
+    assert!(
+        rollout.warm_before_patch(&nodes),
+        "nodes held the new digest at {:?}, patch at {patched:?}",
+        rollout.warm
+    );
+    let reason = rollout.reason.as_deref().unwrap_or_default();
+    assert!(reason.contains("warm on 2/2"), "{reason}");
+
+    // Exactly one merge patch of the workload; events aside, nothing else, in
+    // particular nothing per node.
+    assert_eq!(rollout.writes.workload_patches, 1, "{:?}", rollout.writes);
+    assert!(rollout.writes.events >= 1, "{:?}", rollout.writes);
+    assert!(rollout.writes.other.is_empty(), "{:?}", rollout.writes);
+    let coordinator_patches = sandbox
+        .cluster()
+        .foreign_writes()
+        .into_iter()
+        .filter(|w| w.user.as_deref() == Some(COORDINATOR_USER) && w.method == "PATCH")
+        .count();
+    assert_eq!(coordinator_patches, 1);
+
+    // Every pod converged on the new digest: one per node, each ready on it.
+    assert!(rollout.converged.is_some());
+    assert_eq!(rollout.starts.len(), 2);
+    let mut on_nodes: Vec<_> = rollout.starts.iter().map(|s| s.node.clone()).collect();
+    on_nodes.sort();
+    assert_eq!(on_nodes, nodes);
+    let ready = sandbox.cluster().ready_on(&rollout.digest);
+    assert_eq!(ready.len(), 2, "{ready:?}");
+    // Both slots came back; each was down only for a start from a warm image.
+    assert_eq!(rollout.gaps.len(), 2, "{:?}", rollout.gaps);
+    assert!(rollout.gaps.iter().all(|g| g.duration().is_some()));
+
+    // The coordinator sees it converged too.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let report = sandbox.report().await.unwrap();
+        if report.count("drift") + report.count("warming") + report.count("rolling") == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still not in sync:\n{}",
+            report.table()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sandbox.stop().await;
+}
