@@ -3,6 +3,7 @@
 //! exposes health and metrics ([`http`], [`metrics`]). Where the runtime is containerd,
 //! its own API ([`containerd`]) adds instant inventory changes and pull [`progress`].
 
+pub mod cli;
 pub mod containerd;
 pub mod cri;
 #[cfg(test)]
