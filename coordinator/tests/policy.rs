@@ -546,10 +546,233 @@ policies:
         .unwrap()
         .unwrap();
     let (engine, _shutdown) = bed.engine(&config).unwrap();
-    wait_state(&engine, "shop", "web", "in-sync")
-        .await
-        .unwrap();
+    wait_state(&engine, "shop", "web", "in-sync").await.unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(bed.patches_of("shop", "deployments", "web").len(), 1);
+    drop(bed.agents);
+}
+
+/// POSTs a registry notification to the engine's webhook route.
+async fn notify(engine: &Engine, secret: &str, repository: &str, tag: &str) -> u16 {
+    let body =
+        json!({"events": [{"action": "push", "target": {"repository": repository, "tag": tag}}]});
+    let request = Request::post("/webhooks/registry")
+        .header("authorization", format!("Bearer {secret}"))
+        .header(
+            "content-type",
+            "application/vnd.docker.distribution.events.v1+json",
+        )
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    engine
+        .router
+        .clone()
+        .oneshot(request)
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+fn last_rollout(bed: &Bed, name: &str) -> Option<Value> {
+    let stored: Deployment = bed.cluster.api().get("shop", name).ok()??;
+    let text = stored
+        .metadata
+        .annotations?
+        .remove("warmroll.io/last-rollout")?;
+    serde_json::from_str(&text).ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn report_webhook_dry_run_hold_partial_and_restart_policies() {
+    let bed = Bed::start(1).await.unwrap();
+    let images = ImageBuilder::new(&bed.registry).unwrap();
+    let mut first = BTreeMap::new();
+    for repo in ["app", "hook", "slow", "slow2", "cron"] {
+        first.insert(repo, images.push(repo, "latest").await.unwrap());
+    }
+    let workloads = [
+        ("watched", "watch", "app"),
+        ("dry", "dry", "app"),
+        ("hooked", "hooked", "hook"),
+        ("held", "hold", "slow"),
+        ("partial", "partial", "slow2"),
+        ("nightly", "nightly", "cron"),
+    ];
+    for (name, policy, repo) in workloads {
+        bed.cluster
+            .api()
+            .insert(&deployment("shop", name, policy, &first[repo].reference, 1))
+            .unwrap();
+    }
+    for (name, _, repo) in workloads {
+        bed.cluster
+            .wait_rolled_out::<Deployment>("shop", name, Duration::from_secs(60))
+            .await
+            .unwrap();
+        bed.wait_agents_see("shop", name, 1, &first[repo].manifest_digest)
+            .await
+            .unwrap();
+    }
+
+    let dir = scratch::temp_dir("policy-webhook").unwrap();
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, "hook-secret\n").unwrap();
+    let config = format!(
+        r#"
+registry:
+  insecureRegistries: ["{host}"]
+webhook:
+  secretFile: {secret}
+policies:
+  watch:
+    mode: report
+    pollInterval: 2s
+  hooked:
+    mode: report
+    pollInterval: 1h
+  dry:
+    mode: rollout
+    dryRun: true
+    pollInterval: 1s
+    stabilizationWindow: 0s
+  hold:
+    mode: rollout
+    pollInterval: 1s
+    stabilizationWindow: 0s
+    warm: {{timeout: 30s, onTimeout: hold}}
+  partial:
+    mode: rollout
+    pollInterval: 1s
+    stabilizationWindow: 0s
+    warm: {{timeout: 30s, onTimeout: rollout}}
+  nightly:
+    mode: restart
+    schedule: "*/2 * * * * *"
+    cooldown: 1h
+"#,
+        host = bed.registry.host(),
+        secret = secret_file.display()
+    );
+    let (engine, _shutdown) = bed.engine(&config).unwrap();
+    for (name, _, _) in workloads {
+        if name != "nightly" {
+            wait_state(&engine, "shop", name, "in-sync").await.unwrap();
+        }
+    }
+
+    // restart: the schedule patches (once: the cooldown holds the next slots).
+    wait_for("the scheduled restart", || {
+        last_rollout(&bed, "nightly").is_some()
+    })
+    .await
+    .unwrap();
+    let record = last_rollout(&bed, "nightly").unwrap();
+    assert!(
+        record["reason"]
+            .as_str()
+            .unwrap()
+            .contains("scheduled restart"),
+        "{record}"
+    );
+    assert_eq!(record["containers"]["main"], first["cron"].manifest_digest);
+
+    // Warm-ups of slow and slow2 fail: the new layer cannot be fetched.
+    for repo in ["slow", "slow2"] {
+        bed.registry.inject(
+            warmroll_tests::registry::FaultRule::new(warmroll_tests::registry::Fault::Status(503))
+                .method("GET")
+                .path_prefix(&format!("/v2/{repo}/blobs/")),
+        );
+    }
+    let pushed_at = Instant::now();
+    let app = images.push("app", "latest").await.unwrap();
+    images.push("hook", "latest").await.unwrap();
+    images.push("slow", "latest").await.unwrap();
+    let slow2 = images.push("slow2", "latest").await.unwrap();
+
+    // report: drift within one poll interval (2 s, plus a step and the HEAD).
+    wait_state(&engine, "shop", "watched", "drift")
+        .await
+        .unwrap();
+    let detected = pushed_at.elapsed();
+    assert!(
+        detected < Duration::from_secs(4),
+        "detected after {detected:?}"
+    );
+    // The 1 h poll interval has not come round: still in sync until the webhook.
+    let r = report(&engine).await.unwrap();
+    assert_eq!(r.state_of("shop", "hooked", "main"), Some(&State::InSync));
+    assert_eq!(notify(&engine, "wrong", "hook", "latest").await, 401);
+    assert_eq!(notify(&engine, "hook-secret", "hook", "latest").await, 202);
+    let at = Instant::now();
+    wait_state(&engine, "shop", "hooked", "drift")
+        .await
+        .unwrap();
+    assert!(at.elapsed() < Duration::from_secs(2), "{:?}", at.elapsed());
+
+    // dry-run: says what it would do, writes nothing.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = report(&engine).await.unwrap();
+        let dry = r.workloads.iter().find(|w| w.name == "dry").unwrap();
+        if dry
+            .note
+            .as_deref()
+            .is_some_and(|n| n.contains("dry-run: would patch"))
+        {
+            assert_eq!(dry.containers[0].state, State::Drift);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no dry-run note: {dry:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // hold: the failed warm-up holds and says why; rollout-on-timeout patches, partial.
+    let held = wait_state(&engine, "shop", "held", "held").await.unwrap();
+    let reason = held
+        .state_of("shop", "held", "main")
+        .and_then(State::reason)
+        .unwrap()
+        .to_owned();
+    assert!(
+        reason.contains("0/1 target nodes warm") && reason.contains("holding"),
+        "{reason}"
+    );
+    wait_for("the partial rollout", || {
+        last_rollout(&bed, "partial").is_some()
+    })
+    .await
+    .unwrap();
+    let record = last_rollout(&bed, "partial").unwrap();
+    assert!(
+        record["reason"].as_str().unwrap().contains("partial"),
+        "{record}"
+    );
+    assert_eq!(record["containers"]["main"], slow2.manifest_digest);
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for name in ["watched", "hooked", "dry", "held"] {
+        assert!(
+            bed.patches_of("shop", "deployments", name).is_empty(),
+            "{name} was patched"
+        );
+    }
+    assert_eq!(bed.patches_of("shop", "deployments", "partial").len(), 1);
+    assert_eq!(bed.patches_of("shop", "deployments", "nightly").len(), 1);
+    let r = report(&engine).await.unwrap();
+    assert_eq!(r.state_of("shop", "watched", "main"), Some(&State::Drift));
+    assert_eq!(
+        r.workloads
+            .iter()
+            .find(|w| w.name == "watched")
+            .unwrap()
+            .containers[0]
+            .registry_digest
+            .as_ref()
+            .unwrap()
+            .to_string(),
+        app.manifest_digest
+    );
     drop(bed.agents);
 }

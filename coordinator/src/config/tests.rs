@@ -254,6 +254,15 @@ fn every_validation_error_names_its_field() {
 }
 
 #[test]
+fn integer_threshold_parses() {
+    // Helm renders `threshold: 1.0` as `threshold: 1`.
+    let config = parse("policies:\n  p:\n    mode: rollout\n    warm: {threshold: 1}\n").unwrap();
+    assert_eq!(config.policies["p"].warm.threshold, 1.0);
+    let config = parse("policies:\n  p:\n    mode: rollout\n    warm: {threshold: 0}\n").unwrap();
+    assert_eq!(config.policies["p"].warm.threshold, 0.0);
+}
+
+#[test]
 fn load_names_a_missing_file() {
     let err = Config::load(Path::new("/nonexistent/warmroll.yaml")).unwrap_err();
     assert!(

@@ -285,7 +285,7 @@ async fn step_workload<'p>(
             .as_ref()
             .map_or(memory.restart_after, |l| l.time.max(memory.restart_after));
         if let Some(slot) = restart_due(policy, after, now) {
-            match drift::blocked(workload, policy, None, &gates) {
+            match drift::blocked(workload, policy, last.as_ref(), &gates) {
                 Some(why) => step.note = Some(format!("scheduled restart due at {slot}: {why}")),
                 None => {
                     memory.restart_after = now;
