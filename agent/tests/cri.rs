@@ -144,6 +144,7 @@ async fn inventory_lists_pods_with_labels_and_running_digest_and_follows_changes
         .unwrap();
     let started = Instant::now();
     let changes = change_where(&mut rx, |c| !c.added.is_empty()).await;
+    println!("pod start -> change by polling: {:?}", started.elapsed());
     let slack = Duration::from_secs(5);
     assert!(
         started.elapsed() <= interval * 2 + slack,
