@@ -8,7 +8,7 @@
     clippy::indexing_slicing
 )]
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -38,7 +38,7 @@ type Outbound = mpsc::Sender<Result<v1::CoordinatorMessage, Status>>;
 /// the test.
 #[derive(Clone)]
 struct StandIn {
-    sessions: Arc<Mutex<Option<mpsc::Sender<(Outbound, Streaming<v1::AgentMessage>)>>>>,
+    sessions: mpsc::Sender<(Outbound, Streaming<v1::AgentMessage>)>,
 }
 
 #[tonic::async_trait]
@@ -56,10 +56,7 @@ impl Fleet for StandIn {
             inventory_interval: Duration::from_secs(10),
         });
         tx.send(Ok(welcome.into())).await.unwrap();
-        let sessions = self.sessions.lock().unwrap().clone();
-        if let Some(s) = sessions {
-            let _ = s.send((tx, request.into_inner())).await;
-        }
+        let _ = self.sessions.send((tx, request.into_inner())).await;
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -78,7 +75,7 @@ async fn the_session_reports_pull_progress_then_the_result() {
     // The coordinator stand-in, plain HTTP/2 on loopback.
     let (sessions_tx, mut sessions) = mpsc::channel(4);
     let stand_in = StandIn {
-        sessions: Arc::new(Mutex::new(Some(sessions_tx))),
+        sessions: sessions_tx,
     };
     let listener = warmroll_tests::scratch::bind_loopback().unwrap();
     listener.set_nonblocking(true).unwrap();
