@@ -170,3 +170,88 @@ policies:
         "report --once writes nothing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_secrets_of_the_workload_resolve_its_private_tags() {
+    use base64::Engine as _;
+    use k8s_openapi::api::core::v1::Secret;
+    use warmroll_tests::kubeapi::KubeApi;
+
+    warmroll_tests::tls::install_crypto_provider();
+    let registry = Registry::start(RegistryOptions::plain().basic("puller", "s3cret"))
+        .await
+        .unwrap();
+    let builder = ImageBuilder::new(&registry).unwrap();
+    let pushed = builder.push("private", "latest").await.unwrap();
+    let other = builder.push("other", "latest").await.unwrap();
+    let third = builder.push("third", "latest").await.unwrap();
+    let api = KubeApi::start().await.unwrap();
+    let auth = base64::engine::general_purpose::STANDARD.encode("puller:s3cret");
+    let dockerconfig = json!({"auths": {registry.host(): {"auth": auth}}}).to_string();
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"namespace": "shop", "name": "regcred"},
+        "type": "kubernetes.io/dockerconfigjson",
+        "data": {".dockerconfigjson": base64::engine::general_purpose::STANDARD.encode(dockerconfig)}
+    }))
+    .unwrap();
+    api.insert(&secret).unwrap();
+    // One tag is resolved once for every workload on it: each private repository here
+    // has one workload.
+    for (name, secrets, image) in [
+        ("with-secret", vec!["regcred"], &pushed),
+        ("without", vec![], &other),
+        ("missing-secret", vec!["ghost"], &third),
+    ] {
+        let mut d = deployment("shop", name, Some("watch"), &image.reference);
+        let spec = d.spec.template.spec.as_mut().unwrap();
+        spec.image_pull_secrets = Some(
+            secrets
+                .iter()
+                .map(|s| k8s_openapi::api::core::v1::LocalObjectReference { name: (*s).into() })
+                .collect(),
+        );
+        api.insert(&d).unwrap();
+    }
+    let config = Config::parse(
+        &format!(
+            "registry:\n  insecureRegistries: [\"{}\"]\npolicies:\n  watch:\n    mode: report\n",
+            registry.host()
+        ),
+        "test",
+    )
+    .unwrap();
+    let (resolver, _) = resolver_for(&config).unwrap();
+    let report = report_once(&api.client(), &config, &resolver)
+        .await
+        .unwrap();
+    let with = report
+        .workloads
+        .iter()
+        .find(|w| w.name == "with-secret")
+        .unwrap();
+    assert_eq!(
+        with.containers[0]
+            .registry_digest
+            .as_ref()
+            .map(ToString::to_string),
+        Some(pushed.manifest_digest.clone()),
+        "{report:#?}"
+    );
+    assert_eq!(
+        report.state_of("shop", "with-secret", "main"),
+        Some(&State::InSync)
+    );
+    for name in ["without", "missing-secret"] {
+        match report.state_of("shop", name, "main") {
+            Some(State::Error(reason)) => assert!(reason.contains("auth"), "{name}: {reason}"),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    assert!(
+        api.writes().is_empty(),
+        "report --once writes nothing: {:?}",
+        api.writes()
+    );
+}

@@ -101,11 +101,13 @@ impl Actor {
     }
 
     /// Orders every node in `nodes` to pull each image of `target` by tag (the tag must
-    /// then resolve to the digest). Credentials from the keyring go only to these nodes.
+    /// then resolve to the digest). Credentials (the workload's pull secrets first, then
+    /// the configured ones) go only to these nodes.
     #[instrument(skip_all, fields(workload = %workload.key))]
     pub(crate) async fn warm(
         &self,
         workload: &Workload,
+        pull_secrets: &Keyring,
         target: &BTreeMap<String, Digest>,
         nodes: &BTreeSet<String>,
         timeout: Duration,
@@ -129,14 +131,16 @@ impl Actor {
                 }
             };
             for (image, digest) in &images {
-                let credentials = self
-                    .keyring
-                    .lookup(image)
-                    .first()
-                    .map(|c| Credentials::Basic {
-                        username: c.username().to_owned(),
-                        password: c.password().to_owned(),
-                    });
+                let found = pull_secrets.lookup(image);
+                let found = if found.is_empty() {
+                    self.keyring.lookup(image)
+                } else {
+                    found
+                };
+                let credentials = found.first().map(|c| Credentials::Basic {
+                    username: c.username().to_owned(),
+                    password: c.password().to_owned(),
+                });
                 let request = WarmRequest {
                     image: image.clone(),
                     expected: Some(digest.clone()),

@@ -12,8 +12,9 @@ use warmroll_proto::fleet::Container;
 use warmroll_proto::image::ImageRef;
 
 use super::act::{Actor, WarmOrders};
+use super::secrets::PullSecrets;
 use super::watch::Watches;
-use super::{Shared, containers_of, resolve_all, tag_key, unique};
+use super::{Shared, containers_of, resolve_all, tag_key};
 use crate::config::{Config, Mode, Policy};
 use crate::drift::{
     self, Action, ContainerDrift, Gates, LastRollout, Lookup, Phase, State, Subject, decide,
@@ -46,6 +47,7 @@ struct EngineState {
     warned_unknown: BTreeSet<(WorkloadKey, String)>,
     /// Pushes announced by webhooks, waiting for their drift to show: image → time.
     announced: HashMap<String, Timestamp>,
+    secrets: PullSecrets,
     started: Timestamp,
 }
 
@@ -73,6 +75,7 @@ pub(crate) async fn run(
         workloads: HashMap::new(),
         warned_unknown: BTreeSet::new(),
         announced: HashMap::new(),
+        secrets: PullSecrets::default(),
         started: Timestamp::now(),
     };
     let mut tick = tokio::time::interval(STEP);
@@ -129,15 +132,25 @@ async fn step(
         })
         .map(|p| p.name.as_str())
         .collect();
-    let to_resolve: Vec<ImageRef> = unique(tracked.iter().flat_map(|(w, p)| {
+    // Each workload's pull-secret credentials, for resolving and warming its images.
+    let mut keyrings: HashMap<WorkloadKey, Keyring> = HashMap::new();
+    for (w, _) in &tracked {
+        keyrings.insert(w.key.clone(), state.secrets.keyring(&ctx.client, w).await);
+    }
+    let mut to_resolve: Vec<(ImageRef, Keyring)> = Vec::new();
+    for (w, p) in &tracked {
         let policy_due = due.contains(p.name.as_str());
-        let pushed = &pushed;
-        tracked_containers(w, p).filter_map(move |c| {
-            let image = ImageRef::parse(&c.image).ok()?;
+        for c in tracked_containers(w, p) {
+            let Ok(image) = ImageRef::parse(&c.image) else {
+                continue;
+            };
             let announced = tag_key(&image).is_some_and(|k| pushed.contains(&k));
-            (policy_due || announced).then_some(image)
-        })
-    }));
+            if policy_due || announced {
+                let keyring = keyrings.get(&w.key).cloned().unwrap_or_default();
+                to_resolve.push((image, keyring));
+            }
+        }
+    }
     let polled = !to_resolve.is_empty() || !due.is_empty();
     let results = resolve_all(resolver, to_resolve).await;
     state.lookups.extend(results);
@@ -183,8 +196,10 @@ async fn step(
         let in_ns = running.get(&workload.key.namespace).unwrap_or(&empty);
         let pods = running_of(workload, in_ns);
         let mut containers = containers_of(workload, policy, &state.lookups, &pods);
+        let keyring = keyrings.remove(&workload.key).unwrap_or_default();
         let note = step_workload(
             workload,
+            &keyring,
             policy,
             &mut containers,
             &pods,
@@ -234,6 +249,7 @@ async fn step(
 #[allow(clippy::too_many_arguments)]
 async fn step_workload<'p>(
     workload: &Workload,
+    keyring: &Keyring,
     policy: &'p Policy,
     containers: &mut [ContainerDrift],
     pods: &[drift::Running],
@@ -316,7 +332,7 @@ async fn step_workload<'p>(
                 memory.warm = WarmOrders::pretend(nodes);
             } else {
                 memory.warm = actor
-                    .warm(workload, &target, nodes, policy.warm.timeout)
+                    .warm(workload, keyring, &target, nodes, policy.warm.timeout)
                     .await;
             }
         }

@@ -11,10 +11,11 @@ mod command;
 mod cycle;
 mod metrics;
 mod once;
+mod secrets;
 mod watch;
 pub mod webhook;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -186,14 +187,26 @@ pub(crate) fn tag_key(image: &warmroll_proto::image::ImageRef) -> Option<String>
 /// Registry requests in flight at once.
 const RESOLVE_CONCURRENCY: usize = 16;
 
-/// Resolves each unique tag once, concurrently. Pinned references need no entry.
+/// Resolves each unique tag once, concurrently, with the pull-secret credentials given
+/// for it (the first keyring that has credentials for the image wins; the resolver's own
+/// keyring comes after). Pinned references need no entry.
 pub(crate) async fn resolve_all(
     resolver: &Resolver,
-    images: impl IntoIterator<Item = ImageRef>,
+    images: impl IntoIterator<Item = (ImageRef, Keyring)>,
 ) -> HashMap<ImageRef, Lookup> {
-    futures::stream::iter(unique(images))
-        .map(|image| async move {
-            let lookup = match resolver.resolve(&image, &Keyring::new()).await {
+    let mut keyrings: HashMap<ImageRef, Keyring> = HashMap::new();
+    for (image, keyring) in images {
+        let has = |k: &Keyring| !k.lookup(&image).is_empty();
+        match keyrings.get(&image) {
+            Some(existing) if has(existing) || !has(&keyring) => {}
+            _ => {
+                keyrings.insert(image, keyring);
+            }
+        }
+    }
+    futures::stream::iter(keyrings)
+        .map(|(image, keyring)| async move {
+            let lookup = match resolver.resolve(&image, &keyring).await {
                 Ok(Resolution::Tag(resolved)) => Lookup::Tag(resolved),
                 Ok(Resolution::Pinned { .. }) => return None,
                 Err(e) => Lookup::Error(e.to_string()),
@@ -218,14 +231,5 @@ pub(crate) fn containers_of(
             let lookup = ImageRef::parse(&c.image).ok().and_then(|i| lookups.get(&i));
             container_drift(c, lookup, pods)
         })
-        .collect()
-}
-
-/// Unique values, sorted.
-pub(crate) fn unique<T: Ord>(items: impl IntoIterator<Item = T>) -> Vec<T> {
-    items
-        .into_iter()
-        .collect::<BTreeSet<T>>()
-        .into_iter()
         .collect()
 }

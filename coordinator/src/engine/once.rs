@@ -13,6 +13,7 @@ use kube::api::ListParams;
 use kube::{Api, Client};
 use warmroll_proto::image::{Digest, ImageRef};
 
+use super::secrets::PullSecrets;
 use super::{EngineError, containers_of, resolve_all};
 use crate::config::Config;
 use crate::drift::{self, Running};
@@ -56,9 +57,16 @@ pub async fn report_once(
                 .extend(running_from_status(&pod));
         }
     }
-    let images = selection.tracked.iter().flat_map(|(w, p)| {
-        drift::tracked_containers(w, p).filter_map(|c| ImageRef::parse(&c.image).ok())
-    });
+    let mut secrets = PullSecrets::default();
+    let mut images = Vec::new();
+    for (w, p) in &selection.tracked {
+        let keyring = secrets.keyring(client, w).await;
+        images.extend(
+            drift::tracked_containers(w, p)
+                .filter_map(|c| ImageRef::parse(&c.image).ok())
+                .map(|i| (i, keyring.clone())),
+        );
+    }
     let lookups = resolve_all(resolver, images).await;
     let mut reports = Vec::new();
     for (workload, policy) in &selection.tracked {
