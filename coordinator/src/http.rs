@@ -172,9 +172,11 @@ async fn fleet_node(State(s): State<AppState>, Path(node): Path<String>) -> Resp
 }
 
 /// Registers the fleet gauges, read from the view at every scrape:
-/// `warmroll_agents_connected`, `warmroll_fleet_nodes`, `warmroll_fleet_containers`, and
-/// `warmroll_leader` (1 while this replica holds the Lease).
+/// `warmroll_agents_connected`, `warmroll_fleet_nodes`, `warmroll_fleet_containers`,
+/// `warmroll_leader` (1 while this replica holds the Lease), and the warm-up progress
+/// per image ([`FleetView::warm_progress_collector`]).
 pub fn register_metrics(registry: &mut Registry, fleet: FleetView, leader: watch::Receiver<bool>) {
+    registry.register_collector(Box::new(fleet.warm_progress_collector()));
     registry.register_collector(Box::new(FleetCollector { fleet, leader }));
 }
 

@@ -22,6 +22,8 @@ use warmroll_proto::fleet::{
 use warmroll_proto::image::{Digest, ImageRef};
 use warmroll_proto::v1;
 
+use intern::{SharedImage, Store, StoredContainer};
+
 const SHARDS: usize = 64;
 /// Finished warm orders kept per node (the oldest go first).
 const FINISHED_ORDERS_KEPT: usize = 64;
@@ -265,8 +267,8 @@ struct NodeEntry {
     session: Session,
     /// `None` until a snapshot arrives, and again after a sequence gap.
     sequence: Option<u64>,
-    containers: HashMap<String, Container>,
-    images: HashMap<String, NodeImage>,
+    containers: HashMap<Box<str>, StoredContainer>,
+    images: HashMap<Box<str>, Arc<SharedImage>>,
     warms: HashMap<OrderId, WarmEntry>,
 }
 
@@ -276,9 +278,13 @@ impl NodeEntry {
             Session::Connected { node_verified, .. } => (true, *node_verified),
             Session::Disconnected { .. } => (false, false),
         };
-        let mut containers: Vec<Container> = self.containers.values().cloned().collect();
+        let mut containers: Vec<Container> = self
+            .containers
+            .iter()
+            .map(|(id, c)| c.to_container(id))
+            .collect();
         containers.sort_by(|a, b| a.id.cmp(&b.id));
-        let mut images: Vec<NodeImage> = self.images.values().cloned().collect();
+        let mut images: Vec<NodeImage> = self.images.values().map(|i| i.0.clone()).collect();
         images.sort_by(|a, b| a.id.cmp(&b.id));
         let mut warms: Vec<(u64, OrderId, ImageRef, WarmState)> = self
             .warms
@@ -348,6 +354,8 @@ struct Inner {
     next_order: AtomicU64,
     /// Makes order ids unique across coordinator restarts (agents may report late).
     order_prefix: String,
+    /// What the nodes' inventories share.
+    store: Store,
 }
 
 /// The fleet view. Clones share it.
@@ -369,6 +377,7 @@ impl FleetView {
                 next_session: AtomicU64::new(1),
                 next_order: AtomicU64::new(1),
                 order_prefix: format!("{:08x}", rand::random::<u32>()),
+                store: Store::new(),
             }),
         }
     }
@@ -472,9 +481,11 @@ impl FleetView {
 
     /// Reads one node's container without copying the whole entry.
     pub fn container(&self, node: &NodeName, container_id: &str) -> Option<Container> {
-        self.shard(node)
-            .get(node)
-            .and_then(|n| n.containers.get(container_id).cloned())
+        self.shard(node).get(node).and_then(|n| {
+            n.containers
+                .get(container_id)
+                .map(|c| c.to_container(container_id))
+        })
     }
 
     /// Registers a new session of `hello.node`, replacing any earlier one (whose
@@ -543,17 +554,21 @@ impl FleetView {
         snapshot: Snapshot,
     ) -> Applied {
         let sequence = snapshot.sequence;
+        // Interned before the shard is locked.
+        let store = &self.inner.store;
+        let containers = snapshot
+            .containers
+            .into_iter()
+            .map(|c| store.container(c))
+            .collect();
+        let images = snapshot
+            .images
+            .into_iter()
+            .map(|i| store.image(i))
+            .collect();
         let done = self.with_session(node, session, |entry| {
-            entry.containers = snapshot
-                .containers
-                .into_iter()
-                .map(|c| (c.id.clone(), c))
-                .collect();
-            entry.images = snapshot
-                .images
-                .into_iter()
-                .map(|i| (i.id.clone(), i))
-                .collect();
+            entry.containers = containers;
+            entry.images = images;
             entry.sequence = Some(sequence);
         });
         match done {
@@ -572,6 +587,17 @@ impl FleetView {
         change: InventoryChange,
     ) -> Applied {
         let sequence = change.sequence;
+        let store = &self.inner.store;
+        let upserted: Vec<_> = change
+            .upserted
+            .into_iter()
+            .map(|c| store.container(c))
+            .collect();
+        let images_upserted: Vec<_> = change
+            .images_upserted
+            .into_iter()
+            .map(|i| store.image(i))
+            .collect();
         let outcome = self.with_session(node, session, |entry| {
             let follows = entry.sequence.and_then(|s| s.checked_add(1)) == Some(sequence);
             if !follows {
@@ -584,17 +610,13 @@ impl FleetView {
                 };
             }
             for id in &change.removed {
-                entry.containers.remove(id);
+                entry.containers.remove(id.as_str());
             }
-            for c in change.upserted {
-                entry.containers.insert(c.id.clone(), c);
-            }
+            entry.containers.extend(upserted);
             for id in &change.images_removed {
-                entry.images.remove(id);
+                entry.images.remove(id.as_str());
             }
-            for i in change.images_upserted {
-                entry.images.insert(i.id.clone(), i);
-            }
+            entry.images.extend(images_upserted);
             entry.sequence = Some(sequence);
             Applied::Ok
         });
@@ -957,5 +979,6 @@ mod progress_tests {
     }
 }
 
+mod intern;
 #[cfg(test)]
 mod tests;
