@@ -21,11 +21,13 @@ use containerd_client::services::v1::{
     SubscribeRequest,
 };
 use futures::future::BoxFuture;
-use futures::{FutureExt, Stream, StreamExt};
+use futures::{FutureExt, Stream};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::VersionResponse;
 use prost::Message;
 use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, instrument};
 
@@ -261,26 +263,58 @@ impl ContainerdApi {
 }
 
 impl EventSource for ContainerdApi {
+    /// Returns at once: containerd answers `Subscribe` only with its first event, so the
+    /// call runs in a task that forwards the events (and ends with the stream).
     fn subscribe(&self) -> BoxFuture<'_, Result<RuntimeEvents, ContainerdError>> {
-        async move {
-            let mut client = EventsClient::new(self.channel.clone());
-            let request = SubscribeRequest {
-                filters: subscribe_filters(),
-            };
-            let stream = timed("Subscribe", client.subscribe(request)).await?;
-            debug!("subscribed to containerd events");
-            let events = stream.filter_map(|item| async move {
-                match item {
-                    Err(status) => Some(Err(call_error("Subscribe")(status))),
-                    Ok(envelope) => {
-                        let payload = envelope.event.as_ref().map_or(&[][..], |a| &a.value[..]);
-                        decode_event(&envelope.namespace, &envelope.topic, payload).map(Ok)
-                    }
-                }
-            });
-            Ok(Box::pin(events) as RuntimeEvents)
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        tokio::spawn(forward_events(self.channel.clone(), tx));
+        futures::future::ready(Ok(Box::pin(ReceiverStream::new(rx)) as RuntimeEvents)).boxed()
+    }
+}
+
+/// Events buffered between containerd and the inventory loop.
+const EVENT_QUEUE: usize = 256;
+
+/// Subscribes and forwards the decoded events to `tx` until the stream ends, fails (the
+/// error is forwarded) or the receiver is dropped.
+async fn forward_events(channel: Channel, tx: mpsc::Sender<Result<RuntimeEvent, ContainerdError>>) {
+    let fail = |status| Err(call_error("Subscribe")(status));
+    let mut client = EventsClient::new(channel);
+    let request = SubscribeRequest {
+        filters: subscribe_filters(),
+    };
+    let subscribed = tokio::select! {
+        r = client.subscribe(request) => r,
+        () = tx.closed() => return,
+    };
+    let mut stream = match subscribed {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            let _ = tx.send(fail(status)).await;
+            return;
         }
-        .boxed()
+    };
+    debug!("subscribed to containerd events");
+    loop {
+        let item = tokio::select! {
+            m = stream.message() => m,
+            () = tx.closed() => return,
+        };
+        match item {
+            Ok(Some(envelope)) => {
+                let payload = envelope.event.as_ref().map_or(&[][..], |a| &a.value[..]);
+                if let Some(event) = decode_event(&envelope.namespace, &envelope.topic, payload)
+                    && tx.send(Ok(event)).await.is_err()
+                {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(status) => {
+                let _ = tx.send(fail(status)).await;
+                return;
+            }
+        }
     }
 }
 

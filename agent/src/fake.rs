@@ -112,7 +112,7 @@ impl Cri for FakeCri {
         let s = self.state.lock().unwrap();
         Ok(s.images
             .iter()
-            .find(|i| i.repo_tags.iter().any(|t| t == image))
+            .find(|i| i.id == image || i.repo_tags.iter().any(|t| t == image))
             .cloned())
     }
 

@@ -532,6 +532,8 @@ pub struct Intervals {
 
 /// How long a burst of events may settle before the affected items are re-read.
 const EVENT_SETTLE: Duration = Duration::from_millis(50);
+/// A subscription that lasted this long worked: its loss restarts the backoff.
+const EVENTS_STABLE: Duration = Duration::from_secs(30);
 /// Re-reads of a container whose CRI state lags its event, and the pause between them.
 const UNSETTLED_RETRIES: u32 = 10;
 const UNSETTLED_PAUSE: Duration = Duration::from_millis(100);
@@ -570,7 +572,10 @@ pub async fn run<C: Cri>(
         },
         None => Events::None,
     };
-    let mut ever_subscribed = false;
+    // When the current subscription was made, and whether its loss was logged (so an
+    // outage logs once, not at every retry).
+    let mut subscribed_at = Instant::now();
+    let mut outage_logged = false;
     let mut cri_events: Option<EventStream> = None;
     let mut cri_events_supported = true;
     let mut failing = false;
@@ -586,12 +591,10 @@ pub async fn run<C: Cri>(
         {
             match source.subscribe().await {
                 Ok(stream) => {
-                    if ever_subscribed {
-                        info!("containerd events followed again; re-reading the inventory");
-                    }
-                    ever_subscribed = true;
-                    events_backoff.reset();
+                    debug!("following containerd events");
+                    subscribed_at = Instant::now();
                     runtime_events = Events::Live(stream);
+                    // A full read catches whatever happened while not subscribed.
                     full_at = Instant::now();
                 }
                 Err(e) => {
@@ -714,16 +717,30 @@ pub async fn run<C: Cri>(
                 event = next_runtime_event(&mut runtime_events) => match event {
                     Some(Ok(ev)) => {
                         debug!(event = ?ev, "containerd event");
+                        if outage_logged {
+                            info!("containerd events are back");
+                            outage_logged = false;
+                        }
                         affected.add(ev);
                         // Let a burst of events settle, then re-read what they name.
                         let at = *affected_at.get_or_insert(Instant::now() + EVENT_SETTLE);
                         wake = wake.min(at);
                     }
                     ended => {
+                        // A subscription that lasted was fine: start the backoff afresh.
+                        if subscribed_at.elapsed() >= EVENTS_STABLE {
+                            events_backoff.reset();
+                        }
                         let delay = events_backoff.next_delay();
-                        match ended {
-                            Some(Err(e)) => info!(error = %e, retry_in = ?delay, "containerd event stream lost; polling CRI until it is back"),
-                            _ => info!(retry_in = ?delay, "containerd event stream ended; polling CRI until it is back"),
+                        let error = match ended {
+                            Some(Err(e)) => e.to_string(),
+                            _ => "the stream ended".to_owned(),
+                        };
+                        if outage_logged {
+                            debug!(%error, retry_in = ?delay, "containerd events still unavailable");
+                        } else {
+                            info!(%error, retry_in = ?delay, poll = ?intervals.poll, "containerd event stream lost; polling CRI until it is back");
+                            outage_logged = true;
                         }
                         let retry_at = Instant::now() + delay;
                         runtime_events = Events::Down { retry_at };
@@ -1045,6 +1062,117 @@ mod tests {
             let third = collector.snapshot().await.unwrap();
             assert_eq!(third.containers.len(), 2);
             assert_eq!(fake.status_calls.load(Ordering::SeqCst), 2);
+        }
+
+        /// Events from the test, through a channel.
+        struct Scripted(std::sync::Mutex<Option<mpsc::Receiver<RuntimeEvent>>>);
+
+        impl EventSource for Scripted {
+            fn subscribe(
+                &self,
+            ) -> futures::future::BoxFuture<
+                '_,
+                Result<RuntimeEvents, crate::containerd::ContainerdError>,
+            > {
+                let rx = self.0.lock().unwrap().take();
+                Box::pin(async move {
+                    let rx = rx.ok_or(crate::containerd::ContainerdError::Timeout {
+                        op: "Subscribe",
+                        after: Duration::ZERO,
+                    })?;
+                    let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok);
+                    Ok(Box::pin(stream) as RuntimeEvents)
+                })
+            }
+        }
+
+        #[tokio::test]
+        async fn events_re_read_just_their_items_and_wait_for_a_lagging_runtime() {
+            let fake = Arc::new(FakeCri::with(|s| {
+                s.sandboxes = vec![sandbox("s1", "web-1")];
+                s.images = vec![image(CFG, &["127.0.0.1:5000/app:latest"], &[])];
+            }));
+            let (events_tx, events_rx) = mpsc::channel(8);
+            let source = Arc::new(Scripted(std::sync::Mutex::new(Some(events_rx))));
+            let (tx, mut rx) = mpsc::channel(8);
+            let hour = Duration::from_secs(3600);
+            let task = tokio::spawn(run(
+                fake.clone(),
+                Some(source as Arc<dyn EventSource>),
+                Intervals {
+                    poll: hour,
+                    resync: hour,
+                },
+                Metrics::new(),
+                Arc::new(Health::default()),
+                tx,
+            ));
+            async fn recv(rx: &mut mpsc::Receiver<InventoryUpdate>) -> InventoryUpdate {
+                tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                    .await
+                    .expect("an update within 5 s")
+                    .expect("loop alive")
+            }
+            assert!(matches!(recv(&mut rx).await, InventoryUpdate::Full(_)));
+            let statuses_before = fake.status_calls.load(std::sync::atomic::Ordering::SeqCst);
+            // The event comes before CRI shows the container running (CRI lags).
+            events_tx
+                .send(RuntimeEvent::Container {
+                    id: "c1".into(),
+                    running: Some(true),
+                })
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            fake.edit(|s| {
+                s.containers = vec![container("c1", "s1", "web", "127.0.0.1:5000/app:latest")];
+                s.statuses.insert("c1".into(), status("c1", D1));
+            });
+            let InventoryUpdate::Changes(c) = recv(&mut rx).await else {
+                panic!("a change set")
+            };
+            assert_eq!(c.added.len(), 1, "{c:?}");
+            assert_eq!(c.added[0].digest, Some(d(D1)));
+            assert_eq!(
+                fake.status_calls.load(std::sync::atomic::Ordering::SeqCst),
+                statuses_before + 1,
+                "one ContainerStatus for the new container"
+            );
+            // A tag moves to a new image: both images change.
+            fake.edit(|s| {
+                s.images = vec![
+                    image(CFG, &[], &[]),
+                    image("sha256:new", &["127.0.0.1:5000/app:latest"], &[]),
+                ];
+            });
+            events_tx
+                .send(RuntimeEvent::Image {
+                    name: "127.0.0.1:5000/app:latest".into(),
+                })
+                .await
+                .unwrap();
+            let InventoryUpdate::Changes(c) = recv(&mut rx).await else {
+                panic!("a change set")
+            };
+            assert_eq!(c.images_added.len(), 1, "{c:?}");
+            assert_eq!(c.images_added[0].id, "sha256:new");
+            assert_eq!(c.images_changed.len(), 1, "{c:?}");
+            assert!(c.images_changed[0].repo_tags.is_empty());
+            // The container exits.
+            fake.edit(|s| s.containers.clear());
+            events_tx
+                .send(RuntimeEvent::Container {
+                    id: "c1".into(),
+                    running: Some(false),
+                })
+                .await
+                .unwrap();
+            let InventoryUpdate::Changes(c) = recv(&mut rx).await else {
+                panic!("a change set")
+            };
+            assert_eq!(c.removed.len(), 1, "{c:?}");
+            drop(rx);
+            task.await.unwrap();
         }
 
         #[tokio::test]

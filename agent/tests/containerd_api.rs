@@ -89,11 +89,13 @@ async fn containerd_events_make_inventory_changes_at_once() {
         .await
         .expect("the test bed containerd serves its own API");
     let (mut rx, task) = inventory_loop(&cri, Some(Arc::new(api)), NO_POLL);
+    let begun = Instant::now();
     let first = tokio::time::timeout(Duration::from_secs(20), rx.recv())
         .await
         .unwrap()
         .unwrap();
     assert!(matches!(first, InventoryUpdate::Full(_)));
+    println!("first snapshot after {:?}", begun.elapsed());
 
     // A pod started through CRI: its container arrives long before the 60 s poll.
     let pod = containerd
@@ -168,7 +170,7 @@ async fn event_stream_is_followed_again_after_a_containerd_restart() {
         .unwrap();
     containerd.kill().await.unwrap();
     containerd.restart().await.unwrap();
-    // Give the loop time to notice and resubscribe (backoff starts at 250 ms).
+    // Give the loop time to notice and resubscribe.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let pod = containerd
         .run_pod(
@@ -186,7 +188,9 @@ async fn event_stream_is_followed_again_after_a_containerd_restart() {
         "after a restart, container start -> change: {:?}",
         started.elapsed()
     );
-    assert!(started.elapsed() <= Duration::from_secs(5), "{added:#?}");
+    // Well before the 60 s poll: the stream was resubscribed (its backoff starts at
+    // 250 ms), and the resubscription's full read or the event itself brought the pod.
+    assert!(started.elapsed() <= Duration::from_secs(20), "{added:#?}");
     containerd.stop_pod(&pod).await.unwrap();
     drop(rx);
     task.await.unwrap();
