@@ -276,8 +276,13 @@ impl Bed {
 
     /// Starts an engine for `config` (leader: `true`); dropping the returned sender stops it.
     fn engine(&self, config: &str) -> Result<(Engine, watch::Sender<bool>)> {
+        self.engine_as(config, true)
+    }
+
+    /// Starts an engine that leads or follows.
+    fn engine_as(&self, config: &str, leads: bool) -> Result<(Engine, watch::Sender<bool>)> {
         let config = Config::parse(config, "test config")?;
-        let (_leader_tx, leader) = watch::channel(true);
+        let (_leader_tx, leader) = watch::channel(leads);
         let (shutdown_tx, shutdown) = watch::channel(false);
         let ctx = Context {
             client: self.cluster.client(),
@@ -655,6 +660,9 @@ policies:
         secret = secret_file.display()
     );
     let (engine, _shutdown) = bed.engine(&config).unwrap();
+    // A second coordinator that does not hold the Lease: it reports, never acts (the
+    // exact patch counts below include its writes).
+    let (follower, _follower_shutdown) = bed.engine_as(&config, false).unwrap();
     for (name, _, _) in workloads {
         if name != "nightly" {
             wait_state(&engine, "shop", name, "in-sync").await.unwrap();
@@ -759,6 +767,21 @@ policies:
         );
     }
     assert_eq!(bed.patches_of("shop", "deployments", "partial").len(), 1);
+    let r = report(&follower).await.unwrap();
+    assert!(!r.leader);
+    let watched = r.workloads.iter().find(|w| w.name == "watched").unwrap();
+    assert_eq!(
+        watched.containers[0].state,
+        State::Drift,
+        "followers report"
+    );
+    let dry = r.workloads.iter().find(|w| w.name == "dry").unwrap();
+    assert!(
+        dry.note
+            .as_deref()
+            .is_some_and(|n| n.contains("not the leader")),
+        "{dry:?}"
+    );
     assert_eq!(bed.patches_of("shop", "deployments", "nightly").len(), 1);
     let r = report(&engine).await.unwrap();
     assert_eq!(r.state_of("shop", "watched", "main"), Some(&State::Drift));
