@@ -36,7 +36,7 @@ pub const NAMESPACE: &str = "k8s.io";
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Manifests and indexes are small; anything bigger is not one.
-const MAX_MANIFEST_BYTES: i64 = 4 * 1024 * 1024;
+const MAX_MANIFEST_BYTES: u64 = 4 * 1024 * 1024;
 
 /// A failed containerd API operation.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -369,7 +369,7 @@ impl ContentStore for ContainerdApi {
             let Some(size) = self.blob_size(digest).await? else {
                 return Ok(None);
             };
-            if size > MAX_MANIFEST_BYTES.unsigned_abs() {
+            if size > MAX_MANIFEST_BYTES {
                 return Ok(None);
             }
             let mut client = ContentClient::new(self.channel.clone());
@@ -387,7 +387,7 @@ impl ContentStore for ContainerdApi {
                 let mut out = Vec::new();
                 while let Some(chunk) = stream.message().await.map_err(call_error("Read"))? {
                     out.extend_from_slice(&chunk.data);
-                    if out.len() > MAX_MANIFEST_BYTES.unsigned_abs() as usize {
+                    if u64::try_from(out.len()).unwrap_or(u64::MAX) > MAX_MANIFEST_BYTES {
                         return Ok(None);
                     }
                 }
