@@ -392,10 +392,19 @@ impl<C: Cri> Collector<C> {
             self.refresh_image(&mut next, name).await?;
         }
         let mut unsettled = Vec::new();
+        let mut sandboxes_read = false;
         for (id, implied) in &affected.containers {
             let running = self.refresh_container(&mut next, id).await?;
             if implied.is_some_and(|want| want != running) {
-                unsettled.push(id.clone());
+                // A pod sandbox's own task is not a container: nothing to wait for.
+                if !self.sandboxes.contains_key(id) && !sandboxes_read {
+                    let sandboxes = self.cri.list_pod_sandboxes().await?;
+                    self.sandboxes = sandboxes.into_iter().map(|s| (s.id.clone(), s)).collect();
+                    sandboxes_read = true;
+                }
+                if !self.sandboxes.contains_key(id) {
+                    unsettled.push(id.clone());
+                }
             }
         }
         Ok((next, unsettled))
@@ -1115,6 +1124,14 @@ mod tests {
             }
             assert!(matches!(recv(&mut rx).await, InventoryUpdate::Full(_)));
             let statuses_before = fake.status_calls.load(std::sync::atomic::Ordering::SeqCst);
+            // A sandbox's task starting is no container: nothing changes, nothing waits.
+            events_tx
+                .send(RuntimeEvent::Container {
+                    id: "s1".into(),
+                    running: Some(true),
+                })
+                .await
+                .unwrap();
             // The event comes before CRI shows the container running (CRI lags).
             events_tx
                 .send(RuntimeEvent::Container {
