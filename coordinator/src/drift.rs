@@ -420,6 +420,33 @@ pub fn decide(
         };
     }
 
+    // Patched this target already; the workload's record may not have come back yet.
+    if let Phase::Rolling {
+        target: rolled,
+        patched,
+        ..
+    } = phase
+        && *rolled == target
+    {
+        if workload.status.progress_deadline_exceeded
+            || elapsed(*patched, now) > policy.rollout_timeout
+        {
+            let reason = format!(
+                "rolled to this digest at {patched}; the new pods did not all come up on it: not patching again"
+            );
+            return Step {
+                phase: Phase::Held {
+                    target,
+                    reason: reason.clone(),
+                },
+                action: Action::None,
+                state: State::Held(reason),
+                note: None,
+            };
+        }
+        return keep(State::Rolling, None);
+    }
+
     if let Phase::Held {
         target: held,
         reason,

@@ -797,5 +797,31 @@ policies:
             .to_string(),
         app.manifest_digest
     );
+    // `report --url` prints the running engine's report as a table.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(axum::serve(listener, engine.router.clone()).into_future());
+    let mut out = Vec::new();
+    warmroll_coordinator::engine::report_command(
+        warmroll_coordinator::engine::ReportArgs {
+            url,
+            once: false,
+            config: None,
+            json: false,
+        },
+        &mut out,
+    )
+    .await
+    .unwrap();
+    server.abort();
+    let table = String::from_utf8(out).unwrap();
+    assert!(table.starts_with("NAMESPACE"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("watched") && l.contains("drift")),
+        "{table}"
+    );
+    assert!(table.contains("6 workloads, 6 containers"), "{table}");
     drop(bed.agents);
 }

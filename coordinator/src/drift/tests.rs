@@ -446,6 +446,23 @@ fn never_rolls_twice_for_one_digest() {
 }
 
 #[test]
+fn a_patched_target_is_not_rolled_again_before_its_record_is_seen() {
+    let case = drifting("");
+    let phase = Phase::Rolling {
+        target: drift_target(&case.containers),
+        patched: ts(0),
+        partial: false,
+    };
+    // The reflector has not delivered the annotation yet (no record): still rolling.
+    let step = case.step(&phase, &WarmProgress::default(), &gates(5));
+    assert_eq!(step.action, Action::None);
+    assert_eq!(step.state, State::Rolling);
+    let step = case.step(&phase, &WarmProgress::default(), &gates(601));
+    assert!(matches!(step.state, State::Held(_)), "{step:?}");
+    assert_eq!(step.action, Action::None);
+}
+
+#[test]
 fn report_mode_only_reports() {
     let mut case = drifting("");
     case.policy.mode = Mode::Report;
