@@ -34,8 +34,14 @@ pub struct Agents {
 
 impl Agents {
     /// Starts one agent per node of `cluster`, connecting to `coordinator_url` (whose
-    /// certificate `ca` signed).
-    pub async fn start(cluster: &Cluster, ca: &TestCa, coordinator_url: &str) -> Result<Self> {
+    /// certificate `ca` signed). With `warm_orders: false` the agents refuse every warm
+    /// order (their free-disk floor cannot be met), so nothing is pulled ahead.
+    pub async fn start(
+        cluster: &Cluster,
+        ca: &TestCa,
+        coordinator_url: &str,
+        warm_orders: bool,
+    ) -> Result<Self> {
         let dir = scratch::temp_dir("agents")?;
         let ca_file = dir.path().join("ca.crt");
         std::fs::write(&ca_file, ca.cert_pem()).context("writing the agents' CA file")?;
@@ -96,7 +102,7 @@ impl Agents {
                 api.map(|a| a as Arc<dyn ContentStore>),
                 WarmConfig {
                     max_concurrent_pulls: 2,
-                    min_free_disk: 0,
+                    min_free_disk: if warm_orders { 0 } else { u64::MAX },
                 },
                 metrics,
             );

@@ -25,7 +25,9 @@ pub const ANNOTATION_KEY: &str = "warmroll.io/restartedAt";
 pub enum WarmMode {
     /// Warm on every target node first, then patch (warmroll's way).
     Gated,
-    /// Patch as soon as drift is seen (what tag-following tools do).
+    /// Patch as soon as drift is seen (what tag-following tools do). The same coordinator
+    /// with a warm threshold of 0 (roll without waiting), and agents that refuse the warm
+    /// orders, so the kubelets pull after the patch.
     Off,
 }
 
@@ -64,7 +66,9 @@ impl Default for SandboxOptions {
 pub fn config_yaml(registry_host: &str, options: &SandboxOptions) -> String {
     let warm = match options.warm {
         WarmMode::Gated => "\n      threshold: 1.0\n      timeout: 10m\n      onTimeout: rollout",
-        WarmMode::Off => "\n      enabled: false",
+        // No warm-up gate: roll as soon as the (refused) orders are out, one engine step
+        // after the drift shows.
+        WarmMode::Off => "\n      threshold: 0.0\n      timeout: 10m\n      onTimeout: rollout",
     };
     format!(
         "policyLabel: {POLICY_LABEL}
@@ -120,7 +124,13 @@ impl Sandbox {
         let ca = TestCa::new()?;
         let coordinator =
             Coordinator::start(cluster.api(), &ca, &config_yaml(registry.host(), &options)).await?;
-        let agents = Agents::start(&cluster, &ca, coordinator.grpc_url()).await?;
+        let agents = Agents::start(
+            &cluster,
+            &ca,
+            coordinator.grpc_url(),
+            options.warm == WarmMode::Gated,
+        )
+        .await?;
         let sandbox = Sandbox {
             agents,
             coordinator,
@@ -564,6 +574,8 @@ impl Writes {
                 if event == workload.name {
                     writes.events += 1;
                 }
+            } else if is_workload_path(&r.path) {
+                // Another workload's write: counted with that workload.
             } else if r.path.ends_with("/tokenreviews") {
                 writes.token_reviews += 1;
             } else {
@@ -572,6 +584,23 @@ impl Writes {
         }
         writes
     }
+}
+
+/// Whether `path` names a workload object (`/apis/apps/v1/namespaces/<ns>/<kind>/<name>`).
+fn is_workload_path(path: &str) -> bool {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    matches!(
+        parts.as_slice(),
+        [
+            "apis",
+            "apps",
+            "v1",
+            "namespaces",
+            _,
+            "deployments" | "daemonsets" | "statefulsets",
+            _
+        ]
+    )
 }
 
 /// For an Event write, the name of the object it is about (from the body of a create,
@@ -612,13 +641,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_configuration_parses() {
-        let yaml = config_yaml("127.0.0.1:5000", &SandboxOptions::default());
-        let config = warmroll_coordinator::config::Config::parse(&yaml, "test").unwrap();
-        let policy = &config.policies[POLICY];
-        assert_eq!(policy.poll_interval, Duration::from_secs(1));
-        assert_eq!(policy.annotation_key, ANNOTATION_KEY);
-        assert!(policy.stabilization_window.is_zero());
+    fn both_configurations_parse() {
+        for (warm, threshold) in [(WarmMode::Gated, 1.0), (WarmMode::Off, 0.0)] {
+            let options = SandboxOptions {
+                warm,
+                ..SandboxOptions::default()
+            };
+            let yaml = config_yaml("127.0.0.1:5000", &options);
+            let config = warmroll_coordinator::config::Config::parse(&yaml, "test").unwrap();
+            let policy = &config.policies[POLICY];
+            assert_eq!(policy.poll_interval, Duration::from_secs(1));
+            assert_eq!(policy.annotation_key, ANNOTATION_KEY);
+            assert!(policy.stabilization_window.is_zero());
+            assert_eq!(policy.warm.threshold, threshold);
+        }
+    }
+
+    #[test]
+    fn workload_paths_are_told_apart() {
+        assert!(is_workload_path(
+            "/apis/apps/v1/namespaces/default/daemonsets/a"
+        ));
+        assert!(!is_workload_path(
+            "/apis/apps/v1/namespaces/default/daemonsets/a/status"
+        ));
+        assert!(!is_workload_path("/api/v1/namespaces/default/pods/a"));
     }
 
     #[test]
