@@ -107,3 +107,59 @@ impl EngineMetrics {
             .inc();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Mode;
+    use crate::drift::ContainerDrift;
+    use crate::report::WorkloadReport;
+    use crate::workload::Kind;
+
+    #[test]
+    fn report_counts_and_observations_are_exposed() {
+        let mut registry = Registry::default();
+        let metrics = EngineMetrics::register(&mut registry);
+        let container = |state: State| ContainerDrift {
+            container: "c".into(),
+            image: "i".into(),
+            init: false,
+            registry_digest: None,
+            running: Vec::new(),
+            drifted_nodes: Default::default(),
+            state,
+        };
+        let report = Report::new(
+            jiff::Timestamp::UNIX_EPOCH,
+            true,
+            vec![WorkloadReport {
+                namespace: "n".into(),
+                kind: Kind::Deployment,
+                name: "w".into(),
+                policy: "p".into(),
+                mode: Mode::Rollout,
+                note: None,
+                containers: vec![container(State::Drift), container(State::Pinned)],
+            }],
+        );
+        metrics.observe_report(&report);
+        metrics.detected(1.5);
+        metrics.warmed(3.0);
+        metrics.converged(10.0);
+        metrics.rollout("patched");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            "warmroll_tracked_workloads 1",
+            "warmroll_containers{state=\"drift\"} 1",
+            "warmroll_containers{state=\"pinned\"} 1",
+            "warmroll_containers{state=\"held\"} 0",
+            "warmroll_time_to_detect_seconds_count 1",
+            "warmroll_time_to_warm_seconds_sum 3.0",
+            "warmroll_rollout_duration_seconds_count 1",
+            "warmroll_rollouts_total{result=\"patched\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
+}
