@@ -603,6 +603,7 @@ pub async fn run<C: Cri>(
                     debug!("following containerd events");
                     subscribed_at = Instant::now();
                     runtime_events = Events::Live(stream);
+                    metrics.events_followed(true);
                     // A full read catches whatever happened while not subscribed.
                     full_at = Instant::now();
                 }
@@ -730,6 +731,7 @@ pub async fn run<C: Cri>(
                             info!("containerd events are back");
                             outage_logged = false;
                         }
+                        metrics.runtime_event();
                         affected.add(ev);
                         // Let a burst of events settle, then re-read what they name.
                         let at = *affected_at.get_or_insert(Instant::now() + EVENT_SETTLE);
@@ -753,6 +755,7 @@ pub async fn run<C: Cri>(
                         }
                         let retry_at = Instant::now() + delay;
                         runtime_events = Events::Down { retry_at };
+                        metrics.events_followed(false);
                         full_at = full_at.min(Instant::now() + intervals.poll);
                         wake = wake.min(retry_at).min(full_at);
                     }

@@ -29,6 +29,8 @@ pub struct Metrics {
     containers: Gauge,
     images: Gauge,
     cri_errors: Family<OpLabel, Counter>,
+    runtime_events: Counter,
+    events_followed: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -73,8 +75,22 @@ impl Metrics {
             "Failed CRI calls by operation",
             cri_errors.clone(),
         );
+        let runtime_events = Counter::default();
+        let events_followed = Gauge::default();
+        registry.register(
+            "runtime_events",
+            "containerd events that named an inventory item to re-read",
+            runtime_events.clone(),
+        );
+        registry.register(
+            "runtime_events_followed",
+            "1 while the inventory follows containerd's events, 0 while it polls CRI",
+            events_followed.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
+            runtime_events,
+            events_followed,
             pulls,
             pull_duration,
             containers,
@@ -92,6 +108,14 @@ impl Metrics {
         self.containers
             .set(i64::try_from(containers).unwrap_or(i64::MAX));
         self.images.set(i64::try_from(images).unwrap_or(i64::MAX));
+    }
+
+    pub fn runtime_event(&self) {
+        self.runtime_events.inc();
+    }
+
+    pub fn events_followed(&self, followed: bool) {
+        self.events_followed.set(i64::from(followed));
     }
 
     pub fn cri_error(&self, op: &'static str) {
@@ -150,6 +174,8 @@ mod tests {
         m.pull_finished("auth", Duration::from_millis(10));
         m.inventory_size(3, 7);
         m.cri_error("ListContainers");
+        m.runtime_event();
+        m.events_followed(true);
         let text = m.encode();
         for needle in [
             "warmroll_agent_pulls_total{outcome=\"ok\"} 1",
@@ -158,6 +184,8 @@ mod tests {
             "warmroll_agent_inventory_containers 3",
             "warmroll_agent_inventory_images 7",
             "warmroll_agent_cri_errors_total{op=\"ListContainers\"} 1",
+            "warmroll_agent_runtime_events_total 1",
+            "warmroll_agent_runtime_events_followed 1",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -39,13 +39,14 @@ fn inventory_loop(
     cri: &Arc<CriClient>,
     events: Option<Arc<dyn EventSource>>,
     intervals: Intervals,
+    metrics: &Metrics,
 ) -> (mpsc::Receiver<InventoryUpdate>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(32);
     let task = tokio::spawn(inventory::run(
         cri.clone(),
         events,
         intervals,
-        Metrics::new(),
+        metrics.clone(),
         Arc::new(Health::default()),
         tx,
     ));
@@ -88,7 +89,8 @@ async fn containerd_events_make_inventory_changes_at_once() {
     let api = ContainerdApi::detect(containerd.socket(), &version)
         .await
         .expect("the test bed containerd serves its own API");
-    let (mut rx, task) = inventory_loop(&cri, Some(Arc::new(api)), NO_POLL);
+    let metrics = Metrics::new();
+    let (mut rx, task) = inventory_loop(&cri, Some(Arc::new(api)), NO_POLL, &metrics);
     let begun = Instant::now();
     let first = tokio::time::timeout(Duration::from_secs(20), rx.recv())
         .await
@@ -145,6 +147,15 @@ async fn containerd_events_make_inventory_changes_at_once() {
     );
     assert!(stopped.elapsed() <= Duration::from_secs(1));
     assert_eq!(removed.removed[0].pod.name, "web-1");
+    let text = metrics.encode();
+    assert!(
+        text.contains("warmroll_agent_runtime_events_followed 1"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("warmroll_agent_runtime_events_total 0"),
+        "events were counted: {text}"
+    );
     drop(rx);
     task.await.unwrap();
 }
@@ -163,7 +174,7 @@ async fn event_stream_is_followed_again_after_a_containerd_restart() {
     let api = ContainerdApi::detect(containerd.socket(), &version)
         .await
         .unwrap();
-    let (mut rx, task) = inventory_loop(&cri, Some(Arc::new(api)), NO_POLL);
+    let (mut rx, task) = inventory_loop(&cri, Some(Arc::new(api)), NO_POLL, &Metrics::new());
     tokio::time::timeout(Duration::from_secs(20), rx.recv())
         .await
         .unwrap()
@@ -410,7 +421,8 @@ async fn without_the_containerd_api_the_agent_works_through_cri_alone() {
         poll: Duration::from_millis(300),
         resync: Duration::from_secs(60),
     };
-    let (mut rx, task) = inventory_loop(&cri, None, poll);
+    let metrics = Metrics::new();
+    let (mut rx, task) = inventory_loop(&cri, None, poll, &metrics);
     tokio::time::timeout(Duration::from_secs(20), rx.recv())
         .await
         .unwrap()
@@ -428,6 +440,12 @@ async fn without_the_containerd_api_the_agent_works_through_cri_alone() {
     assert_eq!(
         added.added[0].digest,
         Some(Digest::parse(&web.manifest_digest).unwrap())
+    );
+    assert!(
+        metrics
+            .encode()
+            .contains("warmroll_agent_runtime_events_followed 0"),
+        "polling, not following events"
     );
 
     // Warm-up without progress.
