@@ -1,0 +1,568 @@
+//! The Helm chart (`charts/warmroll`), rendered by the real `helm` binary with the default
+//! values and with every option set in `charts/warmroll/ci/*.yaml`:
+//! - `helm lint --strict` and `helm template` pass;
+//! - every rendered object parses into its `k8s-openapi` type, field for field (a typo or
+//!   a misplaced key fails the round trip);
+//! - the security settings the chart promises, and RBAC without wildcards or Secret writes;
+//! - the rendered arguments and environment are accepted by the binaries' own clap
+//!   definitions, and the rendered ConfigMap is a valid coordinator configuration.
+//!
+//! `scripts/test` installs Helm; without it these tests fail, naming what is missing.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use clap::{CommandFactory, Parser};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+const RELEASE: &str = "wr";
+const NAMESPACE: &str = "warmroll-system";
+
+fn chart_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/warmroll")
+}
+
+/// `WARMROLL_HELM`, else `helm` on PATH.
+fn helm() -> Command {
+    let bin = std::env::var_os("WARMROLL_HELM").unwrap_or_else(|| "helm".into());
+    let probe = Command::new(&bin).arg("version").arg("--short").output();
+    match probe {
+        Ok(out) if out.status.success() => Command::new(bin),
+        _ => panic!(
+            "helm is not installed (looked for {bin:?}); scripts/test installs it \
+             (scripts/deps.sh ensure_helm), or set WARMROLL_HELM"
+        ),
+    }
+}
+
+/// The default values (None) and every documented option set.
+fn value_sets() -> Vec<Option<PathBuf>> {
+    let mut sets: Vec<PathBuf> = std::fs::read_dir(chart_dir().join("ci"))
+        .expect("charts/warmroll/ci")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    sets.sort();
+    assert!(
+        sets.len() >= 5,
+        "expected the option sets in charts/warmroll/ci"
+    );
+    std::iter::once(None)
+        .chain(sets.into_iter().map(Some))
+        .collect()
+}
+
+fn name(values: &Option<PathBuf>) -> String {
+    values
+        .as_ref()
+        .map_or("defaults".to_owned(), |p| p.display().to_string())
+}
+
+fn template_with(values: &Option<PathBuf>, set: &[&str]) -> Result<String, String> {
+    let mut cmd = helm();
+    cmd.args(["template", RELEASE])
+        .arg(chart_dir())
+        .args(["--namespace", NAMESPACE]);
+    if let Some(v) = values {
+        cmd.arg("--values").arg(v);
+    }
+    for s in set {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd.output().expect("run helm template");
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// The rendered objects, by kind and name.
+struct Rendered {
+    objects: Vec<Value>,
+}
+
+impl Rendered {
+    fn of(values: &Option<PathBuf>) -> Rendered {
+        let text = template_with(values, &[])
+            .unwrap_or_else(|e| panic!("helm template ({}): {e}", name(values)));
+        let docs: Vec<Option<Value>> = serde_saphyr::from_multiple(&text)
+            .unwrap_or_else(|e| panic!("rendered YAML ({}): {e}", name(values)));
+        Rendered {
+            objects: docs.into_iter().flatten().collect(),
+        }
+    }
+
+    fn all(&self, kind: &str) -> Vec<&Value> {
+        self.objects.iter().filter(|o| o["kind"] == kind).collect()
+    }
+
+    fn typed<T: DeserializeOwned>(&self, kind: &str) -> Vec<T> {
+        self.all(kind)
+            .into_iter()
+            .map(|o| serde_json::from_value(o.clone()).unwrap())
+            .collect()
+    }
+
+    fn one<T: DeserializeOwned>(&self, kind: &str) -> T {
+        let mut all = self.typed::<T>(kind);
+        assert_eq!(all.len(), 1, "exactly one {kind}");
+        all.remove(0)
+    }
+}
+
+/// Deserialises into `T` and back; the result must equal what was rendered, so a key
+/// the type does not know (a typo, a misplaced field) fails.
+fn round_trip<T: DeserializeOwned + serde::Serialize>(object: &Value) -> Result<(), String> {
+    let typed: T = serde_json::from_value(object.clone()).map_err(|e| e.to_string())?;
+    let back = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
+    if &back == object {
+        Ok(())
+    } else {
+        Err(format!(
+            "round trip changed the object:\nrendered: {object:#}\ntyped:    {back:#}"
+        ))
+    }
+}
+
+#[test]
+fn lint_passes_with_every_value_set() {
+    for values in value_sets() {
+        let mut cmd = helm();
+        cmd.args(["lint", "--strict", "--namespace", NAMESPACE])
+            .arg(chart_dir());
+        if let Some(v) = &values {
+            cmd.arg("--values").arg(v);
+        }
+        let out = cmd.output().expect("run helm lint");
+        assert!(
+            out.status.success(),
+            "helm lint ({}): {}{}",
+            name(&values),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn every_rendered_object_parses_into_its_type() {
+    for values in value_sets() {
+        let rendered = Rendered::of(&values);
+        assert!(!rendered.objects.is_empty());
+        for object in &rendered.objects {
+            let api_version = object["apiVersion"].as_str().unwrap_or_default();
+            let kind = object["kind"].as_str().unwrap_or_default();
+            let checked = match (api_version, kind) {
+                ("apps/v1", "DaemonSet") => round_trip::<DaemonSet>(object),
+                ("apps/v1", "Deployment") => round_trip::<Deployment>(object),
+                ("v1", "Service") => round_trip::<Service>(object),
+                ("v1", "ServiceAccount") => round_trip::<ServiceAccount>(object),
+                ("v1", "ConfigMap") => round_trip::<ConfigMap>(object),
+                ("v1", "Secret") => round_trip::<Secret>(object),
+                ("policy/v1", "PodDisruptionBudget") => round_trip::<PodDisruptionBudget>(object),
+                ("networking.k8s.io/v1", "NetworkPolicy") => round_trip::<NetworkPolicy>(object),
+                ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
+                    round_trip::<ClusterRole>(object)
+                }
+                ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+                    round_trip::<ClusterRoleBinding>(object)
+                }
+                ("rbac.authorization.k8s.io/v1", "Role") => round_trip::<Role>(object),
+                ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
+                    round_trip::<RoleBinding>(object)
+                }
+                // CRDs k8s-openapi has no type for: the fields the chart relies on.
+                ("cert-manager.io/v1", "Certificate") => {
+                    assert!(object["spec"]["secretName"].is_string());
+                    assert!(object["spec"]["issuerRef"]["name"].is_string());
+                    Ok(())
+                }
+                ("monitoring.coreos.com/v1", "ServiceMonitor") => {
+                    assert_eq!(object["spec"]["endpoints"][0]["path"], "/metrics");
+                    Ok(())
+                }
+                other => Err(format!("unexpected object {other:?}")),
+            };
+            if let Err(e) = checked {
+                panic!("{} ({}): {e}", kind, name(&values));
+            }
+        }
+    }
+}
+
+fn container<'a>(pod: &'a PodSpec, name: &str) -> &'a Container {
+    pod.containers
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("container {name}"))
+}
+
+fn assert_locked_down(c: &Container, what: &str) {
+    let sc = c.security_context.as_ref().expect("securityContext");
+    assert_eq!(
+        sc.read_only_root_filesystem,
+        Some(true),
+        "{what}: read-only root"
+    );
+    assert_eq!(
+        sc.allow_privilege_escalation,
+        Some(false),
+        "{what}: no escalation"
+    );
+    assert_eq!(sc.privileged, Some(false), "{what}: not privileged");
+    let caps = sc.capabilities.as_ref().expect("capabilities");
+    assert_eq!(
+        caps.drop.as_deref(),
+        Some(&["ALL".to_owned()][..]),
+        "{what}: drops ALL"
+    );
+    assert!(caps.add.is_none(), "{what}: adds no capability");
+    let resources = c.resources.as_ref().expect("resources");
+    assert!(
+        resources.requests.is_some() && resources.limits.is_some(),
+        "{what}: requests and limits"
+    );
+}
+
+#[test]
+fn agent_daemonset_is_locked_down_and_reaches_the_runtime() {
+    for values in value_sets() {
+        let rendered = Rendered::of(&values);
+        let ds: DaemonSet = rendered.one("DaemonSet");
+        let pod = ds.spec.template.spec.unwrap();
+        let agent = container(&pod, "agent");
+        assert_locked_down(agent, "agent");
+
+        // The CRI socket, by hostPath of type Socket, at the path the agent is told.
+        let socket = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "cri-socket")
+            .and_then(|v| v.host_path.clone())
+            .expect("cri-socket hostPath");
+        assert_eq!(socket.type_.as_deref(), Some("Socket"));
+        assert!(
+            agent
+                .args
+                .iter()
+                .flatten()
+                .any(|a| *a == format!("--cri-socket={}", socket.path)),
+            "agent is given the socket path"
+        );
+        // No other host path than the socket and the read-only image filesystem.
+        for v in pod.volumes.iter().flatten() {
+            if let Some(hp) = &v.host_path {
+                let mount = agent
+                    .volume_mounts
+                    .iter()
+                    .flatten()
+                    .find(|m| m.name == v.name)
+                    .expect("mounted");
+                assert!(
+                    v.name == "cri-socket" || mount.read_only == Some(true),
+                    "host path {} is read-only",
+                    hp.path
+                );
+            }
+        }
+
+        // NODE_NAME from the downward API.
+        let node = agent
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "NODE_NAME")
+            .expect("NODE_NAME");
+        let field = node.value_from.as_ref().and_then(|f| f.field_ref.as_ref());
+        assert_eq!(field.map(|f| f.field_path.as_str()), Some("spec.nodeName"));
+
+        // A projected token for the warmroll audience, and no API token.
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let token = pod
+            .volumes
+            .iter()
+            .flatten()
+            .filter_map(|v| v.projected.as_ref())
+            .flat_map(|p| p.sources.iter().flatten())
+            .find_map(|s| s.service_account_token.as_ref())
+            .expect("projected token");
+        assert_eq!(token.audience.as_deref(), Some("warmroll"));
+
+        assert!(pod.priority_class_name.is_some(), "priorityClassName");
+        if values.is_none() {
+            let tolerations = pod.tolerations.unwrap_or_default();
+            assert!(
+                tolerations
+                    .iter()
+                    .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()),
+                "tolerates every taint by default"
+            );
+        }
+    }
+}
+
+#[test]
+fn coordinator_is_non_root_replicated_and_guarded() {
+    for values in value_sets() {
+        let rendered = Rendered::of(&values);
+        let deploy: Deployment = rendered.one("Deployment");
+        let spec = deploy.spec;
+        let pod = spec.template.spec.unwrap();
+        let psc = pod.security_context.as_ref().expect("pod securityContext");
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_ne!(psc.run_as_user, Some(0));
+        assert_locked_down(container(&pod, "coordinator"), "coordinator");
+
+        let service: Service = rendered.one("Service");
+        let ports: Vec<String> = service
+            .spec
+            .unwrap()
+            .ports
+            .unwrap()
+            .into_iter()
+            .filter_map(|p| p.name)
+            .collect();
+        assert_eq!(ports, ["grpc", "http"]);
+
+        if values.is_none() {
+            assert_eq!(spec.replicas, Some(2), "two replicas by default");
+            let pdb: PodDisruptionBudget = rendered.one("PodDisruptionBudget");
+            assert!(pdb.spec.unwrap().max_unavailable.is_some());
+        }
+    }
+}
+
+fn rules(rendered: &Rendered) -> Vec<(String, PolicyRule)> {
+    let mut all = Vec::new();
+    for role in rendered.typed::<ClusterRole>("ClusterRole") {
+        let name = format!("ClusterRole {}", role.metadata.name.unwrap());
+        all.extend(role.rules.into_iter().flatten().map(|r| (name.clone(), r)));
+    }
+    for role in rendered.typed::<Role>("Role") {
+        let name = format!("Role {}", role.metadata.name.unwrap());
+        all.extend(role.rules.into_iter().flatten().map(|r| (name.clone(), r)));
+    }
+    all
+}
+
+#[test]
+fn rbac_has_no_wildcards_and_never_writes_secrets() {
+    for values in value_sets() {
+        let rendered = Rendered::of(&values);
+        let all = rules(&rendered);
+        assert!(!all.is_empty());
+        for (role, rule) in &all {
+            let fields = [
+                &rule.verbs,
+                rule.resources.as_ref().unwrap_or(&Vec::new()),
+                rule.api_groups.as_ref().unwrap_or(&Vec::new()),
+            ]
+            .map(|v| v.iter().any(|s| s.contains('*')));
+            assert!(!fields.contains(&true), "{role}: wildcard in {rule:?}");
+            let resources = rule.resources.clone().unwrap_or_default();
+            if resources.iter().any(|r| r == "secrets") {
+                assert!(
+                    rule.verbs
+                        .iter()
+                        .all(|v| ["get", "list", "watch"].contains(&v.as_str())),
+                    "{role}: write access to secrets: {rule:?}"
+                );
+            }
+        }
+        let grants = |resource: &str, verb: &str| {
+            all.iter().any(|(_, r)| {
+                r.resources.iter().flatten().any(|x| x == resource)
+                    && r.verbs.iter().any(|v| v == verb)
+            })
+        };
+        assert!(grants("tokenreviews", "create"));
+        assert!(grants("leases", "update"));
+        assert!(grants("deployments", "patch"));
+        assert!(grants("daemonsets", "watch"));
+        assert!(!grants("pods", "watch"), "no Pod watch");
+        // Secrets are readable only when asked for.
+        let reads_secrets = grants("secrets", "get");
+        let asked = values.as_ref().is_some_and(|v| {
+            std::fs::read_to_string(v)
+                .unwrap()
+                .contains("readSecrets: true")
+        });
+        assert_eq!(reads_secrets, asked, "secret access ({})", name(&values));
+
+        // The Lease is only in the release namespace.
+        for role in rendered.typed::<Role>("Role") {
+            if role
+                .rules
+                .iter()
+                .flatten()
+                .any(|r| r.resources.iter().flatten().any(|x| x == "leases"))
+            {
+                assert_eq!(role.metadata.namespace.as_deref(), Some(NAMESPACE));
+            }
+        }
+    }
+}
+
+#[test]
+fn namespaced_rbac_makes_one_role_per_namespace() {
+    let set = Some(chart_dir().join("ci/namespaced-rbac-values.yaml"));
+    let rendered = Rendered::of(&set);
+    assert!(rendered.all("ClusterRole").iter().all(|r| {
+        r["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|rule| rule["resources"] == serde_json::json!(["tokenreviews"]))
+    }));
+    let namespaces: Vec<String> = rendered
+        .typed::<Role>("Role")
+        .into_iter()
+        .filter(|r| {
+            r.rules
+                .iter()
+                .flatten()
+                .any(|x| x.resources.iter().flatten().any(|y| y == "deployments"))
+        })
+        .filter_map(|r| r.metadata.namespace)
+        .collect();
+    assert_eq!(namespaces, ["shop", "payments"]);
+}
+
+/// A rendered env var's value (downward API fields get a plausible value).
+fn env_value(e: &k8s_openapi::api::core::v1::EnvVar) -> String {
+    if let Some(v) = &e.value {
+        return v.clone();
+    }
+    let field = e
+        .value_from
+        .as_ref()
+        .and_then(|f| f.field_ref.as_ref())
+        .map(|f| f.field_path.as_str());
+    match field {
+        Some("spec.nodeName") => "node-1".into(),
+        Some("metadata.name") => "wr-warmroll-coordinator-7d9f-abcde".into(),
+        Some("metadata.namespace") => NAMESPACE.into(),
+        other => panic!("{}: unexpected valueFrom {other:?}", e.name),
+    }
+}
+
+/// The container's args, plus its environment turned into the flags that read it (every
+/// rendered variable must be one the CLI reads).
+fn command_line(cmd: &clap::Command, program: &str, c: &Container) -> Vec<String> {
+    let args: Vec<String> = c.args.clone().unwrap_or_default();
+    let subcommand = args.first().cloned().unwrap_or_default();
+    let sub = cmd
+        .find_subcommand(&subcommand)
+        .unwrap_or_else(|| panic!("{program}: no subcommand {subcommand:?}"));
+    let mut line = vec![program.to_owned()];
+    line.extend(args.iter().cloned());
+    for e in c.env.iter().flatten() {
+        let flag = cmd
+            .get_arguments()
+            .chain(sub.get_arguments())
+            .find(|a| a.get_env().is_some_and(|n| n == e.name.as_str()))
+            .unwrap_or_else(|| panic!("{program} {subcommand}: no flag reads env {}", e.name));
+        let long = flag.get_long().expect("long flag");
+        let already = args.iter().any(|a| a.starts_with(&format!("--{long}=")));
+        if !already {
+            line.push(format!("--{long}={}", env_value(e)));
+        }
+    }
+    line
+}
+
+#[test]
+fn rendered_command_lines_are_accepted_by_the_binaries() {
+    for values in value_sets() {
+        let rendered = Rendered::of(&values);
+        let deploy: Deployment = rendered.one("Deployment");
+        let pod = deploy.spec.template.spec.unwrap();
+        let line = command_line(
+            &warmroll_coordinator::cli::Cli::command(),
+            "warmroll-coordinator",
+            container(&pod, "coordinator"),
+        );
+        if let Err(e) = warmroll_coordinator::cli::Cli::try_parse_from(&line) {
+            panic!("coordinator rejects {line:?} ({}): {e}", name(&values));
+        }
+
+        let ds: DaemonSet = rendered.one("DaemonSet");
+        let pod = ds.spec.template.spec.unwrap();
+        let line = command_line(
+            &warmroll_agent::cli::Cli::command(),
+            "warmroll-agent",
+            container(&pod, "agent"),
+        );
+        if let Err(e) = warmroll_agent::cli::Cli::try_parse_from(&line) {
+            panic!("agent rejects {line:?} ({}): {e}", name(&values));
+        }
+    }
+}
+
+#[test]
+fn rendered_configmap_is_a_valid_coordinator_configuration() {
+    for values in value_sets() {
+        let rendered = Rendered::of(&values);
+        let cm: ConfigMap = rendered.one("ConfigMap");
+        let data: BTreeMap<String, String> = cm.data.unwrap();
+        let text = data.get("config.yaml").expect("config.yaml");
+        if let Err(e) = warmroll_coordinator::config::Config::parse(text, "rendered ConfigMap") {
+            panic!("{}: {e}\n{text}", name(&values));
+        }
+    }
+}
+
+#[test]
+fn tls_comes_from_the_chosen_source() {
+    // generate: a Secret with a certificate, its key and the CA agents trust.
+    let rendered = Rendered::of(&None);
+    let secret: Secret = rendered.one("Secret");
+    let data = secret.data.unwrap();
+    for key in ["tls.crt", "tls.key", "ca.crt"] {
+        let pem = String::from_utf8(data.get(key).expect(key).0.clone()).unwrap();
+        assert!(pem.starts_with("-----BEGIN "), "{key} is PEM");
+    }
+
+    // secret: nothing generated; both programs mount the user's Secret.
+    let rendered = Rendered::of(&Some(chart_dir().join("ci/tls-secret-values.yaml")));
+    assert!(rendered.all("Secret").is_empty());
+    let text = serde_json::to_string(&rendered.objects).unwrap();
+    assert_eq!(
+        text.matches("\"secretName\":\"my-warmroll-tls\"").count(),
+        2
+    );
+
+    // certManager: a Certificate for the Service's names.
+    let rendered = Rendered::of(&Some(chart_dir().join("ci/cert-manager-values.yaml")));
+    let cert = rendered.all("Certificate");
+    assert_eq!(cert.len(), 1);
+    let names = cert[0]["spec"]["dnsNames"].as_array().unwrap();
+    assert!(names.contains(&Value::from(format!(
+        "{RELEASE}-warmroll-coordinator.{NAMESPACE}.svc"
+    ))));
+}
+
+#[test]
+fn bad_values_fail_with_a_message_naming_them() {
+    let err = template_with(&None, &["rbac.scope=namespaced"]).unwrap_err();
+    assert!(err.contains("rbac.namespaces"), "{err}");
+    let err = template_with(&None, &["tls.mode=secret"]).unwrap_err();
+    assert!(err.contains("tls.secretName"), "{err}");
+    let err = template_with(&None, &["tls.mode=acme"]).unwrap_err();
+    assert!(err.contains("tls.mode"), "{err}");
+}
