@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use axum::body::Body;
 use axum::http::Request;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -389,6 +389,37 @@ fn deployment(ns: &str, name: &str, policy: &str, image: &str, replicas: i32) ->
     .unwrap()
 }
 
+fn daemon_set(ns: &str, name: &str, policy: &str, image: &str) -> DaemonSet {
+    serde_json::from_value(json!({
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {"namespace": ns, "name": name, "labels": {"app": name, "warmroll.io/policy": policy}},
+        "spec": {
+            "selector": {"matchLabels": {"app": name}},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "main", "image": image, "imagePullPolicy": "IfNotPresent"}]}
+            }
+        }
+    }))
+    .unwrap()
+}
+
+fn last_rollout_of<K>(bed: &Bed, name: &str) -> Option<Value>
+where
+    K: k8s_openapi::Resource + kube::Resource + serde::de::DeserializeOwned,
+{
+    let stored: K = bed.cluster.api().get("shop", name).ok()??;
+    let text = stored
+        .meta()
+        .annotations
+        .as_ref()?
+        .get("warmroll.io/last-rollout")?
+        .clone();
+    serde_json::from_str(&text).ok()
+}
+
 /// Per node, whether its warm orders for `image_name` (`host/repo`) all succeeded, and
 /// whether it has any.
 fn warmed(view: &FleetView, node: &str, image_name: &str) -> (bool, usize) {
@@ -413,12 +444,24 @@ async fn rollout_warms_every_target_node_then_patches_once_and_a_restart_patches
     let bed = Bed::start(2).await.unwrap();
     let images = ImageBuilder::new(&bed.registry).unwrap();
     let first = images.push("app", "latest").await.unwrap();
+    let ds_first = images.push("node-tool", "latest").await.unwrap();
     bed.cluster
         .api()
         .insert(&deployment("shop", "web", "fast", &first.reference, 2))
         .unwrap();
     bed.cluster
+        .api()
+        .insert(&daemon_set("shop", "tool", "fast", &ds_first.reference))
+        .unwrap();
+    bed.cluster
         .wait_rolled_out::<Deployment>("shop", "web", Duration::from_secs(60))
+        .await
+        .unwrap();
+    bed.cluster
+        .wait_rolled_out::<DaemonSet>("shop", "tool", Duration::from_secs(60))
+        .await
+        .unwrap();
+    bed.wait_agents_see("shop", "tool", 2, &ds_first.manifest_digest)
         .await
         .unwrap();
     bed.wait_agents_see("shop", "web", 2, &first.manifest_digest)
@@ -428,7 +471,7 @@ async fn rollout_warms_every_target_node_then_patches_once_and_a_restart_patches
         .cluster
         .pods()
         .iter()
-        .filter(|p| p.deleted.is_none() && p.namespace == "shop")
+        .filter(|p| p.deleted.is_none() && p.namespace == "shop" && p.name.starts_with("web-"))
         .map(|p| p.node.clone())
         .collect();
     assert_eq!(nodes.len(), 2, "one pod per node: {nodes:?}");
@@ -452,6 +495,7 @@ policies:
 
     // Slow registry answers: the warm-up takes seconds, a window a too-early patch
     // would show in.
+    let ds_second = images.push("node-tool", "latest").await.unwrap();
     bed.registry.set_latency(Duration::from_millis(700));
     let second = images.push("app", "latest").await.unwrap();
     let repo = first.repository.clone();
@@ -544,6 +588,31 @@ policies:
     assert_eq!(converged.count("drift"), 0);
     assert_eq!(bed.cluster.ready_on(&second.manifest_digest).len(), 2);
 
+    // The DaemonSet (one rollout at a time: it waited for the Deployment's slot) is
+    // warmed on all its nodes, patched once, and converges too.
+    wait_for("the DaemonSet's rollout record", || {
+        last_rollout_of::<DaemonSet>(&bed, "tool").is_some()
+    })
+    .await
+    .unwrap();
+    let record = last_rollout_of::<DaemonSet>(&bed, "tool").unwrap();
+    assert_eq!(record["containers"]["main"], ds_second.manifest_digest);
+    assert!(
+        record["reason"]
+            .as_str()
+            .unwrap()
+            .contains("2/2 target nodes warm"),
+        "{record}"
+    );
+    bed.cluster
+        .wait_rolled_out::<DaemonSet>("shop", "tool", Duration::from_secs(60))
+        .await
+        .unwrap();
+    bed.wait_agents_see("shop", "tool", 2, &ds_second.manifest_digest)
+        .await
+        .unwrap();
+    assert_eq!(bed.patches_of("shop", "daemonsets", "tool").len(), 1);
+
     // A restarted engine reads the record and patches nothing.
     shutdown.send_replace(true);
     tokio::time::timeout(Duration::from_secs(10), engine.task)
@@ -554,6 +623,7 @@ policies:
     wait_state(&engine, "shop", "web", "in-sync").await.unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(bed.patches_of("shop", "deployments", "web").len(), 1);
+    assert_eq!(bed.patches_of("shop", "daemonsets", "tool").len(), 1);
     drop(bed.agents);
 }
 
