@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use warmroll_agent::inventory::Intervals;
 use warmroll_agent::metrics::{Health, Metrics};
 use warmroll_agent::session::SessionArgs;
 use warmroll_agent::warm::{WarmConfig, Warmer};
@@ -253,15 +254,21 @@ impl Node {
             version: version.runtime_version,
         };
         let (tx, rx) = mpsc::channel(16);
+        // CRI polling only: these tests are about the session, not containerd's events.
         let inventory = tokio::spawn(warmroll_agent::inventory::run(
             client.clone(),
-            Duration::from_millis(300),
+            None,
+            Intervals {
+                poll: Duration::from_millis(300),
+                resync: Duration::from_millis(300),
+            },
             metrics.clone(),
             health,
             tx,
         ));
         let warmer = Warmer::new(
             client,
+            None,
             WarmConfig {
                 max_concurrent_pulls: 2,
                 min_free_disk: 0,
