@@ -154,6 +154,12 @@ async fn step(
     let polled = !to_resolve.is_empty() || !due.is_empty();
     let results = resolve_all(resolver, to_resolve).await;
     state.lookups.extend(results);
+    // Forget tags no tracked workload uses any more.
+    let in_use: BTreeSet<ImageRef> = tracked
+        .iter()
+        .flat_map(|(w, p)| tracked_containers(w, p).filter_map(|c| ImageRef::parse(&c.image).ok()))
+        .collect();
+    state.lookups.retain(|image, _| in_use.contains(image));
     for name in &due {
         state.polled.insert((*name).to_owned(), now);
     }
