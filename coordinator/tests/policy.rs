@@ -721,6 +721,7 @@ policies:
     pollInterval: 1s
     stabilizationWindow: 0s
     warm: {{timeout: 30s, onTimeout: rollout}}
+    rolloutTimeout: 4s
   nightly:
     mode: restart
     schedule: "*/2 * * * * *"
@@ -828,6 +829,17 @@ policies:
         "{record}"
     );
     assert_eq!(record["containers"]["main"], slow2.manifest_digest);
+    // Its new pods start on the old image (the warm-up failed, IfNotPresent): past the
+    // rollout timeout it is held, and never patched again for that digest.
+    let held = wait_state(&engine, "shop", "partial", "held")
+        .await
+        .unwrap();
+    let reason = held
+        .state_of("shop", "partial", "main")
+        .and_then(State::reason)
+        .unwrap()
+        .to_owned();
+    assert!(reason.contains("not patching again"), "{reason}");
 
     tokio::time::sleep(Duration::from_secs(3)).await;
     for name in ["watched", "hooked", "dry", "held"] {
