@@ -196,16 +196,6 @@ impl Config {
             reason,
         })
     }
-
-    /// The shortest poll interval of any policy (the engine's cycle), one minute when
-    /// there is no policy.
-    pub fn cycle_interval(&self) -> Duration {
-        self.policies
-            .values()
-            .map(|p| p.poll_interval)
-            .min()
-            .unwrap_or(Duration::from_secs(60))
-    }
 }
 
 // ---- raw (as written) ----

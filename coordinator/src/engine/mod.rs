@@ -39,8 +39,8 @@ use crate::run::Context;
 use crate::workload::Workload;
 
 pub use command::{ReportArgs, ReportError, report_command};
-pub use metrics::EngineMetrics;
-pub use once::{report_once, running_from_status};
+use metrics::EngineMetrics;
+pub use once::report_once;
 
 /// A running engine: its routes (state applied) and its task.
 pub struct Engine {

@@ -97,7 +97,7 @@ pub async fn report_once(
 
 /// The running containers a pod's status names, with the manifest digest from
 /// `imageID` when it carries one (`repo@sha256:…`).
-pub fn running_from_status(pod: &Pod) -> Vec<Running> {
+pub(crate) fn running_from_status(pod: &Pod) -> Vec<Running> {
     let node = pod
         .spec
         .as_ref()
