@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use axum::body::Body;
 use axum::http::Request;
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -689,6 +689,30 @@ async fn report_webhook_dry_run_hold_partial_and_restart_policies() {
             .await
             .unwrap();
     }
+    // A StatefulSet under the report policy too.
+    let sts: StatefulSet = serde_json::from_value(json!({
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {"namespace": "shop", "name": "db", "labels": {"app": "db", "warmroll.io/policy": "watch"}},
+        "spec": {
+            "replicas": 1,
+            "serviceName": "db",
+            "selector": {"matchLabels": {"app": "db"}},
+            "template": {
+                "metadata": {"labels": {"app": "db"}},
+                "spec": {"containers": [{"name": "main", "image": first["app"].reference, "imagePullPolicy": "IfNotPresent"}]}
+            }
+        }
+    }))
+    .unwrap();
+    bed.cluster.api().insert(&sts).unwrap();
+    bed.cluster
+        .wait_rolled_out::<StatefulSet>("shop", "db", Duration::from_secs(60))
+        .await
+        .unwrap();
+    bed.wait_agents_see("shop", "db", 1, &first["app"].manifest_digest)
+        .await
+        .unwrap();
 
     let dir = scratch::temp_dir("policy-webhook").unwrap();
     let secret_file = dir.path().join("secret");
@@ -775,6 +799,7 @@ policies:
         .await
         .unwrap();
     let detected = pushed_at.elapsed();
+    wait_state(&engine, "shop", "db", "drift").await.unwrap();
     assert!(
         detected < Duration::from_secs(4),
         "detected after {detected:?}"
@@ -842,6 +867,7 @@ policies:
     assert!(reason.contains("not patching again"), "{reason}");
 
     tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(bed.patches_of("shop", "statefulsets", "db").is_empty());
     for name in ["watched", "hooked", "dry", "held"] {
         assert!(
             bed.patches_of("shop", "deployments", name).is_empty(),
@@ -904,6 +930,6 @@ policies:
             .any(|l| l.contains("watched") && l.contains("drift")),
         "{table}"
     );
-    assert!(table.contains("6 workloads, 6 containers"), "{table}");
+    assert!(table.contains("7 workloads, 7 containers"), "{table}");
     drop(bed.agents);
 }
