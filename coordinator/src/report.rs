@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Mode;
 use crate::drift::{ContainerDrift, State};
+use crate::fleet::view::WarmBytes;
 use crate::workload::Kind;
 
 /// One cycle's report.
@@ -32,6 +33,10 @@ pub struct WorkloadReport {
     /// Why nothing happens, or what warmroll is doing, when worth saying.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// While warming: the bytes the target nodes have pulled so far, as their agents
+    /// report them (containerd only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_bytes: Option<WarmBytes>,
     pub containers: Vec<ContainerDrift>,
 }
 
@@ -80,6 +85,7 @@ impl Report {
                     running = %running_text(c),
                     state = c.state.name(),
                     reason = c.state.reason().unwrap_or_default(),
+                    progress = progress_text(w, c),
                     note = w.note.as_deref().unwrap_or_default(),
                     "container"
                 );
@@ -116,10 +122,7 @@ impl Report {
         let mut rows: Vec<[String; 8]> = vec![header.map(str::to_owned)];
         for w in &self.workloads {
             for c in &w.containers {
-                let mut state = c.state.name().to_owned();
-                if let Some(reason) = c.state.reason() {
-                    state = format!("{state}: {reason}");
-                }
+                let state = state_text(w, c);
                 rows.push([
                     w.namespace.clone(),
                     w.kind.to_string(),
@@ -196,6 +199,24 @@ impl Report {
     }
 }
 
+/// The warm-up's progress while a container is warming: `warming 63 %, 1.2 GiB of 1.9 GiB`.
+fn progress_text(w: &WorkloadReport, c: &ContainerDrift) -> String {
+    match (&c.state, w.warm_bytes) {
+        (State::Warming, Some(bytes)) => bytes.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// The table's state cell: the state, its reason, or the warm-up's progress.
+fn state_text(w: &WorkloadReport, c: &ContainerDrift) -> String {
+    let progress = progress_text(w, c);
+    match c.state.reason() {
+        _ if !progress.is_empty() => progress,
+        Some(reason) => format!("{}: {reason}", c.state.name()),
+        None => c.state.name().to_owned(),
+    }
+}
+
 fn short(digest: &warmroll_proto::image::Digest) -> String {
     let text = digest.to_string();
     text.get(..19).map(str::to_owned).unwrap_or(text)
@@ -254,6 +275,7 @@ mod tests {
                     policy: "web".into(),
                     mode: Mode::Rollout,
                     note: Some("in cooldown".into()),
+                    warm_bytes: None,
                     containers: vec![
                         container("app", State::Drift),
                         container("side", State::Held("warm-up timed out".into())),
@@ -266,6 +288,7 @@ mod tests {
                     policy: "web".into(),
                     mode: Mode::Report,
                     note: None,
+                    warm_bytes: None,
                     containers: vec![container("x", State::InSync)],
                 },
             ],
@@ -319,5 +342,29 @@ mod tests {
             table.contains("shop/Deployment/web: in cooldown"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn a_warming_container_shows_the_bytes_pulled_so_far() {
+        let mut r = report();
+        let web = &mut r.workloads[1];
+        web.containers[0].state = State::Warming;
+        web.warm_bytes = Some(WarmBytes {
+            orders: 2,
+            done: 1_288_490_189,
+            total: 2_040_109_466,
+            unknown_totals: 0,
+        });
+        let table = r.table();
+        assert!(
+            table.contains("warming 63 %, 1.2 GiB of 1.9 GiB"),
+            "{table}"
+        );
+        // A container not warming keeps its own state.
+        assert!(table.contains("held: warm-up timed out"), "{table}");
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["workloads"][1]["warm_bytes"]["done"], 1_288_490_189);
+        let back: Report = serde_json::from_value(json).unwrap();
+        assert_eq!(back, r);
     }
 }

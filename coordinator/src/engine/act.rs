@@ -16,6 +16,7 @@ use warmroll_proto::image::{Digest, ImageRef};
 
 use crate::config::Policy;
 use crate::drift::{LastRollout, WarmProgress};
+use crate::fleet::view::WarmBytes;
 use crate::fleet::{FleetView, WarmRequest, WarmState, WarmTicket};
 use crate::registry::Keyring;
 use crate::workload::{Kind, LAST_ROLLOUT_ANNOTATION, Workload};
@@ -48,6 +49,19 @@ impl WarmOrders {
             pretended: nodes.clone(),
             ..WarmOrders::default()
         }
+    }
+
+    /// Bytes pulled so far by the orders still downloading (summed over nodes), while
+    /// their agents report progress.
+    pub(crate) fn bytes(&self) -> Option<WarmBytes> {
+        self.tickets
+            .values()
+            .flatten()
+            .filter_map(|t| t.state().bytes())
+            .reduce(|mut sum, b| {
+                sum.add(b);
+                sum
+            })
     }
 
     /// Which nodes hold the new images, and which failed.

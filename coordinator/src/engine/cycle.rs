@@ -20,6 +20,7 @@ use crate::drift::{
     self, Action, ContainerDrift, Gates, LastRollout, Lookup, Phase, State, Subject, decide,
     restart_due, running_of, tracked_containers, warm_nodes,
 };
+use crate::fleet::view::WarmBytes;
 use crate::registry::{Keyring, Resolver};
 use crate::report::{Report, WorkloadReport};
 use crate::run::Context;
@@ -203,7 +204,7 @@ async fn step(
         let pods = running_of(workload, in_ns);
         let mut containers = containers_of(workload, policy, &state.lookups, &pods);
         let keyring = keyrings.remove(&workload.key).unwrap_or_default();
-        let note = step_workload(
+        let (note, warm_bytes) = step_workload(
             workload,
             &keyring,
             policy,
@@ -224,6 +225,7 @@ async fn step(
             policy: policy.name.clone(),
             mode: policy.mode,
             note,
+            warm_bytes,
             containers,
         });
     }
@@ -265,7 +267,7 @@ async fn step_workload<'p>(
     shared: &Shared,
     leader: bool,
     now: Timestamp,
-) -> Option<String> {
+) -> (Option<String>, Option<WarmBytes>) {
     let started = state.started;
     let memory = state
         .workloads
@@ -420,7 +422,12 @@ async fn step_workload<'p>(
         }
         memory.logged = Some(logged);
     }
-    step.note
+    let warm_bytes = if step.state == State::Warming {
+        memory.warm.bytes()
+    } else {
+        None
+    };
+    (step.note, warm_bytes)
 }
 
 fn elapsed(since: Timestamp, now: Timestamp) -> Duration {

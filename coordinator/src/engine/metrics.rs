@@ -139,6 +139,7 @@ mod tests {
                 policy: "p".into(),
                 mode: Mode::Rollout,
                 note: None,
+                warm_bytes: None,
                 containers: vec![container(State::Drift), container(State::Pinned)],
             }],
         );

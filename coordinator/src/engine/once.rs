@@ -89,6 +89,7 @@ pub async fn report_once(
             policy: policy.name.clone(),
             mode: policy.mode,
             note: None,
+            warm_bytes: None,
             containers: containers_of(workload, policy, &lookups, &mine),
         });
     }

@@ -104,7 +104,7 @@ impl WarmState {
 /// Bytes pulled so far by one or more warm orders in progress (summed over nodes with
 /// [`WarmBytes::add`]). Displays as `warming 63 %, 1.2 GiB of 1.9 GiB` (or
 /// `warming, 1.2 GiB so far` while some order's total is unknown).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WarmBytes {
     /// Orders summed.
     pub orders: usize,
