@@ -11,6 +11,7 @@ mod fake;
 pub mod http;
 pub mod inventory;
 pub mod metrics;
+pub mod node;
 pub mod progress;
 pub mod session;
 pub mod warm;

@@ -12,13 +12,13 @@ use k8s_cri::v1::VersionResponse;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 use warmroll_agent::cli::{Cli, Command, InventoryArgs, LogFormat};
-use warmroll_agent::containerd::{ContainerdApi, ContentStore, EventSource};
+use warmroll_agent::containerd::{ContentStore, EventSource};
 use warmroll_agent::cri::{self, Backoff, CriClient};
 use warmroll_agent::http;
 use warmroll_agent::inventory::{self, Collector, InventoryUpdate};
 use warmroll_agent::metrics::{Health, Metrics};
+use warmroll_agent::node::{self, NodeAgent};
 use warmroll_agent::progress::PullProgress;
-use warmroll_agent::session;
 use warmroll_agent::warm::Warmer;
 use warmroll_proto::fleet::Credentials;
 use warmroll_proto::image::{Digest, ImageRef};
@@ -92,7 +92,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             };
             let (client, version) =
                 cri::connect(cli.cri_socket.as_deref(), metrics.clone(), health).await?;
-            let api = containerd_api(&client, &version, cri_only).await;
+            let api = node::containerd_api(&client, &version, cri_only).await;
             let content = api.map(|a| Arc::new(a) as Arc<dyn ContentStore>);
             let warmer = Warmer::new(Arc::new(client), content, warm, metrics);
             let deadline = tokio::time::Instant::now() + timeout;
@@ -140,41 +140,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 c = connect_forever(cli.cri_socket, metrics.clone(), health.clone()) => c,
                 () = shutdown_signal() => return Ok(ExitCode::SUCCESS),
             };
-            let api = containerd_api(&client, &version, cri_only)
-                .await
-                .map(Arc::new);
-            let runtime = session::runtime(&version);
-            let client = Arc::new(client);
-            let (tx, rx) = mpsc::channel(16);
-            let inventory = tokio::spawn(inventory::run(
-                client.clone(),
-                api.clone().map(|a| a as Arc<dyn EventSource>),
-                args.intervals(),
-                metrics.clone(),
-                health,
-                tx,
-            ));
-            let content = api.map(|a| a as Arc<dyn ContentStore>);
-            let warmer = Warmer::new(client, content, warm, metrics);
-            session::run(session, runtime, warmer, rx, shutdown_signal()).await;
-            inventory.abort();
+            let agent = NodeAgent {
+                session,
+                intervals: args.intervals(),
+                warm,
+                cri_only,
+            };
+            node::run(client, version, agent, metrics, health, shutdown_signal()).await;
             server.abort();
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-/// containerd's own API next to its CRI plugin, unless `--cri-only` or not containerd.
-async fn containerd_api(
-    client: &CriClient,
-    version: &VersionResponse,
-    cri_only: bool,
-) -> Option<ContainerdApi> {
-    if cri_only {
-        info!("--cri-only: inventory through CRI polling alone, no pull progress");
-        return None;
-    }
-    ContainerdApi::detect(client.socket(), version).await
 }
 
 /// Shows a pull's progress until it ends: a live bar on a terminal, else one plain line
@@ -270,7 +246,7 @@ async fn watch(
         c = connect_forever(socket, metrics.clone(), health.clone()) => c,
         () = shutdown_signal() => return Ok(ExitCode::SUCCESS),
     };
-    let events = containerd_api(&client, &version, cri_only)
+    let events = node::containerd_api(&client, &version, cri_only)
         .await
         .map(|a| Arc::new(a) as Arc<dyn EventSource>);
     let (tx, mut rx) = mpsc::channel(16);

@@ -19,20 +19,21 @@ use axum::http::Request;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use serde_json::{Value, json};
 use tempfile::TempDir;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tower::ServiceExt;
 use warmroll_agent::inventory::Intervals;
 use warmroll_agent::metrics::{Health, Metrics};
+use warmroll_agent::node::NodeAgent;
 use warmroll_agent::session::SessionArgs;
-use warmroll_agent::warm::{WarmConfig, Warmer};
+use warmroll_agent::warm::WarmConfig;
 use warmroll_coordinator::config::Config;
 use warmroll_coordinator::drift::State;
 use warmroll_coordinator::engine::{Engine, spawn};
 use warmroll_coordinator::fleet::{FleetView, WarmState};
 use warmroll_coordinator::report::Report;
 use warmroll_coordinator::run::Context;
-use warmroll_proto::fleet::{NodeName, Runtime, WarmOutcome};
+use warmroll_proto::fleet::{NodeName, WarmOutcome};
 use warmroll_tests::cluster::{Cluster, ClusterOptions};
 use warmroll_tests::image::ImageBuilder;
 use warmroll_tests::kubeapi::RecordedRequest;
@@ -153,8 +154,7 @@ impl Coordinator {
 /// An in-process agent on one of the cluster's nodes.
 struct Agent {
     stop: Option<oneshot::Sender<()>>,
-    session: JoinHandle<()>,
-    inventory: JoinHandle<()>,
+    task: JoinHandle<()>,
     _dir: TempDir,
 }
 
@@ -163,8 +163,7 @@ impl Drop for Agent {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        self.session.abort();
-        self.inventory.abort();
+        self.task.abort();
     }
 }
 
@@ -184,52 +183,38 @@ async fn start_agent(
         warmroll_agent::cri::connect(Some(socket), metrics.clone(), health.clone())
             .await
             .context("agent: connecting to containerd")?;
-    let client = Arc::new(client);
-    let runtime = Runtime {
-        name: version.runtime_name,
-        version: version.runtime_version,
-    };
-    let (tx, rx) = mpsc::channel(16);
-    let inventory = tokio::spawn(warmroll_agent::inventory::run(
-        client.clone(),
-        None,
-        Intervals {
+    let agent = NodeAgent {
+        session: SessionArgs {
+            coordinator_url: format!("https://localhost:{}", coordinator.addr.port()),
+            ca_file: Some(tls.ca_file.clone()),
+            token_file,
+            node_name: NodeName::parse(node).map_err(anyhow::Error::msg)?,
+        },
+        // CRI polling only: these tests are about the rollout, not containerd's events.
+        intervals: Intervals {
             poll: Duration::from_millis(300),
             resync: Duration::from_millis(300),
         },
-        metrics.clone(),
-        health,
-        tx,
-    ));
-    let warmer = Warmer::new(
-        client,
-        None,
-        WarmConfig {
+        warm: WarmConfig {
             max_concurrent_pulls: 2,
             min_free_disk: 0,
         },
-        metrics,
-    );
-    let args = SessionArgs {
-        coordinator_url: format!("https://localhost:{}", coordinator.addr.port()),
-        ca_file: Some(tls.ca_file.clone()),
-        token_file,
-        node_name: NodeName::parse(node).map_err(anyhow::Error::msg)?,
+        cri_only: true,
     };
     let (stop, stopped) = oneshot::channel::<()>();
-    let session = tokio::spawn(warmroll_agent::session::run(
-        args,
-        runtime,
-        warmer,
-        rx,
+    let task = tokio::spawn(warmroll_agent::node::run(
+        client,
+        version,
+        agent,
+        metrics,
+        health,
         async move {
             let _ = stopped.await;
         },
     ));
     Ok(Agent {
         stop: Some(stop),
-        session,
-        inventory,
+        task,
         _dir: dir,
     })
 }
