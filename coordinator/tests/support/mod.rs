@@ -1,6 +1,6 @@
 //! A fleet test bed for the coordinator's integration tests: a KubeApi stand-in with the
 //! agents' tokens registered, a test-bed registry, N test-bed containerd nodes each with
-//! an in-process agent (`warmroll_agent::session::run`), and the coordinator's fleet
+//! an in-process agent (`warmroll_agent::node::run`), and the coordinator's fleet
 //! server over TLS (which can be stopped and started again on the same address).
 //!
 //! ```ignore
@@ -32,13 +32,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use warmroll_agent::inventory::Intervals;
 use warmroll_agent::metrics::{Health, Metrics};
+use warmroll_agent::node::NodeAgent;
 use warmroll_agent::session::SessionArgs;
-use warmroll_agent::warm::{WarmConfig, Warmer};
+use warmroll_agent::warm::WarmConfig;
 use warmroll_coordinator::fleet::auth::{NODE_NAME_EXTRA, service_account_user};
 use warmroll_coordinator::fleet::{
     FleetService, FleetView, ServeError, SessionConfig, TlsFiles, TokenReviewAuthenticator,
 };
-use warmroll_proto::fleet::{NodeName, Runtime};
+use warmroll_proto::fleet::NodeName;
 use warmroll_proto::v1;
 use warmroll_proto::v1::fleet_client::FleetClient;
 use warmroll_tests::containerd::Containerd;
@@ -219,16 +220,14 @@ pub struct Node {
 
 struct Agent {
     stop: oneshot::Sender<()>,
-    session: JoinHandle<()>,
-    inventory: JoinHandle<()>,
+    /// `warmroll_agent::node::run`: the inventory loop and the session.
+    task: JoinHandle<()>,
 }
 
 impl Node {
     /// Whether the agent's session loop is running.
     pub fn agent_running(&self) -> bool {
-        self.agent
-            .as_ref()
-            .is_some_and(|a| !a.session.is_finished())
+        self.agent.as_ref().is_some_and(|a| !a.task.is_finished())
     }
 
     /// Starts the node's agent against the coordinator at `addr`, with `token`.
@@ -248,54 +247,36 @@ impl Node {
         )
         .await
         .context("agent: connecting to containerd")?;
-        let client = Arc::new(client);
-        let runtime = Runtime {
-            name: version.runtime_name,
-            version: version.runtime_version,
-        };
-        let (tx, rx) = mpsc::channel(16);
-        // CRI polling only: these tests are about the session, not containerd's events.
-        let inventory = tokio::spawn(warmroll_agent::inventory::run(
-            client.clone(),
-            None,
-            Intervals {
+        let agent = NodeAgent {
+            session: SessionArgs {
+                coordinator_url: format!("https://localhost:{}", addr.port()),
+                ca_file: Some(ca_file.to_path_buf()),
+                token_file: self.token_file.clone(),
+                node_name: self.name.clone(),
+            },
+            // CRI polling only: these tests are about the session, not containerd's events.
+            intervals: Intervals {
                 poll: Duration::from_millis(300),
                 resync: Duration::from_millis(300),
             },
-            metrics.clone(),
-            health,
-            tx,
-        ));
-        let warmer = Warmer::new(
-            client,
-            None,
-            WarmConfig {
+            warm: WarmConfig {
                 max_concurrent_pulls: 2,
                 min_free_disk: 0,
             },
-            metrics,
-        );
-        let args = SessionArgs {
-            coordinator_url: format!("https://localhost:{}", addr.port()),
-            ca_file: Some(ca_file.to_path_buf()),
-            token_file: self.token_file.clone(),
-            node_name: self.name.clone(),
+            cri_only: true,
         };
         let (stop, stopped) = oneshot::channel::<()>();
-        let session = tokio::spawn(warmroll_agent::session::run(
-            args,
-            runtime,
-            warmer,
-            rx,
+        let task = tokio::spawn(warmroll_agent::node::run(
+            client,
+            version,
+            agent,
+            metrics,
+            health,
             async move {
                 let _ = stopped.await;
             },
         ));
-        self.agent = Some(Agent {
-            stop,
-            session,
-            inventory,
-        });
+        self.agent = Some(Agent { stop, task });
         Ok(())
     }
 
@@ -303,10 +284,9 @@ impl Node {
     pub async fn stop_agent(&mut self) -> Result<()> {
         if let Some(agent) = self.agent.take() {
             let _ = agent.stop.send(());
-            tokio::time::timeout(Duration::from_secs(10), agent.session)
+            tokio::time::timeout(Duration::from_secs(10), agent.task)
                 .await
                 .context("the agent did not stop within 10 s")??;
-            agent.inventory.abort();
         }
         Ok(())
     }
@@ -315,8 +295,7 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         if let Some(agent) = self.agent.take() {
-            agent.session.abort();
-            agent.inventory.abort();
+            agent.task.abort();
         }
     }
 }
