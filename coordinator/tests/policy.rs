@@ -430,9 +430,15 @@ async fn rollout_warms_every_target_node_then_patches_once_and_a_restart_patches
     let images = ImageBuilder::new(&bed.registry).unwrap();
     let first = images.push("app", "latest").await.unwrap();
     let ds_first = images.push("node-tool", "latest").await.unwrap();
+    // A multi-arch image: the nodes run its linux/amd64 child, which is in sync.
+    let multi = images.push_index("multi", "latest").await.unwrap();
     bed.cluster
         .api()
         .insert(&deployment("shop", "web", "fast", &first.reference, 2))
+        .unwrap();
+    bed.cluster
+        .api()
+        .insert(&deployment("shop", "multi", "fast", &multi.reference, 1))
         .unwrap();
     bed.cluster
         .api()
@@ -444,6 +450,10 @@ async fn rollout_warms_every_target_node_then_patches_once_and_a_restart_patches
         .unwrap();
     bed.cluster
         .wait_rolled_out::<DaemonSet>("shop", "tool", Duration::from_secs(60))
+        .await
+        .unwrap();
+    bed.cluster
+        .wait_rolled_out::<Deployment>("shop", "multi", Duration::from_secs(60))
         .await
         .unwrap();
     bed.wait_agents_see("shop", "tool", 2, &ds_first.manifest_digest)
@@ -477,6 +487,18 @@ policies:
     );
     let (engine, shutdown) = bed.engine(&config).unwrap();
     wait_state(&engine, "shop", "web", "in-sync").await.unwrap();
+    // In sync on what the node really runs, not for want of running pods.
+    let report = wait_state(&engine, "shop", "multi", "in-sync")
+        .await
+        .unwrap();
+    let multi_running = &report
+        .workloads
+        .iter()
+        .find(|w| w.name == "multi")
+        .unwrap()
+        .containers[0]
+        .running;
+    assert!(!multi_running.is_empty(), "{report:#?}");
 
     // Slow registry answers: the warm-up takes seconds, a window a too-early patch
     // would show in.
@@ -526,6 +548,12 @@ policies:
             image.repo_digests
         );
     }
+
+    // The multi-arch workload in sync was never touched.
+    assert!(bed.patches_of("shop", "deployments", "multi").is_empty());
+    wait_state(&engine, "shop", "multi", "in-sync")
+        .await
+        .unwrap();
 
     // One merge patch: the template annotation and the last-rollout record.
     let patches = bed.patches_of("shop", "deployments", "web");
