@@ -544,7 +544,7 @@ pub fn decide(
         format!("; failed: {}", list.join(", "))
     };
     let (reason, partial) = if reached {
-        (format!("new digest warm on {summary}"), false)
+        (format!("warm-up done, {summary}"), false)
     } else if timed_out || done == total {
         let why = if timed_out {
             format!("warm-up timed out after {:?}", policy.warm.timeout)

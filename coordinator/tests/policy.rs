@@ -10,10 +10,9 @@
 )]
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
 use axum::body::Body;
 use axum::http::Request;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
@@ -22,11 +21,7 @@ use tempfile::TempDir;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tower::ServiceExt;
-use warmroll_agent::inventory::Intervals;
-use warmroll_agent::metrics::{Health, Metrics};
-use warmroll_agent::node::NodeAgent;
 use warmroll_agent::session::SessionArgs;
-use warmroll_agent::warm::WarmConfig;
 use warmroll_coordinator::config::Config;
 use warmroll_coordinator::drift::State;
 use warmroll_coordinator::engine::{Engine, spawn};
@@ -39,6 +34,8 @@ use warmroll_tests::image::ImageBuilder;
 use warmroll_tests::kubeapi::RecordedRequest;
 use warmroll_tests::registry::{Registry, RegistryOptions};
 use warmroll_tests::scratch;
+
+mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -177,41 +174,13 @@ async fn start_agent(
     let dir = scratch::temp_dir("policy-agent")?;
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, token)?;
-    let metrics = Metrics::new();
-    let health = Arc::new(Health::default());
-    let (client, version) =
-        warmroll_agent::cri::connect(Some(socket), metrics.clone(), health.clone())
-            .await
-            .context("agent: connecting to containerd")?;
-    let agent = NodeAgent {
-        session: SessionArgs {
-            coordinator_url: format!("https://localhost:{}", coordinator.addr.port()),
-            ca_file: Some(tls.ca_file.clone()),
-            token_file,
-            node_name: NodeName::parse(node).map_err(anyhow::Error::msg)?,
-        },
-        // CRI polling only: these tests are about the rollout, not containerd's events.
-        intervals: Intervals {
-            poll: Duration::from_millis(300),
-            resync: Duration::from_millis(300),
-        },
-        warm: WarmConfig {
-            max_concurrent_pulls: 2,
-            min_free_disk: 0,
-        },
-        cri_only: true,
+    let session = SessionArgs {
+        coordinator_url: format!("https://localhost:{}", coordinator.addr.port()),
+        ca_file: Some(tls.ca_file.clone()),
+        token_file,
+        node_name: NodeName::parse(node).map_err(anyhow::Error::msg)?,
     };
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(warmroll_agent::node::run(
-        client,
-        version,
-        agent,
-        metrics,
-        health,
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let (stop, task) = support::spawn_agent(socket, session).await?;
     Ok(Agent {
         stop: Some(stop),
         task,

@@ -1,6 +1,6 @@
 //! One warmroll agent per sandbox node, in-process: what `warmroll-agent run` starts
-//! (CRI connection, inventory loop with containerd's events, warmer, the session with the
-//! coordinator), against the node's own containerd socket. Each agent authenticates with
+//! (`warmroll_agent::node::run`: inventory loop with containerd's events, warmer, the
+//! session with the coordinator), against the node's own containerd socket. Each agent authenticates with
 //! its own token, which the API's TokenReview knows as the agent ServiceAccount bound to
 //! that node.
 
@@ -9,14 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use warmroll_agent::containerd::{ContainerdApi, ContentStore, EventSource};
 use warmroll_agent::cri;
-use warmroll_agent::inventory::{self, Intervals};
+use warmroll_agent::inventory::Intervals;
 use warmroll_agent::metrics::{Health, Metrics};
-use warmroll_agent::session::{self, SessionArgs};
-use warmroll_agent::warm::{WarmConfig, Warmer};
+use warmroll_agent::node::{self, NodeAgent};
+use warmroll_agent::session::SessionArgs;
+use warmroll_agent::warm::WarmConfig;
 use warmroll_coordinator::fleet::auth::{NODE_NAME_EXTRA, service_account_user};
 use warmroll_proto::fleet::NodeName;
 use warmroll_tests::cluster::Cluster;
@@ -67,12 +67,23 @@ impl Agents {
             let token_file = agents._dir.path().join(format!("{name}.token"));
             std::fs::write(&token_file, &token)
                 .with_context(|| format!("writing the token of the agent on {name}"))?;
-            let args = SessionArgs {
-                coordinator_url: coordinator_url.to_owned(),
-                ca_file: Some(ca_file.clone()),
-                token_file,
-                node_name: NodeName::parse(name)
-                    .map_err(|e| anyhow::anyhow!("node name {name}: {e}"))?,
+            let agent = NodeAgent {
+                session: SessionArgs {
+                    coordinator_url: coordinator_url.to_owned(),
+                    ca_file: Some(ca_file.clone()),
+                    token_file,
+                    node_name: NodeName::parse(name)
+                        .map_err(|e| anyhow::anyhow!("node name {name}: {e}"))?,
+                },
+                intervals: Intervals {
+                    poll: Duration::from_secs(1),
+                    resync: Duration::from_secs(60),
+                },
+                warm: WarmConfig {
+                    max_concurrent_pulls: 2,
+                    min_free_disk: if warm_orders { 0 } else { u64::MAX },
+                },
+                cri_only: false,
             };
             let metrics = Metrics::new();
             let health = Arc::new(Health::default());
@@ -80,38 +91,13 @@ impl Agents {
                 cri::connect(Some(node.socket()), metrics.clone(), health.clone())
                     .await
                     .with_context(|| format!("the agent on {name}: connecting to CRI"))?;
-            let api = ContainerdApi::detect(client.socket(), &version)
-                .await
-                .map(Arc::new);
-            let runtime = session::runtime(&version);
-            let client = Arc::new(client);
-            let (tx, rx) = mpsc::channel(16);
-            agents.tasks.push(tokio::spawn(inventory::run(
-                client.clone(),
-                api.clone().map(|a| a as Arc<dyn EventSource>),
-                Intervals {
-                    poll: Duration::from_secs(1),
-                    resync: Duration::from_secs(60),
-                },
-                metrics.clone(),
-                health,
-                tx,
-            )));
-            let warmer = Warmer::new(
-                client,
-                api.map(|a| a as Arc<dyn ContentStore>),
-                WarmConfig {
-                    max_concurrent_pulls: 2,
-                    min_free_disk: if warm_orders { 0 } else { u64::MAX },
-                },
-                metrics,
-            );
             let mut wait = stop.clone();
-            agents.tasks.push(tokio::spawn(session::run(
-                args,
-                runtime,
-                warmer,
-                rx,
+            agents.tasks.push(tokio::spawn(node::run(
+                client,
+                version,
+                agent,
+                metrics,
+                health,
                 async move {
                     let _ = wait.wait_for(|s| *s).await;
                 },

@@ -66,7 +66,7 @@ async fn a_daemonset_is_warmed_on_every_node_then_patched_once_and_converges() {
         rollout.warm
     );
     let reason = rollout.reason.as_deref().unwrap_or_default();
-    assert!(reason.contains("warm on 2/2"), "{reason}");
+    assert!(reason.contains("2/2 target nodes warm"), "{reason}");
 
     // Exactly one merge patch of the workload; events aside, nothing else, in
     // particular nothing per node.

@@ -224,6 +224,45 @@ struct Agent {
     task: JoinHandle<()>,
 }
 
+/// Starts an in-process agent (`warmroll_agent::node::run`, CRI polling only: these
+/// tests are about the session and the rollout, not containerd's events) on the
+/// containerd at `socket`. It runs until the sender is used or dropped.
+pub async fn spawn_agent(
+    socket: &Path,
+    session: SessionArgs,
+) -> Result<(oneshot::Sender<()>, JoinHandle<()>)> {
+    let metrics = Metrics::new();
+    let health = Arc::new(Health::default());
+    let (client, version) =
+        warmroll_agent::cri::connect(Some(socket), metrics.clone(), health.clone())
+            .await
+            .context("agent: connecting to containerd")?;
+    let agent = NodeAgent {
+        session,
+        intervals: Intervals {
+            poll: Duration::from_millis(300),
+            resync: Duration::from_millis(300),
+        },
+        warm: WarmConfig {
+            max_concurrent_pulls: 2,
+            min_free_disk: 0,
+        },
+        cri_only: true,
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(warmroll_agent::node::run(
+        client,
+        version,
+        agent,
+        metrics,
+        health,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Ok((stop, task))
+}
+
 impl Node {
     /// Whether the agent's session loop is running.
     pub fn agent_running(&self) -> bool {
@@ -238,44 +277,13 @@ impl Node {
         token: &str,
     ) -> Result<()> {
         std::fs::write(&self.token_file, token)?;
-        let metrics = Metrics::new();
-        let health = Arc::new(Health::default());
-        let (client, version) = warmroll_agent::cri::connect(
-            Some(self.containerd.socket()),
-            metrics.clone(),
-            health.clone(),
-        )
-        .await
-        .context("agent: connecting to containerd")?;
-        let agent = NodeAgent {
-            session: SessionArgs {
-                coordinator_url: format!("https://localhost:{}", addr.port()),
-                ca_file: Some(ca_file.to_path_buf()),
-                token_file: self.token_file.clone(),
-                node_name: self.name.clone(),
-            },
-            // CRI polling only: these tests are about the session, not containerd's events.
-            intervals: Intervals {
-                poll: Duration::from_millis(300),
-                resync: Duration::from_millis(300),
-            },
-            warm: WarmConfig {
-                max_concurrent_pulls: 2,
-                min_free_disk: 0,
-            },
-            cri_only: true,
+        let session = SessionArgs {
+            coordinator_url: format!("https://localhost:{}", addr.port()),
+            ca_file: Some(ca_file.to_path_buf()),
+            token_file: self.token_file.clone(),
+            node_name: self.name.clone(),
         };
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(warmroll_agent::node::run(
-            client,
-            version,
-            agent,
-            metrics,
-            health,
-            async move {
-                let _ = stopped.await;
-            },
-        ));
+        let (stop, task) = spawn_agent(self.containerd.socket(), session).await?;
         self.agent = Some(Agent { stop, task });
         Ok(())
     }
