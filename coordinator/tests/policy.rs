@@ -37,69 +37,13 @@ use warmroll_tests::scratch;
 
 mod support;
 
+use support::{AUDIENCE, Tls, agent_user, register_token};
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use warmroll_coordinator::fleet::auth::{NODE_NAME_EXTRA, service_account_user};
-use warmroll_coordinator::fleet::{
-    FleetService, SessionConfig, TlsFiles, TokenReviewAuthenticator,
-};
+use warmroll_coordinator::fleet::{FleetService, SessionConfig, TokenReviewAuthenticator};
 use warmroll_tests::kubeapi::KubeApi;
-use warmroll_tests::tls::TestCa;
-
-const AUDIENCE: &str = "warmroll";
-
-fn agent_user() -> String {
-    service_account_user("warmroll", "warmroll-agent")
-}
-
-/// A node-bound token for the agent's ServiceAccount.
-fn register_token(kube: &KubeApi, user: &str, node: Option<&str>) -> String {
-    let token = format!("tok-{:032x}", rand::random::<u128>());
-    let extra = node
-        .map(|n| BTreeMap::from([(NODE_NAME_EXTRA.to_string(), vec![n.to_string()])]))
-        .unwrap_or_default();
-    kube.register_token(
-        &token,
-        user,
-        vec![
-            "system:serviceaccounts".into(),
-            "system:authenticated".into(),
-        ],
-        extra,
-        vec![AUDIENCE.into()],
-    );
-    token
-}
-
-/// The fleet server's TLS files and the CA file agents trust.
-struct Tls {
-    _dir: TempDir,
-    files: TlsFiles,
-    ca_file: std::path::PathBuf,
-}
-
-impl Tls {
-    fn new() -> Result<Self> {
-        warmroll_tests::tls::install_crypto_provider();
-        let ca = TestCa::new()?;
-        let cert = ca.issue(&["localhost", "127.0.0.1"])?;
-        let dir = scratch::temp_dir("policy-tls")?;
-        let files = TlsFiles {
-            cert: dir.path().join("tls.crt"),
-            key: dir.path().join("tls.key"),
-        };
-        std::fs::write(&files.cert, &cert.cert_pem)?;
-        std::fs::write(&files.key, &cert.key_pem)?;
-        let ca_file = dir.path().join("ca.crt");
-        std::fs::write(&ca_file, ca.cert_pem())?;
-        Ok(Tls {
-            _dir: dir,
-            files,
-            ca_file,
-        })
-    }
-}
 
 /// The coordinator's fleet server, in process; dropping it stops it.
 struct Coordinator {
