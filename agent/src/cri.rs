@@ -244,6 +244,26 @@ impl CriClient {
         }
         result
     }
+
+    /// Running containers, all of them or (with a non-empty `id`) that one.
+    async fn list_running(&self, id: String) -> Result<Vec<Container>, CriError> {
+        let filter = ContainerFilter {
+            id,
+            state: Some(ContainerStateValue {
+                state: ContainerState::ContainerRunning as i32,
+            }),
+            ..Default::default()
+        };
+        self.call("ListContainers", CALL_TIMEOUT, |mut c| async move {
+            c.runtime
+                .list_containers(ListContainersRequest {
+                    filter: Some(filter),
+                })
+                .await
+        })
+        .await
+        .map(|r| r.containers)
+    }
 }
 
 impl Cri for CriClient {
@@ -284,41 +304,13 @@ impl Cri for CriClient {
 
     #[instrument(skip(self))]
     async fn list_running_containers(&self) -> Result<Vec<Container>, CriError> {
-        let filter = ContainerFilter {
-            state: Some(ContainerStateValue {
-                state: ContainerState::ContainerRunning as i32,
-            }),
-            ..Default::default()
-        };
-        self.call("ListContainers", CALL_TIMEOUT, |mut c| async move {
-            c.runtime
-                .list_containers(ListContainersRequest {
-                    filter: Some(filter),
-                })
-                .await
-        })
-        .await
-        .map(|r| r.containers)
+        self.list_running(String::new()).await
     }
 
     #[instrument(skip(self))]
     async fn running_container(&self, id: &str) -> Result<Option<Container>, CriError> {
-        let filter = ContainerFilter {
-            id: id.to_string(),
-            state: Some(ContainerStateValue {
-                state: ContainerState::ContainerRunning as i32,
-            }),
-            ..Default::default()
-        };
-        self.call("ListContainers", CALL_TIMEOUT, |mut c| async move {
-            c.runtime
-                .list_containers(ListContainersRequest {
-                    filter: Some(filter),
-                })
-                .await
-        })
-        .await
-        .map(|r| r.containers.into_iter().find(|c| c.id == id))
+        let running = self.list_running(id.to_string()).await?;
+        Ok(running.into_iter().find(|c| c.id == id))
     }
 
     #[instrument(skip(self))]

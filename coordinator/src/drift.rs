@@ -334,6 +334,19 @@ pub struct Step {
     pub note: Option<String>,
 }
 
+/// Held on `target`: no action, and the reason says why.
+fn held(target: BTreeMap<String, Digest>, reason: String) -> Step {
+    Step {
+        phase: Phase::Held {
+            target,
+            reason: reason.clone(),
+        },
+        action: Action::None,
+        state: State::Held(reason),
+        note: None,
+    }
+}
+
 fn elapsed(since: Timestamp, now: Timestamp) -> Duration {
     Duration::try_from(now.duration_since(since)).unwrap_or(Duration::ZERO)
 }
@@ -398,15 +411,7 @@ pub fn decide(
                 "rolled to this digest at {} ({}); the new pods did not all come up on it: not patching again",
                 last.time, last.reason
             );
-            return Step {
-                phase: Phase::Held {
-                    target,
-                    reason: reason.clone(),
-                },
-                action: Action::None,
-                state: State::Held(reason),
-                note: None,
-            };
+            return held(target, reason);
         }
         return Step {
             phase: Phase::Rolling {
@@ -434,15 +439,7 @@ pub fn decide(
             let reason = format!(
                 "rolled to this digest at {patched}; the new pods did not all come up on it: not patching again"
             );
-            return Step {
-                phase: Phase::Held {
-                    target,
-                    reason: reason.clone(),
-                },
-                action: Action::None,
-                state: State::Held(reason),
-                note: None,
-            };
+            return held(target, reason);
         }
         return keep(State::Rolling, None);
     }
@@ -557,15 +554,7 @@ pub fn decide(
                     "{why} with {summary} (threshold {}){failures}: holding",
                     policy.warm.threshold
                 );
-                return Step {
-                    phase: Phase::Held {
-                        target,
-                        reason: reason.clone(),
-                    },
-                    action: Action::None,
-                    state: State::Held(reason),
-                    note: None,
-                };
+                return held(target, reason);
             }
             OnTimeout::Rollout => (
                 format!("{why}: rolling with a partial warm-up, {summary}{failures}"),
