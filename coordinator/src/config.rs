@@ -112,6 +112,10 @@ impl Namespaces {
 /// The warm-up gate.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WarmPolicy {
+    /// Warm the new image on the target nodes before the patch. Off: patch as soon as
+    /// drift is decided and send no warm orders (the kubelets pull after the patch, as
+    /// with tag-following tools); the other fields are then unused.
+    pub enabled: bool,
     /// Share of target nodes that must hold the new digest (0 to 1).
     pub threshold: f64,
     pub timeout: Duration,
@@ -254,6 +258,7 @@ enum RawNamespaces {
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawWarm {
+    enabled: Option<bool>,
     threshold: Option<f64>,
     timeout: Option<String>,
     on_timeout: Option<OnTimeout>,
@@ -388,6 +393,7 @@ impl RawPolicy {
             return invalid(format!("{field}.warm.threshold"), "must be between 0 and 1");
         }
         let warm = WarmPolicy {
+            enabled: raw_warm.enabled.unwrap_or(true),
             threshold,
             timeout: duration("warm.timeout", raw_warm.timeout, Duration::from_secs(600))?,
             on_timeout: raw_warm.on_timeout.unwrap_or(OnTimeout::Hold),

@@ -471,7 +471,7 @@ pub fn decide(
         };
     }
 
-    // A target not seen before starts its stabilisation window.
+    // A target not seen before starts its stabilisation window (a zero window ends at once).
     let (since, warming) = match phase {
         Phase::Stabilising { target: t, since } if *t == target => (*since, None),
         Phase::Warming {
@@ -479,26 +479,39 @@ pub fn decide(
             started,
             nodes: ordered,
         } if *t == target => (*started, Some((*started, ordered))),
-        _ => {
-            return Step {
-                phase: Phase::Stabilising { target, since: now },
-                action: Action::None,
-                state: State::Drift,
-                note: (!policy.stabilization_window.is_zero())
-                    .then(|| "new digest: waiting for the stabilisation window".to_owned()),
-            };
-        }
+        _ => (now, None),
     };
 
     let Some((started, ordered)) = warming else {
+        let waiting = |note: String| Step {
+            phase: Phase::Stabilising {
+                target: target.clone(),
+                since,
+            },
+            action: Action::None,
+            state: State::Drift,
+            note: Some(note),
+        };
         if elapsed(since, now) < policy.stabilization_window {
-            return keep(
-                State::Drift,
-                Some("new digest: waiting for the stabilisation window".to_owned()),
-            );
+            return waiting("new digest: waiting for the stabilisation window".to_owned());
         }
         if let Some(why) = blocked(workload, policy, last, gates) {
-            return keep(State::Drift, Some(why));
+            return waiting(why);
+        }
+        if !policy.warm.enabled {
+            // Warm-up off: the kubelets pull after the patch.
+            return Step {
+                phase: Phase::Rolling {
+                    target,
+                    patched: now,
+                    partial: false,
+                },
+                action: Action::Patch {
+                    reason: "warm-up off: patched at once".to_owned(),
+                },
+                state: State::Rolling,
+                note: None,
+            };
         }
         return Step {
             phase: Phase::Warming {

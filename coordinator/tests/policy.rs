@@ -859,3 +859,79 @@ policies:
     assert!(table.contains("7 workloads, 7 containers"), "{table}");
     drop(bed.agents);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn warm_up_off_patches_at_once_and_orders_no_warm_up() {
+    let bed = Bed::start(1).await.unwrap();
+    let images = ImageBuilder::new(&bed.registry).unwrap();
+    let first = images.push("plain", "latest").await.unwrap();
+    // The kubelet pulls the tag itself once the template changes (as it must when
+    // nothing warms the node ahead).
+    let mut web = deployment("shop", "plain", "atonce", &first.reference, 1);
+    web.spec.template.spec.as_mut().unwrap().containers[0].image_pull_policy =
+        Some("Always".into());
+    bed.cluster.api().insert(&web).unwrap();
+    bed.cluster
+        .wait_rolled_out::<Deployment>("shop", "plain", Duration::from_secs(60))
+        .await
+        .unwrap();
+    bed.wait_agents_see("shop", "plain", 1, &first.manifest_digest)
+        .await
+        .unwrap();
+    let config = format!(
+        r#"
+registry:
+  insecureRegistries: ["{}"]
+policies:
+  atonce:
+    mode: rollout
+    pollInterval: 1s
+    stabilizationWindow: 0s
+    cooldown: 0s
+    warm: {{enabled: false}}
+"#,
+        bed.registry.host()
+    );
+    let (engine, _shutdown) = bed.engine(&config).unwrap();
+    wait_state(&engine, "shop", "plain", "in-sync")
+        .await
+        .unwrap();
+
+    let second = images.push("plain", "latest").await.unwrap();
+    let node = bed.cluster.nodes()[0].name().to_owned();
+    wait_for("the rollout patch", || {
+        assert_eq!(
+            warmed(bed.view(), &node, &first.repository).1,
+            0,
+            "a warm order was sent"
+        );
+        !bed.patches_of("shop", "deployments", "plain").is_empty()
+    })
+    .await
+    .unwrap();
+    let record = last_rollout(&bed, "plain").unwrap();
+    assert_eq!(record["containers"]["main"], second.manifest_digest);
+    assert!(
+        record["reason"].as_str().unwrap().contains("warm-up off"),
+        "{record}"
+    );
+
+    // The kubelet pulls after the patch; the engine sees the rollout converge.
+    bed.cluster
+        .wait_rolled_out::<Deployment>("shop", "plain", Duration::from_secs(60))
+        .await
+        .unwrap();
+    bed.wait_agents_see("shop", "plain", 1, &second.manifest_digest)
+        .await
+        .unwrap();
+    wait_state(&engine, "shop", "plain", "converged")
+        .await
+        .unwrap();
+    assert_eq!(bed.patches_of("shop", "deployments", "plain").len(), 1);
+    assert_eq!(
+        warmed(bed.view(), &node, &first.repository).1,
+        0,
+        "no warm order at any time"
+    );
+    drop(bed.agents);
+}

@@ -51,6 +51,7 @@ fn defaults() {
     assert_eq!(p.kinds.len(), 3);
     assert_eq!(p.namespaces, Namespaces::All);
     assert!(p.targets.is_empty());
+    assert!(p.warm.enabled);
     assert_eq!(p.warm.threshold, 1.0);
     assert_eq!(p.warm.timeout, Duration::from_secs(600));
     assert_eq!(p.warm.on_timeout, OnTimeout::Hold);
@@ -141,6 +142,10 @@ fn every_validation_error_names_its_field() {
         (
             "policies:\n  p:\n    mode: rollout\n    warm: {treshold: 1}\n",
             "unknown field",
+        ),
+        (
+            "policies:\n  p:\n    mode: rollout\n    warm: {enabled: maybe}\n",
+            "maybe",
         ),
         ("policyLabel: 'bad key!'\n", "policyLabel:"),
         (
@@ -250,6 +255,17 @@ fn every_validation_error_names_its_field() {
         );
         assert!(message.contains("test.yaml"), "{message}");
     }
+}
+
+#[test]
+fn warm_up_can_be_turned_off() {
+    let config = parse("policies:\n  p:\n    mode: rollout\n    warm: {enabled: false}\n").unwrap();
+    let p = &config.policies["p"];
+    assert!(!p.warm.enabled);
+    // The gate's own keys keep their defaults (and are unused).
+    assert_eq!(p.warm.threshold, 1.0);
+    let config = parse("policies:\n  p:\n    mode: rollout\n    warm: {enabled: true}\n").unwrap();
+    assert!(config.policies["p"].warm.enabled);
 }
 
 #[test]

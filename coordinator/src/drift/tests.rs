@@ -290,6 +290,54 @@ fn rollout_goes_stabilise_warm_patch_converge() {
 }
 
 #[test]
+fn a_zero_window_warms_in_the_first_step() {
+    let mut case = drifting("");
+    case.policy.stabilization_window = Duration::ZERO;
+    let step = case.step(&Phase::Idle, &WarmProgress::default(), &gates(0));
+    assert_eq!(
+        step.action,
+        Action::Warm {
+            nodes: case.nodes.clone()
+        }
+    );
+    assert!(matches!(step.phase, Phase::Warming { started, .. } if started == ts(0)));
+}
+
+#[test]
+fn warm_up_off_patches_once_drift_is_decided_without_warm_orders() {
+    let case = drifting("    warm: {enabled: false}\n");
+    let none = WarmProgress::default();
+    let s1 = case.step(&Phase::Idle, &none, &gates(0));
+    assert_eq!(s1.action, Action::None);
+    assert!(matches!(s1.phase, Phase::Stabilising { .. }));
+    // Gates still hold it (the window keeps its start).
+    let mut g = gates(11);
+    g.slot_free = false;
+    let held = case.step(&s1.phase, &none, &g);
+    assert_eq!(held.action, Action::None);
+    assert!(held.note.unwrap().contains("rollout slot"));
+    assert!(matches!(held.phase, Phase::Stabilising { since, .. } if since == ts(0)));
+    // Past the window: the patch, no warm-up in between.
+    let s2 = case.step(&held.phase, &none, &gates(11));
+    assert!(
+        matches!(&s2.action, Action::Patch { reason } if reason.contains("warm-up off")),
+        "{s2:?}"
+    );
+    assert!(matches!(s2.phase, Phase::Rolling { partial: false, .. }));
+    assert_eq!(s2.state, State::Rolling);
+    // And never again for that digest.
+    let s3 = case.step(&s2.phase, &none, &gates(12));
+    assert_eq!(s3.action, Action::None);
+    assert_eq!(s3.state, State::Rolling);
+
+    // With a zero window, in the very step the drift is decided.
+    let mut at_once = drifting("    warm: {enabled: false}\n");
+    at_once.policy.stabilization_window = Duration::ZERO;
+    let step = at_once.step(&Phase::Idle, &none, &gates(0));
+    assert!(matches!(step.action, Action::Patch { .. }), "{step:?}");
+}
+
+#[test]
 fn a_new_target_restarts_the_window() {
     let case = drifting("");
     let phase = Phase::Warming {
