@@ -3,21 +3,25 @@
 //! coordinator).
 //!
 //! For each image size, for a DaemonSet and a Deployment, a new build is pushed under
-//! the workload's tag and timed until every pod runs it: each pod's not-ready time (old
-//! pod gone until its replacement is ready), each new pod's start (created until ready),
-//! push to patch and push to converged. Also the coordinator's API writes per rolled
-//! workload and the registry HEADs per unique tag per poll in a steady state.
+//! the workload's tag and timed until every pod runs it, several times over: each pod's
+//! not-ready time (old pod deleted until its replacement is ready, split into the old
+//! pod's teardown, the controller's replacement and the new pod's start), each new pod's
+//! start (created until ready), push to patch and push to converged. Also the
+//! coordinator's API writes per rolled workload and the registry HEADs per unique tag per
+//! poll in a steady state.
 //!
 //! `cargo bench -p warmroll-sandbox --bench rollout`; tune with WARMROLL_BENCH_SIZES_MIB
 //! (default 10,100,500), WARMROLL_BENCH_BANDWIDTH_MIB (the registry link during the
 //! rollouts, MiB/s shared by all nodes; default 50), WARMROLL_BENCH_NODES (3),
-//! WARMROLL_BENCH_REPLICAS (Deployment replicas, 3). Figures are printed, not asserted.
+//! WARMROLL_BENCH_REPLICAS (Deployment replicas, 3), WARMROLL_BENCH_ROLLOUTS (rollouts
+//! per workload, size and mode; 3). Figures are printed, not asserted.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use warmroll_sandbox::sandbox::{RegistryPolls, Rollout};
-use warmroll_sandbox::{Sandbox, SandboxOptions, WarmMode, Workload};
+use warmroll_sandbox::{Kind, Sandbox, SandboxOptions, WarmMode, Workload};
+use warmroll_tests::cluster::GapParts;
 
 const MIB: u64 = 1 << 20;
 /// Manifest HEADs are counted over this many poll intervals of a steady state.
@@ -28,6 +32,7 @@ struct Settings {
     bandwidth_mib: u64,
     nodes: usize,
     replicas: usize,
+    rollouts: usize,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
@@ -57,18 +62,58 @@ fn settings() -> Result<Settings> {
         bandwidth_mib: env_or("WARMROLL_BENCH_BANDWIDTH_MIB", 50)?,
         nodes: env_or("WARMROLL_BENCH_NODES", 3)?,
         replicas: env_or("WARMROLL_BENCH_REPLICAS", 3)?,
+        rollouts: env_or("WARMROLL_BENCH_ROLLOUTS", 3)?.max(1),
     })
 }
 
+/// Every rollout of one workload at one size in one mode.
 struct Row {
     size_mib: u64,
     mode: WarmMode,
-    rollout: Rollout,
+    rollouts: Vec<Rollout>,
     polls: Option<RegistryPolls>,
 }
 
-/// One sandbox per size and mode: both workloads, rolled one after the other (each on
-/// its own repository, so they never share the link).
+impl Row {
+    fn workload(&self) -> Option<&Workload> {
+        self.rollouts.first().map(|r| &r.workload)
+    }
+
+    /// Every slot's not-ready time, over all rollouts.
+    fn gaps(&self) -> Vec<Duration> {
+        self.rollouts
+            .iter()
+            .flat_map(|r| r.gaps.iter().filter_map(|g| g.duration()))
+            .collect()
+    }
+
+    /// Every slot's not-ready time split into teardown / replacement / start, where the
+    /// replacement came after the old pod was gone.
+    fn parts(&self) -> Vec<GapParts> {
+        self.rollouts
+            .iter()
+            .flat_map(|r| r.gaps.iter().filter_map(|g| g.parts()))
+            .collect()
+    }
+
+    fn starts(&self) -> Vec<Duration> {
+        self.rollouts
+            .iter()
+            .flat_map(|r| r.starts.iter().map(|s| s.took))
+            .collect()
+    }
+
+    fn patched(&self) -> Vec<Duration> {
+        self.rollouts.iter().filter_map(|r| r.patched).collect()
+    }
+
+    fn converged(&self) -> Vec<Duration> {
+        self.rollouts.iter().filter_map(|r| r.converged).collect()
+    }
+}
+
+/// One sandbox per size and mode: both workloads, each rolled `settings.rollouts` times
+/// one after the other (each on its own repository, so they never share the link).
 async fn measure(settings: &Settings, size_mib: u64, mode: WarmMode) -> Result<Vec<Row>> {
     let sandbox = Sandbox::start(SandboxOptions {
         nodes: settings.nodes,
@@ -109,22 +154,24 @@ async fn measure(settings: &Settings, size_mib: u64, mode: WarmMode) -> Result<V
             .and_then(|(_, r)| r.split_once(':'))
             .map(|(r, _)| r.to_owned())
             .context("workload image without repository:tag")?;
-        let rollout = sandbox
-            .roll(
-                std::slice::from_ref(w),
-                sandbox.images().push_random(&repository, "latest", bytes),
-                timeout,
-                |_| {},
-            )
-            .await?;
-        for r in rollout {
-            rows.push(Row {
-                size_mib,
-                mode,
-                rollout: r,
-                polls: None,
-            });
+        let mut rollouts = Vec::new();
+        for _ in 0..settings.rollouts {
+            let rolled = sandbox
+                .roll(
+                    std::slice::from_ref(w),
+                    sandbox.images().push_random(&repository, "latest", bytes),
+                    timeout,
+                    |_| {},
+                )
+                .await?;
+            rollouts.extend(rolled);
         }
+        rows.push(Row {
+            size_mib,
+            mode,
+            rollouts,
+            polls: None,
+        });
     }
     let polls = sandbox.registry_polls(STEADY_POLLS).await;
     for row in &mut rows {
@@ -134,17 +181,58 @@ async fn measure(settings: &Settings, size_mib: u64, mode: WarmMode) -> Result<V
     Ok(rows)
 }
 
+fn mean(items: &[Duration]) -> Option<Duration> {
+    let n = u32::try_from(items.len()).ok().filter(|n| *n > 0)?;
+    Some(items.iter().sum::<Duration>() / n)
+}
+
 fn secs(d: Option<Duration>) -> String {
-    d.map_or("-".into(), |d| format!("{:.1}", d.as_secs_f64()))
+    d.map_or("-".into(), |d| format!("{:.2}", d.as_secs_f64()))
+}
+
+/// `mean / max` of a list of durations.
+fn mean_max(items: &[Duration]) -> String {
+    format!(
+        "{} / {}",
+        secs(mean(items)),
+        secs(items.iter().max().copied())
+    )
+}
+
+/// The range of a per-rollout count, `a` or `a–b`.
+fn range(items: impl Iterator<Item = usize>) -> String {
+    let items: Vec<usize> = items.collect();
+    match (items.iter().min(), items.iter().max()) {
+        (Some(lo), Some(hi)) if lo == hi => lo.to_string(),
+        (Some(lo), Some(hi)) => format!("{lo}–{hi}"),
+        _ => "-".into(),
+    }
 }
 
 fn print_table(rows: &[Row]) {
     println!(
-        "\n| image | workload | mode | not-ready per pod, max / mean (s) | pod start mean (s) | push→patch (s) | push→converged (s) | API writes per rollout (patch / events / other) | registry HEADs per tag per poll |"
+        "\n| image | workload | mode | rollouts (not-ready samples) | not-ready per pod, mean / max (s) | not-ready split: teardown + replace + start, means (s) | pod start, mean / max (s) | push→patch, mean (s) | push→converged, mean / max (s) | API writes per rollout (patch / events / other) | registry HEADs per tag per poll |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for row in rows {
-        let r = &row.rollout;
+        let Some(workload) = row.workload() else {
+            continue;
+        };
+        let gaps = row.gaps();
+        let parts = row.parts();
+        let split = if parts.is_empty() {
+            "-".to_owned()
+        } else {
+            let of =
+                |f: fn(&GapParts) -> Duration| secs(mean(&parts.iter().map(f).collect::<Vec<_>>()));
+            format!(
+                "{} + {} + {} (n={})",
+                of(|p| p.teardown),
+                of(|p| p.replace),
+                of(|p| p.start),
+                parts.len()
+            )
+        };
         let heads = row.polls.as_ref().map_or("-".into(), |p| {
             format!(
                 "{:.2} ({} HEADs, {} tags, {} polls)",
@@ -154,21 +242,48 @@ fn print_table(rows: &[Row]) {
                 p.polls
             )
         });
+        let writes = |f: fn(&Rollout) -> usize| range(row.rollouts.iter().map(f));
         println!(
-            "| {} MiB | {} ({} pods) | {} | {} / {} | {} | {} | {} | {} / {} / {} | {} |",
+            "| {} MiB | {} ({} pods) | {} | {} ({}) | {} | {} | {} | {} | {} | {} / {} / {} | {} |",
             row.size_mib,
-            r.workload.kind,
-            r.starts.len(),
+            workload.kind,
+            row.rollouts.first().map_or(0, |r| r.starts.len()),
             row.mode.label(),
-            secs(r.max_gap()),
-            secs(r.mean_gap()),
-            secs(r.mean_start()),
-            secs(r.patched),
-            secs(r.converged),
-            r.writes.workload_patches,
-            r.writes.events,
-            r.writes.other.len(),
+            row.rollouts.len(),
+            gaps.len(),
+            mean_max(&gaps),
+            split,
+            mean_max(&row.starts()),
+            secs(mean(&row.patched())),
+            mean_max(&row.converged()),
+            writes(|r| r.writes.workload_patches),
+            writes(|r| r.writes.events),
+            writes(|r| r.writes.other.len()),
             heads
+        );
+    }
+}
+
+/// The warm-gated DaemonSet's mean not-ready time at each size against the smallest.
+fn print_flatness(rows: &[Row]) {
+    let gated: Vec<(u64, Duration, usize)> = rows
+        .iter()
+        .filter(|r| {
+            r.mode == WarmMode::Gated && r.workload().is_some_and(|w| w.kind == Kind::DaemonSet)
+        })
+        .filter_map(|r| {
+            let gaps = r.gaps();
+            Some((r.size_mib, mean(&gaps)?, gaps.len()))
+        })
+        .collect();
+    let Some(&(base_size, base, _)) = gated.first() else {
+        return;
+    };
+    for &(size, m, n) in &gated {
+        let change = (m.as_secs_f64() / base.as_secs_f64().max(f64::EPSILON) - 1.0) * 100.0;
+        println!(
+            "warm-gated DaemonSet not-ready mean at {size} MiB: {:.3} s over {n} samples, {change:+.0} % against {base_size} MiB",
+            m.as_secs_f64()
         );
     }
 }
@@ -178,8 +293,12 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let started = Instant::now();
     println!(
-        "rollout-bench: sizes {:?} MiB, registry link {} MiB/s shared by {} nodes, Deployment replicas {}",
-        settings.sizes_mib, settings.bandwidth_mib, settings.nodes, settings.replicas
+        "rollout-bench: sizes {:?} MiB, registry link {} MiB/s shared by {} nodes, Deployment replicas {}, {} rollouts per workload, size and mode",
+        settings.sizes_mib,
+        settings.bandwidth_mib,
+        settings.nodes,
+        settings.replicas,
+        settings.rollouts
     );
     let mut rows = Vec::new();
     let mut failures = Vec::new();
@@ -202,12 +321,19 @@ fn main() -> Result<()> {
             }
         }
     }
-    rows.sort_by_key(|r| (r.rollout.workload.kind.as_str(), r.size_mib, r.mode.label()));
+    rows.sort_by_key(|r| {
+        (
+            r.workload().map(|w| w.kind.as_str()),
+            r.size_mib,
+            r.mode.label(),
+        )
+    });
     print_table(&rows);
     println!(
-        "\nnot-ready per pod: from the old pod's deletion until its replacement is ready (a DaemonSet slot is a node; a Deployment's pods form one pool, surge pods leave no gap). pod start: a new pod's creation until ready. Times from the end of the push. Total {:.0}s.",
+        "\nnot-ready per pod: from the old pod's deletion until its replacement is ready (a DaemonSet slot is a node; a Deployment's pods form one pool, surge pods leave no gap); split into the old pod's teardown (deleted → stopped and gone), the controller's replacement (gone → new pod created) and the new pod's start (created → ready). pod start: a new pod's creation until ready. Times from the end of the push. Total {:.0}s.",
         started.elapsed().as_secs_f64()
     );
+    print_flatness(&rows);
     for f in &failures {
         println!("failed: {f}");
     }

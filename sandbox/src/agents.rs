@@ -34,14 +34,8 @@ pub struct Agents {
 
 impl Agents {
     /// Starts one agent per node of `cluster`, connecting to `coordinator_url` (whose
-    /// certificate `ca` signed). With `warm_orders: false` the agents refuse every warm
-    /// order (their free-disk floor cannot be met), so nothing is pulled ahead.
-    pub async fn start(
-        cluster: &Cluster,
-        ca: &TestCa,
-        coordinator_url: &str,
-        warm_orders: bool,
-    ) -> Result<Self> {
+    /// certificate `ca` signed).
+    pub async fn start(cluster: &Cluster, ca: &TestCa, coordinator_url: &str) -> Result<Self> {
         let dir = scratch::temp_dir("agents")?;
         let ca_file = dir.path().join("ca.crt");
         std::fs::write(&ca_file, ca.cert_pem()).context("writing the agents' CA file")?;
@@ -81,7 +75,8 @@ impl Agents {
                 },
                 warm: WarmConfig {
                     max_concurrent_pulls: 2,
-                    min_free_disk: if warm_orders { 0 } else { u64::MAX },
+                    // The sandbox shares the machine's disk: no free-space floor.
+                    min_free_disk: 0,
                 },
                 cri_only: false,
             };

@@ -149,6 +149,17 @@ impl Coordinator {
         self.fleet.ready_nodes()
     }
 
+    /// The warm orders sent to the nodes that the fleet view still holds (it keeps the
+    /// most recent finished ones per node).
+    pub fn warm_orders(&self) -> usize {
+        self.fleet
+            .nodes()
+            .iter()
+            .filter_map(|n| self.fleet.node(n))
+            .map(|n| n.warms.len())
+            .sum()
+    }
+
     /// The drift report (`GET /report`); `None` before the first cycle finished.
     pub async fn report(&self) -> Result<Option<Report>> {
         let url = format!("http://{}/report", self.http_addr);

@@ -25,9 +25,9 @@ pub const ANNOTATION_KEY: &str = "warmroll.io/restartedAt";
 pub enum WarmMode {
     /// Warm on every target node first, then patch (warmroll's way).
     Gated,
-    /// Patch as soon as drift is seen (what tag-following tools do). The same coordinator
-    /// with a warm threshold of 0 (roll without waiting), and agents that refuse the warm
-    /// orders, so the kubelets pull after the patch.
+    /// Patch as soon as drift is seen (what tag-following tools do): the same
+    /// coordinator with the policy's warm-up off (`warm: {enabled: false}`), so it sends
+    /// no warm orders and the kubelets pull after the patch.
     Off,
 }
 
@@ -66,9 +66,7 @@ impl Default for SandboxOptions {
 pub fn config_yaml(registry_host: &str, options: &SandboxOptions) -> String {
     let warm = match options.warm {
         WarmMode::Gated => "\n      threshold: 1.0\n      timeout: 10m\n      onTimeout: rollout",
-        // No warm-up gate: roll as soon as the (refused) orders are out, one engine step
-        // after the drift shows.
-        WarmMode::Off => "\n      threshold: 0.0\n      timeout: 10m\n      onTimeout: rollout",
+        WarmMode::Off => "\n      enabled: false",
     };
     format!(
         "policyLabel: {POLICY_LABEL}
@@ -113,7 +111,9 @@ impl Sandbox {
         let images = ImageBuilder::new(&registry)?;
         let cluster = Cluster::start(
             ClusterOptions {
-                resync: Duration::from_millis(500),
+                // A safety net only: the kubelets and controllers act on watch events, so
+                // no timing depends on it.
+                resync: Duration::from_secs(5),
                 pull_backoff: Duration::from_millis(200),
                 max_pull_backoff: Duration::from_secs(2),
                 ..ClusterOptions::nodes(options.nodes)
@@ -124,13 +124,7 @@ impl Sandbox {
         let ca = TestCa::new()?;
         let coordinator =
             Coordinator::start(cluster.api(), &ca, &config_yaml(registry.host(), &options)).await?;
-        let agents = Agents::start(
-            &cluster,
-            &ca,
-            coordinator.grpc_url(),
-            options.warm == WarmMode::Gated,
-        )
-        .await?;
+        let agents = Agents::start(&cluster, &ca, coordinator.grpc_url()).await?;
         let sandbox = Sandbox {
             agents,
             coordinator,
@@ -642,7 +636,7 @@ mod tests {
 
     #[test]
     fn both_configurations_parse() {
-        for (warm, threshold) in [(WarmMode::Gated, 1.0), (WarmMode::Off, 0.0)] {
+        for (warm, enabled) in [(WarmMode::Gated, true), (WarmMode::Off, false)] {
             let options = SandboxOptions {
                 warm,
                 ..SandboxOptions::default()
@@ -653,7 +647,8 @@ mod tests {
             assert_eq!(policy.poll_interval, Duration::from_secs(1));
             assert_eq!(policy.annotation_key, ANNOTATION_KEY);
             assert!(policy.stabilization_window.is_zero());
-            assert_eq!(policy.warm.threshold, threshold);
+            assert_eq!(policy.warm.enabled, enabled);
+            assert_eq!(policy.warm.threshold, 1.0);
         }
     }
 

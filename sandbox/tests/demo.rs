@@ -8,12 +8,14 @@
 //! node, in-process agents and coordinator), a labelled DaemonSet on app:latest, a new
 //! build pushed under the tag. warmroll must report the drift, hold the new digest on
 //! every node before it patches, patch the DaemonSet exactly once (a merge patch, no
-//! per-node writes), and every pod must end up on the new digest.
+//! per-node writes), and every pod must end up on the new digest. With the warm-up off,
+//! the same coordinator patches at once, orders no warm-up, and the nodes get the new
+//! digest only when their kubelets pull it after the patch.
 
 use std::time::Duration;
 
 use warmroll_sandbox::coordinator::COORDINATOR_USER;
-use warmroll_sandbox::{Progress, Sandbox, SandboxOptions, Workload};
+use warmroll_sandbox::{Progress, Sandbox, SandboxOptions, WarmMode, Workload};
 
 #[tokio::test]
 async fn a_daemonset_is_warmed_on_every_node_then_patched_once_and_converges() {
@@ -107,5 +109,49 @@ async fn a_daemonset_is_warmed_on_every_node_then_patched_once_and_converges() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn with_the_warm_up_off_the_patch_comes_first_and_the_kubelets_pull() {
+    let sandbox = Sandbox::start(SandboxOptions {
+        nodes: 2,
+        warm: WarmMode::Off,
+        ..SandboxOptions::default()
+    })
+    .await
+    .unwrap();
+    let first = sandbox
+        .images()
+        .push_random("app", "latest", 2 << 20)
+        .await
+        .unwrap();
+    let ds = Workload::daemonset("node-cache", &first.reference);
+    sandbox.deploy(&ds, Duration::from_secs(120)).await.unwrap();
+    sandbox.registry().set_bandwidth(Some(2 << 20));
+    let rollouts = sandbox
+        .roll(
+            std::slice::from_ref(&ds),
+            sandbox.images().push_random("app", "latest", 4 << 20),
+            Duration::from_secs(180),
+            |_| {},
+        )
+        .await
+        .unwrap();
+    let rollout = &rollouts[0];
+    let patched = rollout.patched.expect("the DaemonSet was never patched");
+    let reason = rollout.reason.as_deref().unwrap_or_default();
+    assert!(reason.contains("warm-up off"), "{reason}");
+    // No node held the new digest before the patch: the kubelets pulled it after.
+    assert_eq!(rollout.warm.len(), 2, "{:?}", rollout.warm);
+    assert!(
+        rollout.warm.values().all(|at| *at > patched),
+        "nodes held the new digest at {:?}, patch at {patched:?}",
+        rollout.warm
+    );
+    assert_eq!(sandbox.coordinator().warm_orders(), 0);
+    assert_eq!(rollout.writes.workload_patches, 1, "{:?}", rollout.writes);
+    assert!(rollout.writes.other.is_empty(), "{:?}", rollout.writes);
+    assert_eq!(sandbox.cluster().ready_on(&rollout.digest).len(), 2);
     sandbox.stop().await;
 }

@@ -64,21 +64,47 @@ struct World {
 #[tracing::instrument(skip_all)]
 async fn sync(c: &Controllers) -> Result<()> {
     let all = ListParams::default();
-    let mut nodes: Vec<String> = Api::<Node>::all(c.client.clone())
-        .list(&all)
-        .await
-        .context("listing nodes")?
+    // One consistent read of each kind, all at once.
+    let (nodes, pods, deployments, sets, daemons) = tokio::try_join!(
+        async {
+            Api::<Node>::all(c.client.clone())
+                .list(&all)
+                .await
+                .context("listing nodes")
+        },
+        async {
+            Api::<Pod>::all(c.client.clone())
+                .list(&all)
+                .await
+                .context("listing pods")
+        },
+        async {
+            Api::<Deployment>::all(c.client.clone())
+                .list(&all)
+                .await
+                .context("listing deployments")
+        },
+        async {
+            Api::<StatefulSet>::all(c.client.clone())
+                .list(&all)
+                .await
+                .context("listing statefulsets")
+        },
+        async {
+            Api::<DaemonSet>::all(c.client.clone())
+                .list(&all)
+                .await
+                .context("listing daemonsets")
+        },
+    )?;
+    let mut nodes: Vec<String> = nodes
         .items
         .into_iter()
         .filter(|n| n.spec.as_ref().and_then(|s| s.unschedulable) != Some(true))
         .filter_map(|n| n.metadata.name)
         .collect();
     nodes.sort();
-    let pods = Api::<Pod>::all(c.client.clone())
-        .list(&all)
-        .await
-        .context("listing pods")?
-        .items;
+    let pods = pods.items;
     let mut load = BTreeMap::new();
     for pod in &pods {
         if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
@@ -87,28 +113,16 @@ async fn sync(c: &Controllers) -> Result<()> {
     }
     let mut world = World { nodes, pods, load };
 
-    let deployments = Api::<Deployment>::all(c.client.clone())
-        .list(&all)
-        .await
-        .context("listing deployments")?;
     for d in &deployments {
         if let Err(e) = sync_deployment(c, d, &mut world).await {
             tracing::warn!("deployment {}: {e:#}", key(&d.metadata));
         }
     }
-    let sets = Api::<StatefulSet>::all(c.client.clone())
-        .list(&all)
-        .await
-        .context("listing statefulsets")?;
     for s in &sets {
         if let Err(e) = sync_statefulset(c, s, &mut world).await {
             tracing::warn!("statefulset {}: {e:#}", key(&s.metadata));
         }
     }
-    let daemons = Api::<DaemonSet>::all(c.client.clone())
-        .list(&all)
-        .await
-        .context("listing daemonsets")?;
     for d in &daemons {
         if let Err(e) = sync_daemonset(c, d, &mut world).await {
             tracing::warn!("daemonset {}: {e:#}", key(&d.metadata));

@@ -4,7 +4,7 @@
 //! `containerStatuses` with `imageID` and waiting reasons). A pod deleted from the API is
 //! stopped and its sandbox removed; so is any sandbox of a pod the API no longer has.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -45,15 +45,25 @@ pub struct Kubelet {
 
 /// The kubelet's sync loop: on every wake-up (a change to a pod bound to this node) or
 /// resync, start a worker for each new pod and stop what the API no longer has. The
-/// workers live in a `JoinSet`, so aborting this task aborts them all.
+/// workers and the sandbox removals live in `JoinSet`s, so aborting this task aborts
+/// them all.
 pub async fn run(kubelet: Arc<Kubelet>, wake: Arc<Notify>) {
-    let mut workers = JoinSet::new();
-    let mut active: HashMap<String, AbortHandle> = HashMap::new();
+    let mut tasks = Tasks {
+        workers: JoinSet::new(),
+        active: HashMap::new(),
+        removals: JoinSet::new(),
+        removing: HashSet::new(),
+    };
     loop {
-        if let Err(e) = sync(&kubelet, &mut workers, &mut active).await {
+        if let Err(e) = sync(&kubelet, &mut tasks).await {
             tracing::warn!(node = %kubelet.node, "kubelet sync: {e:#}");
         }
-        while workers.try_join_next().is_some() {}
+        while tasks.workers.try_join_next().is_some() {}
+        while let Some(done) = tasks.removals.try_join_next() {
+            if let Ok(sandbox_id) = done {
+                tasks.removing.remove(&sandbox_id);
+            }
+        }
         tokio::select! {
             () = wake.notified() => {}
             () = tokio::time::sleep(kubelet.resync) => {}
@@ -61,12 +71,26 @@ pub async fn run(kubelet: Arc<Kubelet>, wake: Arc<Notify>) {
     }
 }
 
+/// What the sync loop runs besides itself.
+struct Tasks {
+    /// One worker per pod being started.
+    workers: JoinSet<()>,
+    /// The workers by pod uid.
+    active: HashMap<String, AbortHandle>,
+    /// Removals of stopped sandboxes (kubelet's garbage collection), each returning the
+    /// sandbox id.
+    removals: JoinSet<String>,
+    removing: HashSet<String>,
+}
+
 #[tracing::instrument(skip_all, fields(node = %kubelet.node))]
-async fn sync(
-    kubelet: &Arc<Kubelet>,
-    workers: &mut JoinSet<()>,
-    active: &mut HashMap<String, AbortHandle>,
-) -> Result<()> {
+async fn sync(kubelet: &Arc<Kubelet>, tasks: &mut Tasks) -> Result<()> {
+    let Tasks {
+        workers,
+        active,
+        removals,
+        removing,
+    } = tasks;
     let pods = Api::<Pod>::all(kubelet.client.clone())
         .list(&ListParams::default().fields(&format!("spec.nodeName={}", kubelet.node)))
         .await
@@ -118,23 +142,25 @@ async fn sync(
         }
     }
     // Housekeeping: no sandbox outlives its pod (also one a worker was still creating
-    // when it was aborted).
+    // when it was aborted). Its containers are stopped now; the stopped sandbox is
+    // removed after the pod is gone from the API, off the sync loop, as kubelet's
+    // garbage collection does.
+    let mut stopped = Vec::new();
     for (sandbox_id, uid) in kubelet.runtime.sandboxes().await? {
-        if desired.contains_key(&uid) {
+        if desired.contains_key(&uid) || removing.contains(&sandbox_id) {
             continue;
         }
         kubelet.runtime.stop_sandbox(&sandbox_id).await?;
-        kubelet.runtime.remove_sandbox(&sandbox_id).await?;
-        tracing::debug!(node = %kubelet.node, %uid, "removed the sandbox of a deleted pod");
+        stopped.push((sandbox_id, uid));
     }
-    // Its containers are gone: finish the graceful deletion.
+    // Its containers are stopped: finish the graceful deletion.
     for (pod, uid) in terminating {
         let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
         let name = pod.metadata.name.as_deref().unwrap_or_default();
         let params = DeleteParams {
             grace_period_seconds: Some(0),
             preconditions: Some(Preconditions {
-                uid: Some(uid),
+                uid: Some(uid.clone()),
                 resource_version: None,
             }),
             ..Default::default()
@@ -143,12 +169,30 @@ async fn sync(
             .delete(name, &params)
             .await
         {
-            Ok(_) => {}
+            Ok(_) => {
+                if let Ok(mut timeline) = kubelet.timeline.lock() {
+                    timeline.gone(&uid, Instant::now());
+                }
+            }
             Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
             Err(e) => {
                 return Err(e).with_context(|| format!("deleting pod {namespace}/{name}"));
             }
         }
+    }
+    for (sandbox_id, uid) in stopped {
+        removing.insert(sandbox_id.clone());
+        let kubelet = kubelet.clone();
+        removals.spawn(async move {
+            match kubelet.runtime.remove_sandbox(&sandbox_id).await {
+                Ok(()) => {
+                    tracing::debug!(node = %kubelet.node, %uid, "removed the sandbox of a deleted pod")
+                }
+                // The next sync finds it again and retries.
+                Err(e) => tracing::warn!(node = %kubelet.node, "{e:#}"),
+            }
+            sandbox_id
+        });
     }
     Ok(())
 }
@@ -204,19 +248,23 @@ async fn realise(kubelet: &Kubelet, pod: &Pod) -> Result<()> {
         .collect();
     let report =
         |phases: &[ContainerPhase]| write_status(kubelet, &spec, pod_status(&spec, phases, start));
-    report(&phases).await?;
-
-    let mut backoff = kubelet.pull_backoff;
-    let sandbox_id = loop {
-        match kubelet.runtime.run_sandbox(&spec).await {
-            Ok(id) => break id,
-            Err(e) => {
-                tracing::warn!(node = %kubelet.node, "{e:#}; retrying in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(kubelet.max_pull_backoff);
+    // kubelet's status manager writes in the background: the first status goes out
+    // while the sandbox starts.
+    let run_sandbox = async {
+        let mut backoff = kubelet.pull_backoff;
+        loop {
+            match kubelet.runtime.run_sandbox(&spec).await {
+                Ok(id) => break id,
+                Err(e) => {
+                    tracing::warn!(node = %kubelet.node, "{e:#}; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(kubelet.max_pull_backoff);
+                }
             }
         }
     };
+    let (written, sandbox_id) = tokio::join!(report(&phases), run_sandbox);
+    written?;
     for (i, container) in spec.containers.iter().enumerate() {
         let mut backoff = kubelet.pull_backoff;
         let image_id = loop {

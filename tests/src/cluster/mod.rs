@@ -68,7 +68,7 @@ use crate::registry::Registry;
 
 pub use kubelet::NODE_IP;
 pub use rollout::{RolloutStatus, daemonset_rollout, deployment_rollout, statefulset_rollout};
-pub use timeline::{NotReadyGap, Owner, PodRecord, ReadyOn};
+pub use timeline::{GapParts, NotReadyGap, Owner, PodRecord, ReadyOn};
 
 use timeline::Timeline;
 

@@ -31,6 +31,8 @@ pub struct PodRecord {
     /// When its deletion was asked for (by a controller or anyone else), i.e. when it
     /// stopped counting as available.
     pub deleted: Option<Instant>,
+    /// When its kubelet had stopped it and removed it from the API for good.
+    pub gone: Option<Instant>,
 }
 
 /// A pod that became ready running an image digest.
@@ -54,14 +56,44 @@ pub struct NotReadyGap {
     /// The replacement; `None` while there is none yet.
     pub new_pod: Option<String>,
     pub from: Instant,
+    /// When the old pod was gone (stopped and removed from the API).
+    pub old_gone: Option<Instant>,
+    /// When the replacement was created.
+    pub new_created: Option<Instant>,
     /// When the replacement became ready; `None` while it is not.
     pub to: Option<Instant>,
+}
+
+/// Where one slot's not-ready time went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GapParts {
+    /// From the deletion until the old pod was gone (its kubelet stopping it).
+    pub teardown: Duration,
+    /// From then until the replacement was created (the controller reacting).
+    pub replace: Duration,
+    /// From the creation until the replacement was ready (the kubelet starting it).
+    pub start: Duration,
 }
 
 impl NotReadyGap {
     /// `None` while the slot is still without a ready pod.
     pub fn duration(&self) -> Option<Duration> {
         self.to.map(|to| to.saturating_duration_since(self.from))
+    }
+
+    /// The gap split at the old pod's end and the replacement's creation, when the
+    /// replacement was created after the old pod was gone (a DaemonSet node, a
+    /// StatefulSet ordinal, a Recreate Deployment); `None` otherwise.
+    pub fn parts(&self) -> Option<GapParts> {
+        let (gone, created, to) = (self.old_gone?, self.new_created?, self.to?);
+        if gone < self.from || created < gone || to < created {
+            return None;
+        }
+        Some(GapParts {
+            teardown: gone - self.from,
+            replace: created - gone,
+            start: to - created,
+        })
     }
 }
 
@@ -100,6 +132,7 @@ impl Timeline {
             ready: None,
             image_ids: Vec::new(),
             deleted: None,
+            gone: None,
         });
     }
 
@@ -123,6 +156,14 @@ impl Timeline {
             && record.deleted.is_none()
         {
             record.deleted = Some(at);
+        }
+    }
+
+    pub fn gone(&mut self, uid: &str, at: Instant) {
+        if let Some(record) = self.get_mut(uid)
+            && record.gone.is_none()
+        {
+            record.gone = Some(at);
         }
     }
 
@@ -190,6 +231,8 @@ pub fn not_ready_gaps(
                 old_pod: o.name.clone(),
                 new_pod: replacement.map(|r| r.name.clone()),
                 from,
+                old_gone: o.gone,
+                new_created: replacement.map(|r| r.created),
                 to: replacement
                     .and_then(|r| r.ready)
                     .map(|ready| ready.max(from)),
@@ -222,6 +265,7 @@ mod tests {
             ready: None,
             image_ids: Vec::new(),
             deleted: None,
+            gone: None,
         }
     }
 
@@ -231,17 +275,27 @@ mod tests {
         let s = |n: u64| t0 + Duration::from_secs(n);
         let mut a = record("a", "n1", "DaemonSet", t0);
         a.deleted = Some(s(10));
+        a.gone = Some(s(11));
         let mut b = record("b", "n2", "DaemonSet", t0);
         b.deleted = Some(s(20));
-        let mut a2 = record("a2", "n1", "DaemonSet", s(10));
+        let mut a2 = record("a2", "n1", "DaemonSet", s(12));
         a2.ready = Some(s(13));
         let b2 = record("b2", "n2", "DaemonSet", s(20));
         let gaps = not_ready_gaps(&[a, b, a2, b2], "ns", &owner("DaemonSet"), s(5));
         assert_eq!(gaps.len(), 2);
         assert_eq!(gaps[0].slot, "n1");
         assert_eq!(gaps[0].duration(), Some(Duration::from_secs(3)));
+        assert_eq!(
+            gaps[0].parts(),
+            Some(GapParts {
+                teardown: Duration::from_secs(1),
+                replace: Duration::from_secs(1),
+                start: Duration::from_secs(1),
+            })
+        );
         assert_eq!(gaps[1].new_pod.as_deref(), Some("b2"));
         assert_eq!(gaps[1].duration(), None);
+        assert_eq!(gaps[1].parts(), None);
     }
 
     #[test]
@@ -250,10 +304,13 @@ mod tests {
         let s = |n: u64| t0 + Duration::from_secs(n);
         let mut old = record("old", "n1", "Deployment", t0);
         old.deleted = Some(s(12));
+        old.gone = Some(s(13));
         let mut new = record("new", "n2", "Deployment", s(10));
         new.ready = Some(s(11));
         let gaps = not_ready_gaps(&[old, new], "ns", &owner("Deployment"), s(5));
         assert_eq!(gaps[0].duration(), Some(Duration::ZERO));
+        // The replacement came before the old pod went: no parts.
+        assert_eq!(gaps[0].parts(), None);
         // Other workloads and earlier deletions are not counted.
         assert!(not_ready_gaps(&[], "ns", &owner("Deployment"), s(5)).is_empty());
     }
