@@ -3,6 +3,8 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/warmroll/v1/fleet.proto");
     tonic_prost_build::configure()
+        // Small per-stream buffers: the coordinator holds one stream per node.
+        .codec_path("crate::codec::FleetCodec")
         // Messages that carry registry secrets get a hand-written, redacting `Debug`.
         .skip_debug([
             ".warmroll.v1.BasicAuth",

@@ -312,24 +312,37 @@ impl<C: Cri> Agent<C> {
         self.sequence
     }
 
-    fn snapshot(&mut self) -> Option<v1::AgentMessage> {
+    /// The inventory as a snapshot in parts (none before the first inventory).
+    fn snapshot(&mut self) -> Vec<v1::AgentMessage> {
         let seq = self.next_sequence();
-        let snapshot = self.inventory.as_ref()?;
-        Some(AgentMessage::Snapshot(snapshot_message(seq, snapshot)).into())
+        let Some(snapshot) = self.inventory.as_ref() else {
+            return Vec::new();
+        };
+        fleet::split_snapshot(
+            snapshot_message(seq, snapshot).into(),
+            fleet::SNAPSHOT_PART_BYTES,
+        )
+        .into_iter()
+        .map(|part| v1::AgentMessage {
+            kind: Some(v1::agent_message::Kind::Snapshot(part)),
+        })
+        .collect()
     }
 
     /// Folds an inventory update in; returns what to send when connected.
-    fn inventory_update(&mut self, update: InventoryUpdate) -> Option<v1::AgentMessage> {
+    fn inventory_update(&mut self, update: InventoryUpdate) -> Vec<v1::AgentMessage> {
         match update {
             InventoryUpdate::Full(s) => {
                 self.inventory = Some(s);
                 self.snapshot()
             }
             InventoryUpdate::Changes(c) => {
-                let inventory = self.inventory.as_mut()?;
+                let Some(inventory) = self.inventory.as_mut() else {
+                    return Vec::new();
+                };
                 inventory.apply(&c);
                 let seq = self.next_sequence();
-                Some(AgentMessage::Change(change_message(seq, &c)).into())
+                vec![AgentMessage::Change(change_message(seq, &c)).into()]
             }
         }
     }
@@ -442,7 +455,7 @@ impl<C: Cri> Agent<C> {
                 .collect(),
             CoordinatorMessage::Resync { reason } => {
                 info!(%reason, "the coordinator asks for a fresh snapshot");
-                self.snapshot().into_iter().collect()
+                self.snapshot()
             }
         }
     }
@@ -504,7 +517,7 @@ pub async fn run<C: Cri>(
                     info!(url = %args.coordinator_url, "connected to the coordinator");
                     backoff.reset();
                     conn = Some(c);
-                    let mut first: Vec<v1::AgentMessage> = agent.snapshot().into_iter().collect();
+                    let mut first = agent.snapshot();
                     first.extend(
                         agent
                             .buffered
@@ -527,9 +540,9 @@ pub async fn run<C: Cri>(
             () = &mut shutdown => break,
             update = inventory.recv(), if inventory_open => match update {
                 Some(update) => {
-                    let message = agent.inventory_update(update);
-                    if conn.is_some() && let Some(m) = message {
-                        send_all(&mut conn, vec![m]).await;
+                    let messages = agent.inventory_update(update);
+                    if conn.is_some() && !messages.is_empty() {
+                        send_all(&mut conn, messages).await;
                         last_sent = Instant::now();
                     }
                 }

@@ -5,7 +5,7 @@
 //! KubeApi stand-in (in this process, one node-bound token registered per agent). This
 //! process then plays 5,000 agents over raw gRPC streams (the generated client, one TLS
 //! connection each, as real agents have), each sending its hello and a snapshot of 30
-//! containers (and their images). It prints:
+//! containers (and their images), in parts as agents send it. It prints:
 //! - the time until the coordinator's `/fleet` shows every node with a current inventory,
 //! - the coordinator's RSS (now and peak) and CPU time (absorbing, and during changes),
 //! - the latency of a change: an agent sends an inventory change, and the time until the
@@ -33,6 +33,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use warmroll_coordinator::fleet::auth::{NODE_NAME_EXTRA, service_account_user};
+use warmroll_proto::fleet::{SNAPSHOT_PART_BYTES, split_snapshot};
 use warmroll_proto::v1;
 use warmroll_proto::v1::fleet_client::FleetClient;
 use warmroll_tests::kubeapi::KubeApi;
@@ -143,14 +144,20 @@ fn hello(node: &str) -> v1::AgentMessage {
     }
 }
 
-fn snapshot(node: usize) -> v1::AgentMessage {
-    v1::AgentMessage {
-        kind: Some(v1::agent_message::Kind::Snapshot(v1::InventorySnapshot {
-            sequence: 1,
-            containers: (0..containers()).map(|i| container(node, i, 0)).collect(),
-            images: (0..containers()).map(|i| image(node, i)).collect(),
-        })),
-    }
+/// The agent's snapshot, in parts as the agent sends it.
+fn snapshot(node: usize) -> Vec<v1::AgentMessage> {
+    let whole = v1::InventorySnapshot {
+        sequence: 1,
+        containers: (0..containers()).map(|i| container(node, i, 0)).collect(),
+        images: (0..containers()).map(|i| image(node, i)).collect(),
+        more: false,
+    };
+    split_snapshot(whole, SNAPSHOT_PART_BYTES)
+        .into_iter()
+        .map(|part| v1::AgentMessage {
+            kind: Some(v1::agent_message::Kind::Snapshot(part)),
+        })
+        .collect()
 }
 
 fn change(node: usize, sequence: u64) -> v1::AgentMessage {
@@ -248,9 +255,13 @@ async fn connect_agent(
 ) -> Result<mpsc::Sender<v1::AgentMessage>> {
     let channel = endpoint.connect().await?;
     let mut client = FleetClient::new(channel);
-    let (tx, rx) = mpsc::channel(8);
-    tx.send(hello(&node_name(index))).await?;
-    tx.send(snapshot(index)).await?;
+    let first: Vec<v1::AgentMessage> = std::iter::once(hello(&node_name(index)))
+        .chain(snapshot(index))
+        .collect();
+    let (tx, rx) = mpsc::channel(first.len() + 8);
+    for message in first {
+        tx.send(message).await?;
+    }
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
     request
         .metadata_mut()

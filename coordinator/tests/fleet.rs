@@ -240,11 +240,16 @@ fn container(id: &str, digest: &str) -> v1::Container {
 }
 
 fn snapshot(containers: Vec<v1::Container>) -> v1::AgentMessage {
+    snapshot_part(1, containers, false)
+}
+
+fn snapshot_part(sequence: u64, containers: Vec<v1::Container>, more: bool) -> v1::AgentMessage {
     v1::AgentMessage {
         kind: Some(v1::agent_message::Kind::Snapshot(v1::InventorySnapshot {
-            sequence: 1,
+            sequence,
             containers,
             images: vec![],
+            more,
         })),
     }
 }
@@ -303,9 +308,81 @@ async fn malformed_and_oversized_messages_are_rejected_over_the_real_server() {
         .await;
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
 
+    // Snapshot parts that do not add up: a part of another snapshot before the last
+    // part, and a change before the last part.
+    let status = bed
+        .raw_session(
+            &token("bad-5"),
+            vec![
+                hello("bad-5"),
+                snapshot_part(1, vec![container("c1", "")], true),
+                snapshot_part(2, vec![container("c2", "")], false),
+            ],
+        )
+        .await
+        .unwrap()
+        .end_status()
+        .await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("snapshot 1"),
+        "{}",
+        status.message()
+    );
+    let change = v1::AgentMessage {
+        kind: Some(v1::agent_message::Kind::Change(v1::InventoryChange {
+            sequence: 2,
+            upserted: vec![container("c3", "")],
+            ..Default::default()
+        })),
+    };
+    let status = bed
+        .raw_session(
+            &token("bad-6"),
+            vec![
+                hello("bad-6"),
+                snapshot_part(1, vec![container("c1", "")], true),
+                change,
+            ],
+        )
+        .await
+        .unwrap()
+        .end_status()
+        .await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("last part"),
+        "{}",
+        status.message()
+    );
+
+    // Parts that do add up: the node's inventory appears once the last part is in.
+    let good = bed
+        .raw_session(
+            &token("good-7"),
+            vec![
+                hello("good-7"),
+                snapshot_part(1, vec![container("c1", "")], true),
+                snapshot_part(1, vec![container("c2", ""), container("c3", "")], true),
+                v1::AgentMessage {
+                    kind: Some(v1::agent_message::Kind::Heartbeat(v1::Heartbeat {})),
+                },
+                snapshot_part(1, vec![container("c4", "")], false),
+            ],
+        )
+        .await
+        .unwrap();
+    bed.wait_until("good-7 ready", |v| ready(v, "good-7"))
+        .await
+        .unwrap();
+    let info = bed.view().unwrap().node(&node("good-7")).unwrap();
+    let ids: Vec<&str> = info.containers.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, ["c1", "c2", "c3", "c4"]);
+    drop(good);
+
     // None of it reached the view as a node with inventory; the real agent is fine.
     let view = bed.view().unwrap();
-    for n in ["bad-1", "bad-2", "bad-3", "bad-4"] {
+    for n in ["bad-1", "bad-2", "bad-3", "bad-4", "bad-5", "bad-6"] {
         assert!(
             view.node(&node(n))
                 .is_none_or(|i| !i.connected && i.containers.is_empty()),

@@ -199,13 +199,11 @@ impl Bed {
             || {
                 let seen: usize = self
                     .view()
-                    .nodes()
-                    .iter()
-                    .filter_map(|n| self.view().node(n))
-                    .flat_map(|n| n.containers)
+                    .containers_in(&[ns].into())
+                    .into_iter()
+                    .map(|(_, c)| c)
                     .filter(|c| {
-                        c.pod.namespace == ns
-                            && c.pod_labels.get("app").map(String::as_str) == Some(app)
+                        c.pod_labels.get("app").map(String::as_str) == Some(app)
                             && c.digest.as_ref().is_some_and(|d| d.to_string() == digest)
                     })
                     .count();

@@ -12,6 +12,11 @@ use std::time::Duration;
 use crate::image::{Digest, ImageRef, Platform};
 use crate::v1;
 
+mod parts;
+pub use parts::{
+    MAX_SNAPSHOT_ENTRIES, SNAPSHOT_PART_BYTES, SnapshotAssembly, SnapshotPart, split_snapshot,
+};
+
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -343,7 +348,7 @@ pub struct WarmProgress {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentMessage {
     Hello(Hello),
-    Snapshot(Snapshot),
+    Snapshot(SnapshotPart),
     Change(InventoryChange),
     WarmResult(WarmResult),
     WarmProgress(WarmProgress),
@@ -574,7 +579,11 @@ impl TryFrom<v1::AgentMessage> for AgentMessage {
                     AgentMessage::Hello(Hello::try_from(h).map_err(|e| e.within("hello"))?)
                 }
                 Kind::Snapshot(s) => {
-                    AgentMessage::Snapshot(Snapshot::try_from(s).map_err(|e| e.within("snapshot"))?)
+                    let more = s.more;
+                    AgentMessage::Snapshot(SnapshotPart {
+                        snapshot: Snapshot::try_from(s).map_err(|e| e.within("snapshot"))?,
+                        more,
+                    })
                 }
                 Kind::Change(c) => AgentMessage::Change(
                     InventoryChange::try_from(c).map_err(|e| e.within("change"))?,
@@ -713,6 +722,7 @@ impl From<Snapshot> for v1::InventorySnapshot {
             sequence: s.sequence,
             containers: s.containers.into_iter().map(Into::into).collect(),
             images: s.images.into_iter().map(Into::into).collect(),
+            more: false,
         }
     }
 }
@@ -781,7 +791,10 @@ impl From<AgentMessage> for v1::AgentMessage {
         use v1::agent_message::Kind;
         let kind = match m {
             AgentMessage::Hello(h) => Kind::Hello(h.into()),
-            AgentMessage::Snapshot(s) => Kind::Snapshot(s.into()),
+            AgentMessage::Snapshot(part) => Kind::Snapshot(v1::InventorySnapshot {
+                more: part.more,
+                ..part.snapshot.into()
+            }),
             AgentMessage::Change(c) => Kind::Change(c.into()),
             AgentMessage::WarmResult(r) => Kind::WarmResult(r.into()),
             AgentMessage::WarmProgress(p) => Kind::WarmProgress(v1::WarmProgress {

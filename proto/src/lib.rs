@@ -2,6 +2,7 @@
 //! [`fleet`] as checked domain types) and the small checked types both sides need (image
 //! references, digests).
 
+pub mod codec;
 pub mod fleet;
 pub mod image;
 

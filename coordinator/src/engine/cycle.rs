@@ -171,18 +171,15 @@ async fn step(
         .map(|(w, _)| w.key.namespace.as_str())
         .collect();
     let mut running: HashMap<String, Vec<(String, Container)>> = HashMap::new();
-    for node in ctx.fleet.nodes() {
-        let Some(info) = ctx.fleet.node(&node) else {
-            continue;
-        };
-        for c in info.containers {
-            if namespaces.contains(c.pod.namespace.as_str()) {
-                running
-                    .entry(c.pod.namespace.clone())
-                    .or_default()
-                    .push((node.as_str().to_owned(), c));
-            }
-        }
+    for (node, c) in ctx.fleet.containers_in(&namespaces) {
+        running
+            .entry(c.pod.namespace.clone())
+            .or_default()
+            .push((node.as_str().to_owned(), c));
+    }
+    // A stable order (by node, then container) for the reports and decisions.
+    for pods in running.values_mut() {
+        pods.sort_by(|a, b| (&a.0, &a.1.id).cmp(&(&b.0, &b.1.id)));
     }
 
     let mut rolling: HashMap<&str, usize> = HashMap::new();

@@ -4,7 +4,10 @@
 //! [`identity_from_review`] is the pure decision (authenticated? the agent
 //! ServiceAccount? bound to which node?); [`TokenReviewAuthenticator`] does the I/O and
 //! caches successful reviews briefly by token hash, so a fleet reconnecting at once costs
-//! one review per token, not one per attempt. Tokens never reach a log line.
+//! one review per token, not one per attempt; at most [`REVIEWS_IN_FLIGHT`] reviews run
+//! at a time, so thousands of agents reconnecting together (after a coordinator restart)
+//! reach the API server as a steady stream over a few kept-alive connections rather than
+//! as thousands of new connections. Tokens never reach a log line.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,6 +17,7 @@ use std::time::Duration;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::api::{Api, PostParams};
 use sha2::{Digest as _, Sha256};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tracing::{debug, instrument};
 
@@ -102,7 +106,11 @@ pub struct TokenReviewAuthenticator {
     agent_user: String,
     ttl: Duration,
     cache: Mutex<HashMap<TokenHash, (Instant, Identity)>>,
+    in_flight: Semaphore,
 }
+
+/// TokenReviews sent to the API server at a time; more sessions wait their turn.
+pub const REVIEWS_IN_FLIGHT: usize = 16;
 
 /// Above this many cached reviews, expired ones are swept on insert.
 const CACHE_SWEEP_AT: usize = 16_384;
@@ -115,6 +123,7 @@ impl TokenReviewAuthenticator {
             agent_user: agent_user.to_owned(),
             ttl,
             cache: Mutex::new(HashMap::new()),
+            in_flight: Semaphore::new(REVIEWS_IN_FLIGHT),
         }
     }
 
@@ -140,6 +149,16 @@ impl Authenticator for TokenReviewAuthenticator {
     #[instrument(skip_all, fields(audience = %self.audience))]
     async fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
         let hash: TokenHash = Sha256::digest(token.as_bytes()).into();
+        if let Some(identity) = self.cached(&hash) {
+            return Ok(identity);
+        }
+        // The semaphore is never closed, so acquiring only waits.
+        let _permit = self
+            .in_flight
+            .acquire()
+            .await
+            .map_err(|e| AuthError::Review(e.to_string()))?;
+        // Another session of the same token may have been reviewed meanwhile.
         if let Some(identity) = self.cached(&hash) {
             return Ok(identity);
         }

@@ -7,15 +7,16 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::{Identity as TlsIdentity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{debug, info, warn};
 use warmroll_proto::fleet::{
-    AgentMessage, CoordinatorMessage, Hello, MAX_MESSAGE_BYTES, NodeName, PROTOCOL_VERSION, Welcome,
+    AgentMessage, CoordinatorMessage, Hello, MAX_MESSAGE_BYTES, NodeName, PROTOCOL_VERSION,
+    SnapshotAssembly, Welcome,
 };
 use warmroll_proto::v1;
 use warmroll_proto::v1::fleet_server::{Fleet, FleetServer};
@@ -25,6 +26,13 @@ use super::view::{Applied, FleetView, SessionId, SessionTx};
 
 /// Messages queued per session towards its agent.
 const OUTBOUND_QUEUE: usize = 64;
+/// HTTP/2 flow-control windows an agent may fill before the coordinator has read its
+/// messages. Small on purpose: whatever an agent sends ahead is buffered frame by frame,
+/// and HTTP/2's per-connection frame tables keep the largest size they ever reach; eight
+/// snapshot parts in flight keep them small while a snapshot still streams in without
+/// waiting on round trips for long.
+const STREAM_WINDOW_BYTES: u32 = 8 * 1024;
+const CONNECTION_WINDOW_BYTES: u32 = 16 * 1024;
 
 /// Errors starting the fleet server.
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +172,8 @@ pub async fn serve<A: Authenticator>(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let mut builder = Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .tcp_nodelay(true);
@@ -299,7 +309,7 @@ impl<A: Authenticator> Fleet for FleetService<A> {
             inventory_interval: self.config.inventory_interval,
         });
         // The queue is empty: this cannot fail for lack of room.
-        let _ = tx.try_send(Ok(welcome.into()));
+        let _ = tx.try_send(Box::new(Ok(welcome.into())));
         let node = hello.node.clone();
         info!(
             node = %node,
@@ -312,20 +322,18 @@ impl<A: Authenticator> Fleet for FleetService<A> {
         let session = self
             .view
             .connect(hello, identity.node.is_some(), tx.clone());
-        let span = info_span!("session", node = %node, session);
-        tokio::spawn(
-            run_session(
-                self.view.clone(),
-                self.config.clone(),
-                self.gate.clone(),
-                node,
-                session,
-                inbound,
-                tx,
-            )
-            .instrument(span),
-        );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // No span per session: thousands of long-lived spans cost kilobytes each in the
+        // subscriber; the session's few log lines name the node themselves.
+        tokio::spawn(run_session(
+            self.view.clone(),
+            self.config.clone(),
+            self.gate.clone(),
+            node,
+            session,
+            inbound,
+            tx,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|m| *m))))
     }
 }
 
@@ -339,6 +347,7 @@ async fn run_session(
     mut inbound: Streaming<v1::AgentMessage>,
     tx: SessionTx,
 ) {
+    let mut snapshot = SnapshotAssembly::default();
     let end: Option<Status> = loop {
         let next = tokio::select! {
             next = tokio::time::timeout(config.idle_timeout, inbound.message()) => next,
@@ -355,14 +364,14 @@ async fn run_session(
             Ok(Ok(None)) => break None,
             // Oversized or undecodable messages land here (tonic's status says which).
             Ok(Err(status)) => {
-                debug!(error = %status, "session stream failed");
+                debug!(node = %node, session, error = %status, "session stream failed");
                 break Some(oversize_as_resource_exhausted(status));
             }
         };
         let message = match AgentMessage::try_from(message) {
             Ok(m) => m,
             Err(e) => {
-                warn!(error = %e, "malformed agent message; ending the session");
+                warn!(node = %node, session, error = %e, "malformed agent message; ending the session");
                 break Some(Status::invalid_argument(e.to_string()));
             }
         };
@@ -370,7 +379,19 @@ async fn run_session(
             AgentMessage::Hello(_) => {
                 break Some(Status::invalid_argument("hello: sent twice in one session"));
             }
-            AgentMessage::Snapshot(s) => view.apply_snapshot(&node, session, s),
+            AgentMessage::Snapshot(part) => match snapshot.push(part) {
+                Ok(Some(whole)) => view.apply_snapshot(&node, session, whole),
+                Ok(None) => Applied::Ok,
+                Err(e) => {
+                    warn!(node = %node, session, error = %e, "malformed snapshot part; ending the session");
+                    break Some(Status::invalid_argument(e.to_string()));
+                }
+            },
+            AgentMessage::Change(_) if snapshot.is_pending() => {
+                break Some(Status::invalid_argument(
+                    "change: sent before the last part of the snapshot",
+                ));
+            }
             AgentMessage::Change(c) => view.apply_change(&node, session, c),
             AgentMessage::WarmResult(r) => view.record_result(&node, session, r),
             AgentMessage::WarmProgress(p) => view.record_progress(&node, session, p),
@@ -391,12 +412,15 @@ async fn run_session(
             }
             Applied::Gap { expected, got } => {
                 info!(
+                    node = %node,
+                    session,
                     ?expected,
-                    got, "inventory sequence gap; asking for a snapshot"
+                    got,
+                    "inventory sequence gap; asking for a snapshot"
                 );
                 let reason = format!("inventory change {got} does not follow {expected:?}");
                 if tx
-                    .send(Ok(CoordinatorMessage::Resync { reason }.into()))
+                    .send(Box::new(Ok(CoordinatorMessage::Resync { reason }.into())))
                     .await
                     .is_err()
                 {
@@ -407,7 +431,7 @@ async fn run_session(
     };
     if let Some(status) = end {
         // Tell the agent why (best effort: it may be gone already).
-        let _ = tx.try_send(Err(status));
+        let _ = tx.try_send(Box::new(Err(status)));
     }
     drop(tx);
     view.disconnect(&node, session);

@@ -6,7 +6,7 @@
 //! view while its session is down for the grace period (its pending warm orders survive a
 //! reconnect), then leaves.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -29,8 +29,12 @@ const SHARDS: usize = 64;
 const FINISHED_ORDERS_KEPT: usize = 64;
 const EVENT_BUFFER: usize = 16_384;
 
+/// One message (or the final status) towards a session's agent. Boxed: the queue keeps
+/// a block of slots per session for the session's life, and a pointer is a small slot.
+pub(crate) type Outbound = Box<Result<v1::CoordinatorMessage, Status>>;
+
 /// The sending half of a session's outbound stream.
-pub(crate) type SessionTx = mpsc::Sender<Result<v1::CoordinatorMessage, Status>>;
+pub(crate) type SessionTx = mpsc::Sender<Outbound>;
 
 /// Identifies one session of a node (a reconnect gets a new one).
 pub(crate) type SessionId = u64;
@@ -405,17 +409,6 @@ impl FleetView {
         self.inner.events.subscribe()
     }
 
-    /// The nodes in the view (connected or within their grace period).
-    pub fn nodes(&self) -> Vec<NodeName> {
-        let mut out = Vec::new();
-        for shard in self.inner.shards.iter() {
-            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-            out.extend(shard.keys().cloned());
-        }
-        out.sort();
-        out
-    }
-
     /// How many nodes are connected and have a current inventory.
     pub fn ready_nodes(&self) -> usize {
         self.inner
@@ -477,6 +470,28 @@ impl FleetView {
     /// A copy of one node's entry.
     pub fn node(&self, node: &NodeName) -> Option<NodeInfo> {
         self.shard(node).get(node).map(NodeEntry::info)
+    }
+
+    /// The containers in `namespaces` on every node in the view, with their node's name,
+    /// copied under each shard's lock (not whole entries: the engine asks every cycle).
+    pub fn containers_in(&self, namespaces: &BTreeSet<&str>) -> Vec<(NodeName, Container)> {
+        let mut out = Vec::new();
+        if namespaces.is_empty() {
+            return out;
+        }
+        for shard in self.inner.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for (node, entry) in shard.iter() {
+                out.extend(
+                    entry
+                        .containers
+                        .iter()
+                        .filter(|(_, c)| namespaces.contains(c.namespace()))
+                        .map(|(id, c)| (node.clone(), c.to_container(id))),
+                );
+            }
+        }
+        out
     }
 
     /// Reads one node's container without copying the whole entry.
@@ -778,7 +793,7 @@ impl FleetView {
             credentials: request.credentials,
             timeout: request.timeout,
         });
-        if tx.send(Ok(order.into())).await.is_err() {
+        if tx.send(Box::new(Ok(order.into()))).await.is_err() {
             self.shard(node).get_mut(node).map(|e| e.warms.remove(&id));
             return Err(ViewError::NotConnected(node.clone()));
         }
@@ -809,9 +824,11 @@ impl FleetView {
                 Session::Disconnected { .. } => return Err(ViewError::NotConnected(node.clone())),
             }
         };
-        tx.send(Ok(CoordinatorMessage::CancelWarm(order.clone()).into()))
-            .await
-            .map_err(|_| ViewError::NotConnected(node.clone()))
+        tx.send(Box::new(Ok(
+            CoordinatorMessage::CancelWarm(order.clone()).into()
+        )))
+        .await
+        .map_err(|_| ViewError::NotConnected(node.clone()))
     }
 }
 

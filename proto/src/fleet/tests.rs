@@ -127,15 +127,19 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
         (
             any::<u64>(),
             prop::collection::vec(container(), 0..5),
-            prop::collection::vec(node_image(), 0..3)
+            prop::collection::vec(node_image(), 0..3),
+            any::<bool>()
         )
-            .prop_map(
-                |(sequence, containers, images)| AgentMessage::Snapshot(Snapshot {
-                    sequence,
-                    containers,
-                    images
+            .prop_map(|(sequence, containers, images, more)| {
+                AgentMessage::Snapshot(SnapshotPart {
+                    snapshot: Snapshot {
+                        sequence,
+                        containers,
+                        images,
+                    },
+                    more,
                 })
-            ),
+            }),
         (
             any::<u64>(),
             prop::collection::vec(container(), 0..3),
@@ -293,6 +297,7 @@ proptest! {
                     digest,
                 }],
                 images: vec![],
+                more: false,
             })),
         };
         let _ = AgentMessage::try_from(wire);
@@ -335,6 +340,7 @@ fn snapshot_with(c: v1::Container) -> v1::AgentMessage {
             sequence: 1,
             containers: vec![wire_container(), c],
             images: vec![],
+            more: false,
         })),
     }
 }
@@ -420,4 +426,120 @@ fn credentials_never_show_in_debug() {
     assert!(shown.contains("robot"));
     assert!(!shown.contains("hunter2"), "{shown}");
     assert!(!shown.contains("s3cr3t"), "{shown}");
+}
+
+// ---- snapshots in parts ----
+
+fn wire_part(sequence: u64, ids: &[&str], more: bool) -> SnapshotPart {
+    SnapshotPart {
+        snapshot: Snapshot {
+            sequence,
+            containers: ids
+                .iter()
+                .map(|id| {
+                    Container::try_from(v1::Container {
+                        id: (*id).into(),
+                        ..wire_container()
+                    })
+                    .unwrap()
+                })
+                .collect(),
+            images: vec![],
+        },
+        more,
+    }
+}
+
+proptest! {
+    /// Any snapshot split at any size and put back together is the same snapshot, and
+    /// every part is within the size unless it holds a single larger entry.
+    #[test]
+    fn split_snapshots_reassemble(
+        sequence in any::<u64>(),
+        containers in prop::collection::vec(container(), 0..40),
+        images in prop::collection::vec(node_image(), 0..40),
+        max in 1usize..3000,
+    ) {
+        let whole = Snapshot { sequence, containers, images };
+        let parts = split_snapshot(whole.clone().into(), max);
+        prop_assert!(!parts.is_empty());
+        let mut assembly = SnapshotAssembly::default();
+        let mut done = None;
+        for (i, part) in parts.iter().enumerate() {
+            let last = i + 1 == parts.len();
+            prop_assert_eq!(part.more, !last);
+            prop_assert_eq!(part.sequence, sequence);
+            let entries = part.containers.len() + part.images.len();
+            let field = |len: usize| len + 1 + prost::length_delimiter_len(len);
+            let body = part.containers.iter().map(|c| field(c.encoded_len())).sum::<usize>()
+                + part.images.iter().map(|i| field(i.encoded_len())).sum::<usize>();
+            prop_assert!(entries <= 1 || body <= max, "part {i}: {body} bytes in {entries} entries, limit {max}");
+            let wire = v1::AgentMessage { kind: Some(v1::agent_message::Kind::Snapshot(part.clone())) };
+            let AgentMessage::Snapshot(part) = AgentMessage::try_from(wire).unwrap() else {
+                panic!("a snapshot part decoded as something else");
+            };
+            let out = assembly.push(part).unwrap();
+            prop_assert_eq!(out.is_some(), last);
+            prop_assert_eq!(assembly.is_pending(), !last);
+            if let Some(out) = out {
+                done = Some(out);
+            }
+        }
+        prop_assert_eq!(done, Some(whole));
+    }
+}
+
+#[test]
+fn a_node_inventory_goes_in_parts_of_one_kib() {
+    let whole = v1::InventorySnapshot {
+        sequence: 7,
+        containers: (0..30)
+            .map(|i| v1::Container {
+                id: format!("{i:064}"),
+                image: format!("registry.example.com/team-{i}/app-{i}:main"),
+                image_id: format!("sha256:{i:064}"),
+                digest: format!("sha256:{:064}", i + 100),
+                pod_labels: [("app".to_string(), format!("app-{i}"))].into(),
+                ..wire_container()
+            })
+            .collect(),
+        images: vec![],
+        more: false,
+    };
+    let parts = split_snapshot(whole.clone(), SNAPSHOT_PART_BYTES);
+    assert!(
+        parts.len() > 1,
+        "30 containers should not fit one 1 KiB part"
+    );
+    for part in &parts {
+        assert!(
+            part.encoded_len() <= SNAPSHOT_PART_BYTES + 16,
+            "{}",
+            part.encoded_len()
+        );
+    }
+    let total: usize = parts.iter().map(|p| p.containers.len()).sum();
+    assert_eq!(total, 30);
+    // Small enough for one part: unchanged, `more` unset.
+    let small = split_snapshot(whole.clone(), usize::MAX);
+    assert_eq!(small, vec![whole]);
+}
+
+#[test]
+fn snapshot_parts_must_share_a_sequence_and_stay_bounded() {
+    let mut assembly = SnapshotAssembly::default();
+    assert_eq!(assembly.push(wire_part(3, &["a"], true)).unwrap(), None);
+    let e = assembly.push(wire_part(4, &["b"], false)).unwrap_err();
+    assert_eq!(e.field(), "snapshot.sequence");
+    assert!(e.to_string().contains("snapshot 3"), "{e}");
+
+    let mut assembly = SnapshotAssembly::default();
+    let ids: Vec<String> = (0..=MAX_SNAPSHOT_ENTRIES)
+        .map(|i| format!("c{i}"))
+        .collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let (first, rest) = refs.split_at(MAX_SNAPSHOT_ENTRIES / 2);
+    assert_eq!(assembly.push(wire_part(1, first, true)).unwrap(), None);
+    let e = assembly.push(wire_part(1, rest, true)).unwrap_err();
+    assert_eq!(e.field(), "snapshot");
 }

@@ -137,6 +137,10 @@ impl Store {
 }
 
 impl StoredContainer {
+    pub(super) fn namespace(&self) -> &str {
+        &self.shape.namespace
+    }
+
     /// The container again, as the agent reported it.
     pub(super) fn to_container(&self, id: &str) -> Container {
         let shape = &*self.shape;

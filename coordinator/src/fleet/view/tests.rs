@@ -55,11 +55,50 @@ fn ids(view: &FleetView, node: &str) -> Vec<String> {
         .collect()
 }
 
-fn session_channel() -> (
-    SessionTx,
-    mpsc::Receiver<Result<v1::CoordinatorMessage, Status>>,
-) {
+fn session_channel() -> (SessionTx, mpsc::Receiver<Outbound>) {
     mpsc::channel(16)
+}
+
+#[tokio::test]
+async fn containers_are_read_by_namespace_without_copying_nodes() {
+    let view = FleetView::new(Duration::from_secs(60));
+    let (tx, _rx) = session_channel();
+    let s = view.connect(hello("node-a"), true, tx);
+    let mut other = container("c2", "web:1");
+    other.pod.namespace = "other".into();
+    view.apply_snapshot(
+        &name("node-a"),
+        s,
+        Snapshot {
+            sequence: 1,
+            containers: vec![container("c1", "web:1"), other],
+            images: vec![],
+        },
+    );
+    let (tx, _rx_b) = session_channel();
+    let s = view.connect(hello("node-b"), true, tx);
+    view.apply_snapshot(&name("node-b"), s, snapshot(1, &["c3"]));
+
+    let mut found: Vec<(String, String)> = view
+        .containers_in(&BTreeSet::from(["ns"]))
+        .into_iter()
+        .map(|(node, c)| (node.to_string(), c.id))
+        .collect();
+    found.sort();
+    assert_eq!(
+        found,
+        [
+            ("node-a".to_string(), "c1".to_string()),
+            ("node-b".to_string(), "c3".to_string())
+        ]
+    );
+    let other: Vec<String> = view
+        .containers_in(&BTreeSet::from(["other"]))
+        .into_iter()
+        .map(|(_, c)| c.pod.namespace)
+        .collect();
+    assert_eq!(other, ["other"]);
+    assert!(view.containers_in(&BTreeSet::new()).is_empty());
 }
 
 #[tokio::test]
@@ -197,7 +236,7 @@ async fn a_node_leaves_after_the_grace_period_unless_it_reconnects() {
         "node-a left after the grace period"
     );
     assert!(view.node(&name("node-b")).unwrap().connected);
-    assert_eq!(view.nodes(), [name("node-b")]);
+    assert_eq!(view.counts().nodes, 1);
 
     let mut kinds = Vec::new();
     while let Ok(e) = events.try_recv() {
@@ -240,7 +279,7 @@ async fn warm_orders_go_to_the_connected_session_and_results_come_back() {
         .await
         .unwrap();
     assert_eq!(ticket.state(), WarmState::Pending);
-    let sent = CoordinatorMessage::try_from(rx.recv().await.unwrap().unwrap()).unwrap();
+    let sent = CoordinatorMessage::try_from((*rx.recv().await.unwrap()).unwrap()).unwrap();
     let CoordinatorMessage::WarmOrder(order) = sent else {
         panic!("expected a warm order, got {sent:?}")
     };
