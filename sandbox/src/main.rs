@@ -50,7 +50,7 @@ struct DemoArgs {
     /// Deployment replicas.
     #[arg(long, env = "WARMROLL_SANDBOX_REPLICAS", default_value_t = 3)]
     replicas: usize,
-    /// Patch at once instead of warming first (the comparison).
+    /// Patch at once instead of warming first (the policy's `warm: {enabled: false}`).
     #[arg(long, env = "WARMROLL_SANDBOX_NO_WARM")]
     no_warm: bool,
 }
