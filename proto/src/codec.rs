@@ -6,20 +6,21 @@
 //! does not fit. Its defaults (8 KiB each, messages batched into chunks of up to 32 KiB)
 //! suit short, bulky calls; here a stream carries small messages for days. So every
 //! message goes to HTTP/2 as its own chunk (one DATA frame), the encode buffer starts at
-//! 2 KiB and the decode buffer at 4 KiB: with snapshot parts of at most
-//! [`crate::fleet::SNAPSHOT_PART_BYTES`] (1 KiB) and inventory changes of a few hundred
-//! bytes, at most one message's remainder plus one frame is ever buffered, which fits,
-//! so the coordinator's buffers keep their initial size.
+//! 512 bytes and the decode buffer at 2 KiB: with snapshot parts of at most
+//! [`crate::fleet::SNAPSHOT_PART_BYTES`] (512 bytes) and inventory changes of a few
+//! hundred bytes, at most one message's remainder plus one frame is ever buffered, which
+//! fits, so the coordinator's buffers keep their initial size. (A larger message, e.g. a
+//! node's first change after many pods started at once, grows them for that session.)
 
 use tonic::codec::{BufferSettings, Codec};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
 /// Initial encode buffer per stream.
-const ENCODE_BUFFER_BYTES: usize = 2 * 1024;
+const ENCODE_BUFFER_BYTES: usize = 512;
 /// An encoded chunk is sent once it holds this much: every message on its own.
 const YIELD_THRESHOLD_BYTES: usize = 1;
 /// Initial decode buffer per stream.
-const DECODE_BUFFER_BYTES: usize = 4 * 1024;
+const DECODE_BUFFER_BYTES: usize = 2 * 1024;
 
 /// [`ProstCodec`] with the buffer settings above; the generated client and server use it.
 #[derive(Debug, Clone)]

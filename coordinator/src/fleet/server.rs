@@ -26,13 +26,12 @@ use super::view::{Applied, FleetView, SessionId, SessionTx};
 
 /// Messages queued per session towards its agent.
 const OUTBOUND_QUEUE: usize = 64;
-/// HTTP/2 flow-control windows an agent may fill before the coordinator has read its
-/// messages. Small on purpose: whatever an agent sends ahead is buffered frame by frame,
-/// and HTTP/2's per-connection frame tables keep the largest size they ever reach; eight
-/// snapshot parts in flight keep them small while a snapshot still streams in without
-/// waiting on round trips for long.
-const STREAM_WINDOW_BYTES: u32 = 8 * 1024;
-const CONNECTION_WINDOW_BYTES: u32 = 16 * 1024;
+/// The HTTP/2 flow-control window of a session: what an agent may send before the
+/// coordinator has read it. Small on purpose: what arrives ahead is buffered frame by
+/// frame, and HTTP/2's read buffer and frame tables keep, for the connection's life, the
+/// largest size they ever reach; four snapshot parts in flight keep them at their
+/// initial sizes while a snapshot still streams in within a few round trips.
+const STREAM_WINDOW_BYTES: u32 = 4 * 1024;
 
 /// Errors starting the fleet server.
 #[derive(Debug, thiserror::Error)]
@@ -173,7 +172,6 @@ pub async fn serve<A: Authenticator>(
 ) -> Result<(), ServeError> {
     let mut builder = Server::builder()
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .tcp_nodelay(true);

@@ -6,7 +6,7 @@
 //! view while its session is down for the grace period (its pending warm orders survive a
 //! reconnect), then leaves.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -22,7 +22,7 @@ use warmroll_proto::fleet::{
 use warmroll_proto::image::{Digest, ImageRef};
 use warmroll_proto::v1;
 
-use intern::{SharedImage, Store, StoredContainer};
+use intern::{Store, StoredContainer, StoredImage};
 
 const SHARDS: usize = 64;
 /// Finished warm orders kept per node (the oldest go first).
@@ -271,8 +271,8 @@ struct NodeEntry {
     session: Session,
     /// `None` until a snapshot arrives, and again after a sequence gap.
     sequence: Option<u64>,
-    containers: HashMap<Box<str>, StoredContainer>,
-    images: HashMap<Box<str>, Arc<SharedImage>>,
+    containers: HashSet<StoredContainer>,
+    images: HashSet<StoredImage>,
     warms: HashMap<OrderId, WarmEntry>,
 }
 
@@ -285,10 +285,10 @@ impl NodeEntry {
         let mut containers: Vec<Container> = self
             .containers
             .iter()
-            .map(|(id, c)| c.to_container(id))
+            .map(StoredContainer::to_container)
             .collect();
         containers.sort_by(|a, b| a.id.cmp(&b.id));
-        let mut images: Vec<NodeImage> = self.images.values().map(|i| i.0.clone()).collect();
+        let mut images: Vec<NodeImage> = self.images.iter().map(|i| i.image().clone()).collect();
         images.sort_by(|a, b| a.id.cmp(&b.id));
         let mut warms: Vec<(u64, OrderId, ImageRef, WarmState)> = self
             .warms
@@ -486,8 +486,8 @@ impl FleetView {
                     entry
                         .containers
                         .iter()
-                        .filter(|(_, c)| namespaces.contains(c.namespace()))
-                        .map(|(id, c)| (node.clone(), c.to_container(id))),
+                        .filter(|c| namespaces.contains(c.namespace()))
+                        .map(|c| (node.clone(), c.to_container())),
                 );
             }
         }
@@ -499,7 +499,7 @@ impl FleetView {
         self.shard(node).get(node).and_then(|n| {
             n.containers
                 .get(container_id)
-                .map(|c| c.to_container(container_id))
+                .map(StoredContainer::to_container)
         })
     }
 
@@ -531,8 +531,8 @@ impl FleetView {
                             hello,
                             session,
                             sequence: None,
-                            containers: HashMap::new(),
-                            images: HashMap::new(),
+                            containers: HashSet::new(),
+                            images: HashSet::new(),
                             warms: HashMap::new(),
                         },
                     );
@@ -627,11 +627,15 @@ impl FleetView {
             for id in &change.removed {
                 entry.containers.remove(id.as_str());
             }
-            entry.containers.extend(upserted);
+            for c in upserted {
+                entry.containers.replace(c);
+            }
             for id in &change.images_removed {
                 entry.images.remove(id.as_str());
             }
-            entry.images.extend(images_upserted);
+            for i in images_upserted {
+                entry.images.replace(i);
+            }
             entry.sequence = Some(sequence);
             Applied::Ok
         });

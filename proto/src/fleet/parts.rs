@@ -14,8 +14,8 @@ use super::{ProtocolError, Snapshot};
 use crate::v1;
 
 /// The size a snapshot part stays within (encoded), unless a single entry is larger:
-/// two or three containers, or four images (see [`crate::codec`] for why so small).
-pub const SNAPSHOT_PART_BYTES: usize = 1024;
+/// one container or two images (see [`crate::codec`] for why so small).
+pub const SNAPSHOT_PART_BYTES: usize = 512;
 
 /// The most containers plus images one snapshot may carry over all its parts: far above
 /// any node (a few hundred pods), low enough that a misbehaving agent cannot make the

@@ -4,6 +4,7 @@
 //! once, behind an `Arc`, found through an interner. Unused entries are swept when an
 //! interner shard has doubled since its last sweep (amortised O(1)).
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashSet};
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::sync::{Arc, Mutex};
@@ -75,14 +76,77 @@ pub(super) struct Shape {
     digest: Option<Digest>,
 }
 
-/// A container as the view stores it (its id is the map key).
+/// A container as the view stores it: its id, pod name and pod uid in one allocation,
+/// and the shape it shares with the other replicas. A node's containers are a set keyed
+/// by id (through `Borrow<str>`), so the id is not stored twice.
 pub(super) struct StoredContainer {
-    pod_name: Box<str>,
-    pod_uid: Box<str>,
+    /// The id, the pod name and the pod uid, back to back.
+    text: Box<str>,
+    id_len: usize,
+    pod_name_len: usize,
     shape: Arc<Shape>,
 }
 
-/// A node image, hashable (the proto type is not).
+impl StoredContainer {
+    pub(super) fn id(&self) -> &str {
+        self.text.get(..self.id_len).unwrap_or_default()
+    }
+
+    fn pod_name(&self) -> &str {
+        let end = self.id_len + self.pod_name_len;
+        self.text.get(self.id_len..end).unwrap_or_default()
+    }
+
+    fn pod_uid(&self) -> &str {
+        let start = self.id_len + self.pod_name_len;
+        self.text.get(start..).unwrap_or_default()
+    }
+
+    pub(super) fn namespace(&self) -> &str {
+        &self.shape.namespace
+    }
+
+    /// The container again, as the agent reported it.
+    pub(super) fn to_container(&self) -> Container {
+        let shape = &*self.shape;
+        Container {
+            id: self.id().to_owned(),
+            pod: PodRef {
+                namespace: shape.namespace.clone(),
+                name: self.pod_name().to_owned(),
+                uid: self.pod_uid().to_owned(),
+            },
+            pod_labels: shape.labels.clone(),
+            name: shape.name.clone(),
+            image: shape.image.clone(),
+            image_id: shape.image_id.clone(),
+            digest: shape.digest.clone(),
+        }
+    }
+}
+
+// Identity is the id alone, consistently with `Borrow<str>`.
+impl Borrow<str> for StoredContainer {
+    fn borrow(&self) -> &str {
+        self.id()
+    }
+}
+
+impl Hash for StoredContainer {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.id().hash(state);
+    }
+}
+
+impl PartialEq for StoredContainer {
+    fn eq(&self, other: &Self) -> bool {
+        self.id() == other.id()
+    }
+}
+
+impl Eq for StoredContainer {}
+
+/// A node image, hashable (the proto type is not); shared by every node that has it.
 #[derive(PartialEq, Eq)]
 pub(super) struct SharedImage(pub(super) NodeImage);
 
@@ -95,6 +159,35 @@ impl Hash for SharedImage {
         image.size.hash(state);
     }
 }
+
+/// One of a node's images: the shared image, in a set keyed by the image id.
+pub(super) struct StoredImage(Arc<SharedImage>);
+
+impl StoredImage {
+    pub(super) fn image(&self) -> &NodeImage {
+        &self.0.0
+    }
+}
+
+impl Borrow<str> for StoredImage {
+    fn borrow(&self) -> &str {
+        &self.0.0.id
+    }
+}
+
+impl Hash for StoredImage {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.0.id.hash(state);
+    }
+}
+
+impl PartialEq for StoredImage {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.0.id == other.0.0.id
+    }
+}
+
+impl Eq for StoredImage {}
 
 /// The interners of one fleet view.
 pub(super) struct Store {
@@ -110,8 +203,8 @@ impl Store {
         }
     }
 
-    /// Splits a container into its key (the id) and its stored form.
-    pub(super) fn container(&self, c: Container) -> (Box<str>, StoredContainer) {
+    /// A container in its stored form.
+    pub(super) fn container(&self, c: Container) -> StoredContainer {
         let shape = self.shapes.intern(Shape {
             namespace: c.pod.namespace,
             labels: c.pod_labels,
@@ -120,43 +213,20 @@ impl Store {
             image_id: c.image_id,
             digest: c.digest,
         });
-        (
-            c.id.into_boxed_str(),
-            StoredContainer {
-                pod_name: c.pod.name.into_boxed_str(),
-                pod_uid: c.pod.uid.into_boxed_str(),
-                shape,
-            },
-        )
-    }
-
-    pub(super) fn image(&self, image: NodeImage) -> (Box<str>, Arc<SharedImage>) {
-        let id = image.id.clone().into_boxed_str();
-        (id, self.images.intern(SharedImage(image)))
-    }
-}
-
-impl StoredContainer {
-    pub(super) fn namespace(&self) -> &str {
-        &self.shape.namespace
-    }
-
-    /// The container again, as the agent reported it.
-    pub(super) fn to_container(&self, id: &str) -> Container {
-        let shape = &*self.shape;
-        Container {
-            id: id.to_owned(),
-            pod: PodRef {
-                namespace: shape.namespace.clone(),
-                name: self.pod_name.to_string(),
-                uid: self.pod_uid.to_string(),
-            },
-            pod_labels: shape.labels.clone(),
-            name: shape.name.clone(),
-            image: shape.image.clone(),
-            image_id: shape.image_id.clone(),
-            digest: shape.digest.clone(),
+        let mut text = String::with_capacity(c.id.len() + c.pod.name.len() + c.pod.uid.len());
+        text.push_str(&c.id);
+        text.push_str(&c.pod.name);
+        text.push_str(&c.pod.uid);
+        StoredContainer {
+            text: text.into_boxed_str(),
+            id_len: c.id.len(),
+            pod_name_len: c.pod.name.len(),
+            shape,
         }
+    }
+
+    pub(super) fn image(&self, image: NodeImage) -> StoredImage {
+        StoredImage(self.images.intern(SharedImage(image)))
     }
 }
 
@@ -185,13 +255,18 @@ mod tests {
         let store = Store::new();
         let a = container("c1", "web-1", "web:1");
         let b = container("c2", "web-2", "web:1");
-        let (ida, sa) = store.container(a.clone());
-        let (idb, sb) = store.container(b.clone());
+        let sa = store.container(a.clone());
+        let sb = store.container(b.clone());
         assert!(Arc::ptr_eq(&sa.shape, &sb.shape));
-        assert_eq!(sa.to_container(&ida), a);
-        assert_eq!(sb.to_container(&idb), b);
-        let (_, sc) = store.container(container("c3", "web-3", "web:2"));
+        assert_eq!(sa.to_container(), a);
+        assert_eq!(sb.to_container(), b);
+        assert_eq!(sa.id(), "c1");
+        let sc = store.container(container("c3", "web-3", "web:2"));
         assert!(!Arc::ptr_eq(&sa.shape, &sc.shape));
+        // Found by id alone.
+        let set: HashSet<StoredContainer> = [sa, sb, sc].into_iter().collect();
+        assert_eq!(set.get("c2").map(StoredContainer::to_container), Some(b));
+        assert!(!set.contains("web-2"));
     }
 
     #[test]
