@@ -29,9 +29,9 @@ const OUTBOUND_QUEUE: usize = 64;
 /// The HTTP/2 flow-control window of a session: what an agent may send before the
 /// coordinator has read it. Small on purpose: what arrives ahead is buffered frame by
 /// frame, and HTTP/2's read buffer and frame tables keep, for the connection's life, the
-/// largest size they ever reach; four snapshot parts in flight keep them at their
-/// initial sizes while a snapshot still streams in within a few round trips.
-const STREAM_WINDOW_BYTES: u32 = 4 * 1024;
+/// largest size they ever reach; four snapshot parts in flight keep them small, at the
+/// price of a window update every two parts while a snapshot streams in.
+const STREAM_WINDOW_BYTES: u32 = 2 * 1024;
 
 /// Errors starting the fleet server.
 #[derive(Debug, thiserror::Error)]
