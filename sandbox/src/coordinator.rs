@@ -18,6 +18,7 @@ use warmroll_coordinator::fleet::{
 };
 use warmroll_coordinator::report::Report;
 use warmroll_coordinator::run::Context as EngineContext;
+use warmroll_proto::fleet::NodeName;
 use warmroll_tests::kubeapi::KubeApi;
 use warmroll_tests::scratch;
 use warmroll_tests::tls::TestCa;
@@ -149,13 +150,13 @@ impl Coordinator {
         self.fleet.ready_nodes()
     }
 
-    /// The warm orders sent to the nodes that the fleet view still holds (it keeps the
+    /// The warm orders sent to `nodes` that the fleet view still holds (it keeps the
     /// most recent finished ones per node).
-    pub fn warm_orders(&self) -> usize {
-        self.fleet
-            .nodes()
-            .iter()
-            .filter_map(|n| self.fleet.node(n))
+    pub fn warm_orders<'a>(&self, nodes: impl IntoIterator<Item = &'a str>) -> usize {
+        nodes
+            .into_iter()
+            .filter_map(|n| NodeName::parse(n).ok())
+            .filter_map(|n| self.fleet.node(&n))
             .map(|n| n.warms.len())
             .sum()
     }

@@ -149,7 +149,8 @@ async fn with_the_warm_up_off_the_patch_comes_first_and_the_kubelets_pull() {
         "nodes held the new digest at {:?}, patch at {patched:?}",
         rollout.warm
     );
-    assert_eq!(sandbox.coordinator().warm_orders(), 0);
+    let nodes = sandbox.cluster().nodes().iter().map(|n| n.name());
+    assert_eq!(sandbox.coordinator().warm_orders(nodes), 0);
     assert_eq!(rollout.writes.workload_patches, 1, "{:?}", rollout.writes);
     assert!(rollout.writes.other.is_empty(), "{:?}", rollout.writes);
     assert_eq!(sandbox.cluster().ready_on(&rollout.digest).len(), 2);
