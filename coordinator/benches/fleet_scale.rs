@@ -4,8 +4,9 @@
 //! The real `warmroll-coordinator run` binary runs as a separate process against the
 //! KubeApi stand-in (in this process, one node-bound token registered per agent). This
 //! process then plays 5,000 agents over raw gRPC streams (the generated client, one TLS
-//! connection each, as real agents have), each sending its hello and a snapshot of 30
-//! containers (and their images), in parts as agents send it. It prints:
+//! connection each, as real agents have), each sending its hello and, once the session
+//! is accepted, a snapshot of 30 containers (and their images), in parts as agents send
+//! it. It prints:
 //! - the time until the coordinator's `/fleet` shows every node with a current inventory,
 //! - the coordinator's RSS (now and peak) and CPU time (absorbing, and during changes),
 //! - the latency of a change: an agent sends an inventory change, and the time until the
@@ -255,18 +256,19 @@ async fn connect_agent(
 ) -> Result<mpsc::Sender<v1::AgentMessage>> {
     let channel = endpoint.connect().await?;
     let mut client = FleetClient::new(channel);
-    let first: Vec<v1::AgentMessage> = std::iter::once(hello(&node_name(index)))
-        .chain(snapshot(index))
-        .collect();
-    let (tx, rx) = mpsc::channel(first.len() + 8);
-    for message in first {
-        tx.send(message).await?;
-    }
+    let parts = snapshot(index);
+    let (tx, rx) = mpsc::channel(parts.len() + 8);
+    tx.send(hello(&node_name(index))).await?;
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
     request
         .metadata_mut()
         .insert("authorization", format!("Bearer {token}").parse()?);
+    // As the agent does: the snapshot follows once the coordinator has accepted the
+    // session (its response headers have arrived).
     let mut answers = client.session(request).await?.into_inner();
+    for part in parts {
+        tx.send(part).await?;
+    }
     tokio::spawn(async move { while let Ok(Some(_)) = answers.message().await {} });
     Ok(tx)
 }

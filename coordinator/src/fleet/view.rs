@@ -6,7 +6,7 @@
 //! view while its session is down for the grace period (its pending warm orders survive a
 //! reconnect), then leaves.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -22,12 +22,14 @@ use warmroll_proto::fleet::{
 use warmroll_proto::image::{Digest, ImageRef};
 use warmroll_proto::v1;
 
-use intern::{Store, StoredContainer, StoredImage};
+use intern::{IdSet, Store, StoredContainer, StoredImage};
 
 const SHARDS: usize = 64;
 /// Finished warm orders kept per node (the oldest go first).
 const FINISHED_ORDERS_KEPT: usize = 64;
-const EVENT_BUFFER: usize = 16_384;
+/// Fleet events buffered per observer before it lags (and re-reads the view). Allocated
+/// up front, so kept modest.
+const EVENT_BUFFER: usize = 1024;
 
 /// One message (or the final status) towards a session's agent. Boxed: the queue keeps
 /// a block of slots per session for the session's life, and a pointer is a small slot.
@@ -271,8 +273,8 @@ struct NodeEntry {
     session: Session,
     /// `None` until a snapshot arrives, and again after a sequence gap.
     sequence: Option<u64>,
-    containers: HashSet<StoredContainer>,
-    images: HashSet<StoredImage>,
+    containers: IdSet<StoredContainer>,
+    images: IdSet<StoredImage>,
     warms: HashMap<OrderId, WarmEntry>,
 }
 
@@ -282,14 +284,13 @@ impl NodeEntry {
             Session::Connected { node_verified, .. } => (true, *node_verified),
             Session::Disconnected { .. } => (false, false),
         };
-        let mut containers: Vec<Container> = self
+        // Both sets iterate in id order.
+        let containers: Vec<Container> = self
             .containers
             .iter()
             .map(StoredContainer::to_container)
             .collect();
-        containers.sort_by(|a, b| a.id.cmp(&b.id));
-        let mut images: Vec<NodeImage> = self.images.iter().map(|i| i.image().clone()).collect();
-        images.sort_by(|a, b| a.id.cmp(&b.id));
+        let images: Vec<NodeImage> = self.images.iter().map(|i| i.image().clone()).collect();
         let mut warms: Vec<(u64, OrderId, ImageRef, WarmState)> = self
             .warms
             .iter()
@@ -531,8 +532,8 @@ impl FleetView {
                             hello,
                             session,
                             sequence: None,
-                            containers: HashSet::new(),
-                            images: HashSet::new(),
+                            containers: IdSet::default(),
+                            images: IdSet::default(),
                             warms: HashMap::new(),
                         },
                     );
@@ -628,14 +629,16 @@ impl FleetView {
                 entry.containers.remove(id.as_str());
             }
             for c in upserted {
-                entry.containers.replace(c);
+                entry.containers.upsert(c);
             }
             for id in &change.images_removed {
                 entry.images.remove(id.as_str());
             }
             for i in images_upserted {
-                entry.images.replace(i);
+                entry.images.upsert(i);
             }
+            entry.containers.shrink();
+            entry.images.shrink();
             entry.sequence = Some(sequence);
             Applied::Ok
         });

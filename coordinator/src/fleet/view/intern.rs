@@ -4,7 +4,6 @@
 //! once, behind an `Arc`, found through an interner. Unused entries are swept when an
 //! interner shard has doubled since its last sweep (amortised O(1)).
 
-use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashSet};
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::sync::{Arc, Mutex};
@@ -77,8 +76,8 @@ pub(super) struct Shape {
 }
 
 /// A container as the view stores it: its id, pod name and pod uid in one allocation,
-/// and the shape it shares with the other replicas. A node's containers are a set keyed
-/// by id (through `Borrow<str>`), so the id is not stored twice.
+/// and the shape it shares with the other replicas. A node's containers are an
+/// [`IdSet`] keyed by the id inside, so the id is not stored twice.
 pub(super) struct StoredContainer {
     /// The id, the pod name and the pod uid, back to back.
     text: Box<str>,
@@ -125,26 +124,11 @@ impl StoredContainer {
     }
 }
 
-// Identity is the id alone, consistently with `Borrow<str>`.
-impl Borrow<str> for StoredContainer {
-    fn borrow(&self) -> &str {
+impl Keyed for StoredContainer {
+    fn key(&self) -> &str {
         self.id()
     }
 }
-
-impl Hash for StoredContainer {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.id().hash(state);
-    }
-}
-
-impl PartialEq for StoredContainer {
-    fn eq(&self, other: &Self) -> bool {
-        self.id() == other.id()
-    }
-}
-
-impl Eq for StoredContainer {}
 
 /// A node image, hashable (the proto type is not); shared by every node that has it.
 #[derive(PartialEq, Eq)]
@@ -160,7 +144,7 @@ impl Hash for SharedImage {
     }
 }
 
-/// One of a node's images: the shared image, in a set keyed by the image id.
+/// One of a node's images: the shared image, in an [`IdSet`] keyed by the image id.
 pub(super) struct StoredImage(Arc<SharedImage>);
 
 impl StoredImage {
@@ -169,25 +153,79 @@ impl StoredImage {
     }
 }
 
-impl Borrow<str> for StoredImage {
-    fn borrow(&self) -> &str {
+impl Keyed for StoredImage {
+    fn key(&self) -> &str {
         &self.0.0.id
     }
 }
 
-impl Hash for StoredImage {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.0.0.id.hash(state);
+/// What an [`IdSet`] finds its entries by.
+pub(super) trait Keyed {
+    fn key(&self) -> &str;
+}
+
+/// A node's containers or images, sorted by id in one exactly-sized allocation: at a
+/// node's few dozen entries a binary search costs nothing, while a hash table's spare
+/// buckets would cost about a kilobyte per node.
+pub(super) struct IdSet<T>(Vec<T>);
+
+impl<T> Default for IdSet<T> {
+    fn default() -> Self {
+        IdSet(Vec::new())
     }
 }
 
-impl PartialEq for StoredImage {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.0.id == other.0.0.id
+impl<T: Keyed> FromIterator<T> for IdSet<T> {
+    /// The first of several entries with one id is kept.
+    fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Self {
+        let mut entries: Vec<T> = iter.into_iter().collect();
+        entries.sort_by(|a, b| a.key().cmp(b.key()));
+        entries.dedup_by(|later, earlier| later.key() == earlier.key());
+        entries.shrink_to_fit();
+        IdSet(entries)
     }
 }
 
-impl Eq for StoredImage {}
+impl<T: Keyed> IdSet<T> {
+    fn position(&self, key: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|e| e.key().cmp(key))
+    }
+
+    pub(super) fn get(&self, key: &str) -> Option<&T> {
+        self.position(key).ok().and_then(|i| self.0.get(i))
+    }
+
+    pub(super) fn remove(&mut self, key: &str) {
+        if let Ok(i) = self.position(key) {
+            self.0.remove(i);
+        }
+    }
+
+    /// Adds the entry, or replaces the one with its id.
+    pub(super) fn upsert(&mut self, entry: T) {
+        match self.position(entry.key()) {
+            Ok(i) => {
+                if let Some(slot) = self.0.get_mut(i) {
+                    *slot = entry;
+                }
+            }
+            Err(i) => self.0.insert(i, entry),
+        }
+    }
+
+    /// Gives back the room growth left over (after a batch of changes).
+    pub(super) fn shrink(&mut self) {
+        self.0.shrink_to_fit();
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = &T> {
+        self.0.iter()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+}
 
 /// The interners of one fleet view.
 pub(super) struct Store {
@@ -264,9 +302,29 @@ mod tests {
         let sc = store.container(container("c3", "web-3", "web:2"));
         assert!(!Arc::ptr_eq(&sa.shape, &sc.shape));
         // Found by id alone.
-        let set: HashSet<StoredContainer> = [sa, sb, sc].into_iter().collect();
+        let mut set: IdSet<StoredContainer> = [sc, sb, sa].into_iter().collect();
         assert_eq!(set.get("c2").map(StoredContainer::to_container), Some(b));
-        assert!(!set.contains("web-2"));
+        assert!(set.get("web-2").is_none());
+        let ids = |set: &IdSet<StoredContainer>| -> Vec<String> {
+            set.iter().map(|c| c.id().to_owned()).collect()
+        };
+        assert_eq!(ids(&set), ["c1", "c2", "c3"]);
+        set.upsert(store.container(container("c0", "web-0", "web:1")));
+        set.upsert(store.container(container("c2", "web-9", "web:1")));
+        set.remove("c1");
+        set.remove("absent");
+        set.shrink();
+        assert_eq!(ids(&set), ["c0", "c2", "c3"]);
+        assert_eq!(set.get("c2").unwrap().pod_name(), "web-9");
+        assert_eq!(set.len(), 3);
+        let dup: IdSet<StoredContainer> = [
+            store.container(container("c1", "first", "web:1")),
+            store.container(container("c1", "second", "web:1")),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(dup.len(), 1);
+        assert_eq!(dup.get("c1").unwrap().pod_name(), "first");
     }
 
     #[test]
