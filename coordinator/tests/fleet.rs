@@ -12,7 +12,7 @@ mod support;
 use std::time::Duration;
 
 use support::{FleetBed, agent_user, register_token};
-use tonic::Code;
+use tonic::{Code, Status};
 use warmroll_coordinator::fleet::{FleetEventKind, FleetView};
 use warmroll_proto::fleet::{AgentMessage, MAX_MESSAGE_BYTES, NodeName, Runtime};
 use warmroll_proto::v1;
@@ -254,75 +254,65 @@ fn snapshot_part(sequence: u64, containers: Vec<v1::Container>, more: bool) -> v
     }
 }
 
+/// Opens a raw session for `node` with a valid token of its own, sends `messages` and
+/// returns the status the session ends with.
+async fn session_end(bed: &FleetBed, node: &str, messages: Vec<v1::AgentMessage>) -> Status {
+    let token = register_token(&bed.kube, &agent_user(), Some(node));
+    bed.raw_session(&token, messages)
+        .await
+        .unwrap()
+        .end_status()
+        .await
+}
+
 #[tokio::test]
 async fn malformed_and_oversized_messages_are_rejected_over_the_real_server() {
     let bed = FleetBed::start(1).await.unwrap();
     bed.wait_until("node-0 ready", |v| ready(v, "node-0"))
         .await
         .unwrap();
-    let token = |n: &str| register_token(&bed.kube, &agent_user(), Some(n));
-
     // A digest that is not one.
-    let status = bed
-        .raw_session(
-            &token("bad-1"),
-            vec![
-                hello("bad-1"),
-                snapshot(vec![container("c1", "sha256:nothex")]),
-            ],
-        )
-        .await
-        .unwrap()
-        .end_status()
-        .await;
+    let status = session_end(
+        &bed,
+        "bad-1",
+        vec![
+            hello("bad-1"),
+            snapshot(vec![container("c1", "sha256:nothex")]),
+        ],
+    )
+    .await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("digest"), "{}", status.message());
 
     // A first message that is not a hello, and an empty message.
-    let status = bed
-        .raw_session(&token("bad-2"), vec![snapshot(vec![])])
-        .await
-        .unwrap()
-        .end_status()
-        .await;
+    let status = session_end(&bed, "bad-2", vec![snapshot(vec![])]).await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    let status = bed
-        .raw_session(
-            &token("bad-3"),
-            vec![hello("bad-3"), v1::AgentMessage { kind: None }],
-        )
-        .await
-        .unwrap()
-        .end_status()
-        .await;
+    let status = session_end(
+        &bed,
+        "bad-3",
+        vec![hello("bad-3"), v1::AgentMessage { kind: None }],
+    )
+    .await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
 
     // A snapshot above the message size limit.
     let mut huge = container("c1", "");
     huge.image = "x".repeat(MAX_MESSAGE_BYTES + 1024);
-    let status = bed
-        .raw_session(&token("bad-4"), vec![hello("bad-4"), snapshot(vec![huge])])
-        .await
-        .unwrap()
-        .end_status()
-        .await;
+    let status = session_end(&bed, "bad-4", vec![hello("bad-4"), snapshot(vec![huge])]).await;
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
 
     // Snapshot parts that do not add up: a part of another snapshot before the last
     // part, and a change before the last part.
-    let status = bed
-        .raw_session(
-            &token("bad-5"),
-            vec![
-                hello("bad-5"),
-                snapshot_part(1, vec![container("c1", "")], true),
-                snapshot_part(2, vec![container("c2", "")], false),
-            ],
-        )
-        .await
-        .unwrap()
-        .end_status()
-        .await;
+    let status = session_end(
+        &bed,
+        "bad-5",
+        vec![
+            hello("bad-5"),
+            snapshot_part(1, vec![container("c1", "")], true),
+            snapshot_part(2, vec![container("c2", "")], false),
+        ],
+    )
+    .await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(
         status.message().contains("snapshot 1"),
@@ -336,19 +326,16 @@ async fn malformed_and_oversized_messages_are_rejected_over_the_real_server() {
             ..Default::default()
         })),
     };
-    let status = bed
-        .raw_session(
-            &token("bad-6"),
-            vec![
-                hello("bad-6"),
-                snapshot_part(1, vec![container("c1", "")], true),
-                change,
-            ],
-        )
-        .await
-        .unwrap()
-        .end_status()
-        .await;
+    let status = session_end(
+        &bed,
+        "bad-6",
+        vec![
+            hello("bad-6"),
+            snapshot_part(1, vec![container("c1", "")], true),
+            change,
+        ],
+    )
+    .await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(
         status.message().contains("last part"),
@@ -359,7 +346,7 @@ async fn malformed_and_oversized_messages_are_rejected_over_the_real_server() {
     // Parts that do add up: the node's inventory appears once the last part is in.
     let good = bed
         .raw_session(
-            &token("good-7"),
+            &register_token(&bed.kube, &agent_user(), Some("good-7")),
             vec![
                 hello("good-7"),
                 snapshot_part(1, vec![container("c1", "")], true),

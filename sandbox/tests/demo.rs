@@ -17,10 +17,11 @@ use std::time::Duration;
 use warmroll_sandbox::coordinator::COORDINATOR_USER;
 use warmroll_sandbox::{Progress, Sandbox, SandboxOptions, WarmMode, Workload};
 
-#[tokio::test]
-async fn a_daemonset_is_warmed_on_every_node_then_patched_once_and_converges() {
+/// A two-node sandbox in `warm` mode with a DaemonSet on a fresh `app:latest`, deployed.
+async fn deployed_daemonset(warm: WarmMode) -> (Sandbox, Workload) {
     let sandbox = Sandbox::start(SandboxOptions {
         nodes: 2,
+        warm,
         ..SandboxOptions::default()
     })
     .await
@@ -32,6 +33,12 @@ async fn a_daemonset_is_warmed_on_every_node_then_patched_once_and_converges() {
         .unwrap();
     let ds = Workload::daemonset("node-cache", &first.reference);
     sandbox.deploy(&ds, Duration::from_secs(120)).await.unwrap();
+    (sandbox, ds)
+}
+
+#[tokio::test]
+async fn a_daemonset_is_warmed_on_every_node_then_patched_once_and_converges() {
+    let (sandbox, ds) = deployed_daemonset(WarmMode::Gated).await;
 
     let before = sandbox.report().await.unwrap();
     assert_eq!(before.count("drift"), 0, "{}", before.table());
@@ -114,20 +121,7 @@ async fn a_daemonset_is_warmed_on_every_node_then_patched_once_and_converges() {
 
 #[tokio::test]
 async fn with_the_warm_up_off_the_patch_comes_first_and_the_kubelets_pull() {
-    let sandbox = Sandbox::start(SandboxOptions {
-        nodes: 2,
-        warm: WarmMode::Off,
-        ..SandboxOptions::default()
-    })
-    .await
-    .unwrap();
-    let first = sandbox
-        .images()
-        .push_random("app", "latest", 2 << 20)
-        .await
-        .unwrap();
-    let ds = Workload::daemonset("node-cache", &first.reference);
-    sandbox.deploy(&ds, Duration::from_secs(120)).await.unwrap();
+    let (sandbox, ds) = deployed_daemonset(WarmMode::Off).await;
     sandbox.registry().set_bandwidth(Some(2 << 20));
     let rollouts = sandbox
         .roll(

@@ -8,8 +8,6 @@
 //! makes a part of its own), and the coordinator puts them together with a
 //! [`SnapshotAssembly`] before applying the snapshot as one.
 
-use prost::Message as _;
-
 use super::{ProtocolError, Snapshot};
 use crate::v1;
 
@@ -36,39 +34,58 @@ pub fn split_snapshot(
     snapshot: v1::InventorySnapshot,
     max_part_bytes: usize,
 ) -> Vec<v1::InventorySnapshot> {
-    let sequence = snapshot.sequence;
-    let empty = || v1::InventorySnapshot {
+    let mut parts = Parts {
+        sequence: snapshot.sequence,
+        max_bytes: max_part_bytes,
+        done: Vec::new(),
+        current: empty_part(snapshot.sequence),
+        current_bytes: 0,
+    };
+    for container in snapshot.containers {
+        parts.room_for(&container).containers.push(container);
+    }
+    for image in snapshot.images {
+        parts.room_for(&image).images.push(image);
+    }
+    let mut done = parts.done;
+    let mut last = parts.current;
+    last.more = false;
+    done.push(last);
+    done
+}
+
+fn empty_part(sequence: u64) -> v1::InventorySnapshot {
+    v1::InventorySnapshot {
         sequence,
         containers: Vec::new(),
         images: Vec::new(),
         more: true,
-    };
-    let mut parts = Vec::new();
-    let mut current = empty();
-    let mut current_bytes = 0usize;
-    // One entry's share of its part: its bytes plus the field tag and length prefix.
-    let entry_bytes = |len: usize| len + 1 + prost::length_delimiter_len(len);
-    for container in snapshot.containers {
-        let bytes = entry_bytes(container.encoded_len());
-        if current_bytes > 0 && current_bytes.saturating_add(bytes) > max_part_bytes {
-            parts.push(std::mem::replace(&mut current, empty()));
-            current_bytes = 0;
-        }
-        current.containers.push(container);
-        current_bytes += bytes;
     }
-    for image in snapshot.images {
-        let bytes = entry_bytes(image.encoded_len());
-        if current_bytes > 0 && current_bytes.saturating_add(bytes) > max_part_bytes {
-            parts.push(std::mem::replace(&mut current, empty()));
-            current_bytes = 0;
+}
+
+/// The parts made so far and the one being filled.
+struct Parts {
+    sequence: u64,
+    max_bytes: usize,
+    done: Vec<v1::InventorySnapshot>,
+    current: v1::InventorySnapshot,
+    current_bytes: usize,
+}
+
+impl Parts {
+    /// The part `entry` goes into: the current one, or a new one when it would overflow.
+    fn room_for(&mut self, entry: &impl prost::Message) -> &mut v1::InventorySnapshot {
+        // The entry's share of its part: its bytes plus the field tag and length prefix.
+        let len = entry.encoded_len();
+        let bytes = len + 1 + prost::length_delimiter_len(len);
+        if self.current_bytes > 0 && self.current_bytes.saturating_add(bytes) > self.max_bytes {
+            let full = std::mem::replace(&mut self.current, empty_part(self.sequence));
+            self.done.push(full);
+            self.current_bytes = 0;
         }
-        current.images.push(image);
-        current_bytes += bytes;
+        self.current_bytes += bytes;
+        &mut self.current
     }
-    current.more = false;
-    parts.push(current);
-    parts
 }
 
 /// Puts a snapshot's parts back together (the coordinator keeps one per session).
