@@ -97,10 +97,7 @@ async fn agents_appear_with_their_containers_and_impostors_are_refused() {
 
     // An unknown token.
     let refused = bed
-        .raw_session("not-a-known-token", vec![hello("node-0")])
-        .await
-        .unwrap()
-        .end_status()
+        .session_end("not-a-known-token", vec![hello("node-0")])
         .await;
     assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
 
@@ -110,12 +107,7 @@ async fn agents_appear_with_their_containers_and_impostors_are_refused() {
         "system:serviceaccount:default:default",
         Some("node-0"),
     );
-    let refused = bed
-        .raw_session(&other, vec![hello("node-0")])
-        .await
-        .unwrap()
-        .end_status()
-        .await;
+    let refused = bed.session_end(&other, vec![hello("node-0")]).await;
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
     assert!(
         refused
@@ -127,12 +119,7 @@ async fn agents_appear_with_their_containers_and_impostors_are_refused() {
 
     // node-0's token, but a hello naming node-1.
     let node0 = register_token(&bed.kube, &agent_user(), Some("node-0"));
-    let refused = bed
-        .raw_session(&node0, vec![hello("node-1")])
-        .await
-        .unwrap()
-        .end_status()
-        .await;
+    let refused = bed.session_end(&node0, vec![hello("node-1")]).await;
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
     assert!(
         refused.message().contains("node-0") && refused.message().contains("node-1"),
@@ -258,11 +245,7 @@ fn snapshot_part(sequence: u64, containers: Vec<v1::Container>, more: bool) -> v
 /// returns the status the session ends with.
 async fn session_end(bed: &FleetBed, node: &str, messages: Vec<v1::AgentMessage>) -> Status {
     let token = register_token(&bed.kube, &agent_user(), Some(node));
-    bed.raw_session(&token, messages)
-        .await
-        .unwrap()
-        .end_status()
-        .await
+    bed.session_end(&token, messages).await
 }
 
 #[tokio::test]

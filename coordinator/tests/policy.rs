@@ -37,12 +37,11 @@ use warmroll_tests::scratch;
 
 mod support;
 
-use support::{AUDIENCE, Tls, agent_user, register_token};
+use support::{Tls, agent_user, register_token};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use warmroll_coordinator::fleet::{FleetService, SessionConfig, TokenReviewAuthenticator};
 use warmroll_tests::kubeapi::KubeApi;
 
 /// The coordinator's fleet server, in process; dropping it stops it.
@@ -63,21 +62,7 @@ impl Coordinator {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let view = FleetView::new(Duration::from_secs(60));
-        let auth = TokenReviewAuthenticator::new(
-            kube.client(),
-            AUDIENCE,
-            &agent_user(),
-            Duration::from_secs(60),
-        );
-        let service = FleetService::new(
-            view.clone(),
-            auth,
-            SessionConfig {
-                heartbeat_interval: Duration::from_secs(2),
-                inventory_interval: Duration::from_millis(500),
-                ..SessionConfig::default()
-            },
-        );
+        let service = support::fleet_service(&view, kube);
         let files = tls.files.clone();
         let task = tokio::spawn(async move {
             let _ = warmroll_coordinator::fleet::serve(

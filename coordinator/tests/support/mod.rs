@@ -147,23 +147,8 @@ impl Coordinator {
         };
         let addr = listener.local_addr()?;
         let view = FleetView::new(grace);
-        let auth = TokenReviewAuthenticator::new(
-            kube.client(),
-            AUDIENCE,
-            &agent_user(),
-            Duration::from_secs(60),
-        );
         let (gate, gate_rx) = watch::channel(true);
-        let service = FleetService::new(
-            view.clone(),
-            auth,
-            SessionConfig {
-                heartbeat_interval: Duration::from_secs(2),
-                inventory_interval: Duration::from_millis(500),
-                ..SessionConfig::default()
-            },
-        )
-        .with_gate(gate_rx);
+        let service = fleet_service(&view, kube).with_gate(gate_rx);
         let (stop, stopped) = oneshot::channel::<()>();
         let files = tls.files.clone();
         let task = tokio::spawn(async move {
@@ -410,6 +395,35 @@ impl FleetBed {
         let channel = self.tls.channel(self.coordinator()?.addr).await?;
         raw_session(channel, token, first).await
     }
+
+    /// Opens a raw session with `token`, sends `messages` and returns the status the
+    /// session ends with.
+    pub async fn session_end(&self, token: &str, messages: Vec<v1::AgentMessage>) -> tonic::Status {
+        match self.raw_session(token, messages).await {
+            Ok(session) => session.end_status().await,
+            Err(e) => tonic::Status::unknown(format!("test: opening the session: {e:#}")),
+        }
+    }
+}
+
+/// The fleet service the tests run: TokenReview against `kube` for the agent
+/// ServiceAccount and [`AUDIENCE`], with short session intervals.
+pub fn fleet_service(view: &FleetView, kube: &KubeApi) -> FleetService<TokenReviewAuthenticator> {
+    let auth = TokenReviewAuthenticator::new(
+        kube.client(),
+        AUDIENCE,
+        &agent_user(),
+        Duration::from_secs(60),
+    );
+    FleetService::new(
+        view.clone(),
+        auth,
+        SessionConfig {
+            heartbeat_interval: Duration::from_secs(2),
+            inventory_interval: Duration::from_millis(500),
+            ..SessionConfig::default()
+        },
+    )
 }
 
 /// A session opened with the generated client: push messages, read answers.
