@@ -358,6 +358,18 @@ async fn rollout_warms_every_target_node_then_patches_once_and_a_restart_patches
     bed.wait_agents_see("shop", "web", 2, &first.manifest_digest)
         .await
         .unwrap();
+    // The multi-arch pod too: without it the engine would call "multi" in sync for
+    // want of running pods, which is not what this test checks.
+    wait_for("agents report the multi pod", || {
+        bed.view()
+            .containers_in(&["shop"].into())
+            .into_iter()
+            .any(|(_, c)| {
+                c.pod_labels.get("app").map(String::as_str) == Some("multi") && c.digest.is_some()
+            })
+    })
+    .await
+    .unwrap();
     let nodes: Vec<String> = bed
         .cluster
         .pods()
