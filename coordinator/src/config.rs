@@ -83,6 +83,20 @@ pub enum OnTimeout {
     Hold,
 }
 
+/// Which nodes a Deployment's or StatefulSet's warm-up pulls on (a DaemonSet's pods are
+/// replaced on the nodes they run on, so it always warms those).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WarmTargets {
+    /// The nodes running the drifted pods.
+    #[default]
+    Running,
+    /// Those, and every node with a connected agent that the pod template may be
+    /// scheduled on (nodeSelector, required node affinity, taints, cordons), so that a
+    /// surge or rescheduled pod lands warm too.
+    Schedulable,
+}
+
 /// Which containers count, by `imagePullPolicy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -120,6 +134,7 @@ pub struct WarmPolicy {
     pub threshold: f64,
     pub timeout: Duration,
     pub on_timeout: OnTimeout,
+    pub targets: WarmTargets,
 }
 
 /// One policy.
@@ -262,6 +277,7 @@ struct RawWarm {
     threshold: Option<f64>,
     timeout: Option<String>,
     on_timeout: Option<OnTimeout>,
+    targets: Option<WarmTargets>,
 }
 
 type Checked<T> = Result<T, (String, String)>;
@@ -397,6 +413,7 @@ impl RawPolicy {
             threshold,
             timeout: duration("warm.timeout", raw_warm.timeout, Duration::from_secs(600))?,
             on_timeout: raw_warm.on_timeout.unwrap_or(OnTimeout::Hold),
+            targets: raw_warm.targets.unwrap_or_default(),
         };
         if warm.timeout.is_zero() {
             return invalid(format!("{field}.warm.timeout"), "must be more than 0s");

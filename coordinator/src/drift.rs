@@ -12,7 +12,8 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use warmroll_proto::image::{Digest, ImageRef, Tracking};
 
-use crate::config::{Config, Mode, OnTimeout, Policy};
+use crate::config::{Config, Mode, OnTimeout, Policy, WarmTargets};
+use crate::placement::Placement;
 use crate::registry::{Resolved, digest_matches};
 use crate::workload::{LAST_ROLLOUT_ANNOTATION, TemplateContainer, Workload, WorkloadKey};
 use warmroll_proto::fleet::Container;
@@ -244,21 +245,28 @@ pub fn drift_target(containers: &[ContainerDrift]) -> BTreeMap<String, Digest> {
         .collect()
 }
 
-/// Nodes to warm: those running drifted pods; for a DaemonSet, every node it runs on.
+/// Nodes to warm: those running drifted pods; with `schedulable` targets also every
+/// node `schedulable` names for the template's placement (asked only while something
+/// drifts); for a DaemonSet, every node it runs on.
 pub fn warm_nodes(
     workload: &Workload,
+    targets: WarmTargets,
     containers: &[ContainerDrift],
     running: &[Running],
+    schedulable: impl FnOnce(&Placement) -> BTreeSet<String>,
 ) -> BTreeSet<String> {
     if workload.key.kind == crate::workload::Kind::DaemonSet {
-        running.iter().map(|r| r.node.clone()).collect()
-    } else {
-        containers
-            .iter()
-            .filter(|c| c.drifts())
-            .flat_map(|c| c.drifted_nodes.iter().cloned())
-            .collect()
+        return running.iter().map(|r| r.node.clone()).collect();
     }
+    let mut nodes: BTreeSet<String> = containers
+        .iter()
+        .filter(|c| c.drifts())
+        .flat_map(|c| c.drifted_nodes.iter().cloned())
+        .collect();
+    if targets == WarmTargets::Schedulable && !nodes.is_empty() {
+        nodes.extend(schedulable(&workload.placement));
+    }
+    nodes
 }
 
 /// The engine's memory of one workload's rollout.

@@ -8,6 +8,7 @@ pub mod engine;
 pub mod fleet;
 pub mod http;
 pub mod leader;
+pub mod placement;
 pub mod registry;
 pub mod report;
 pub mod run;

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
+use crate::placement::Placement;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -185,6 +186,8 @@ pub struct Workload {
     /// Replicas asked for (`None` for a DaemonSet).
     pub replicas: Option<i32>,
     pub status: RolloutStatus,
+    /// The template's hard node constraints.
+    pub placement: Placement,
 }
 
 impl Workload {
@@ -317,6 +320,7 @@ impl Workload {
                 .collect(),
             replicas,
             status,
+            placement: pod_spec.map(Placement::from_pod_spec).unwrap_or_default(),
         }
     }
 }

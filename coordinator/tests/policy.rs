@@ -930,3 +930,117 @@ policies:
     );
     drop(bed.agents);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn schedulable_targets_warm_every_node_a_new_pod_may_land_on_and_skip_cordoned_ones() {
+    let bed = Bed::start(3).await.unwrap();
+    let images = ImageBuilder::new(&bed.registry).unwrap();
+    let first = images.push("app", "latest").await.unwrap();
+    bed.cluster
+        .api()
+        .insert(&deployment("shop", "web", "wide", &first.reference, 1))
+        .unwrap();
+    bed.cluster
+        .wait_rolled_out::<Deployment>("shop", "web", Duration::from_secs(60))
+        .await
+        .unwrap();
+    bed.wait_agents_see("shop", "web", 1, &first.manifest_digest)
+        .await
+        .unwrap();
+    let running: Vec<String> = bed
+        .cluster
+        .pods()
+        .iter()
+        .filter(|p| p.deleted.is_none() && p.namespace == "shop" && p.name.starts_with("web-"))
+        .map(|p| p.node.clone())
+        .collect();
+    let [running] = running.as_slice() else {
+        panic!("one web pod: {running:?}");
+    };
+    let others: Vec<String> = bed
+        .cluster
+        .nodes()
+        .iter()
+        .map(|n| n.name().to_owned())
+        .filter(|n| n != running)
+        .collect();
+    let [free, cordoned] = others.as_slice() else {
+        panic!("three nodes: {others:?}");
+    };
+    // Cordon one of the nodes without a web pod: no new pod may land there.
+    kube::Api::<k8s_openapi::api::core::v1::Node>::all(bed.cluster.client())
+        .patch(
+            cordoned,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"unschedulable": true}})),
+        )
+        .await
+        .unwrap();
+
+    let config = format!(
+        r#"
+registry:
+  insecureRegistries: ["{}"]
+policies:
+  wide:
+    mode: rollout
+    pollInterval: 1s
+    stabilizationWindow: 0s
+    cooldown: 0s
+    warm: {{timeout: 60s, targets: schedulable}}
+"#,
+        bed.registry.host()
+    );
+    let (engine, shutdown) = bed.engine(&config).unwrap();
+    wait_state(&engine, "shop", "web", "in-sync").await.unwrap();
+
+    bed.registry.set_latency(Duration::from_millis(500));
+    let second = images.push("app", "latest").await.unwrap();
+    let repo = first.repository.clone();
+    wait_for("the rollout patch", || {
+        let patched = !bed.patches_of("shop", "deployments", "web").is_empty();
+        if patched {
+            let warm: Vec<(&String, (bool, usize))> = [running, free, cordoned]
+                .into_iter()
+                .map(|n| (n, warmed(bed.view(), n, &repo)))
+                .collect();
+            assert!(
+                warm.iter().take(2).all(|(_, (ok, _))| *ok),
+                "patched before the running node and the free schedulable node held the new digest: {warm:?}"
+            );
+            assert_eq!(
+                warm.get(2).map(|(_, (_, orders))| *orders),
+                Some(0),
+                "a cordoned node gets no warm order: {warm:?}"
+            );
+        }
+        patched
+    })
+    .await
+    .unwrap();
+    bed.registry.set_latency(Duration::ZERO);
+
+    // The free node holds the new digest although no web pod ever ran there.
+    let free_node = bed.cluster.node(free).unwrap();
+    let image = free_node
+        .containerd()
+        .image_status(&first.reference)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        image
+            .repo_digests
+            .iter()
+            .any(|d| d.ends_with(&second.manifest_digest)),
+        "{free}: {:?}",
+        image.repo_digests
+    );
+    let report = wait_state(&engine, "shop", "web", "in-sync").await.unwrap();
+    assert_eq!(
+        bed.patches_of("shop", "deployments", "web").len(),
+        1,
+        "{report:#?}"
+    );
+    drop(shutdown);
+}

@@ -55,6 +55,7 @@ fn defaults() {
     assert_eq!(p.warm.threshold, 1.0);
     assert_eq!(p.warm.timeout, Duration::from_secs(600));
     assert_eq!(p.warm.on_timeout, OnTimeout::Hold);
+    assert_eq!(p.warm.targets, WarmTargets::Running);
     assert_eq!(p.stabilization_window, Duration::from_secs(30));
     assert_eq!(p.cooldown, Duration::from_secs(300));
     assert_eq!(p.rollout_timeout, Duration::from_secs(600));
@@ -85,7 +86,7 @@ policies:
     kinds: [StatefulSet]
     namespaces: [a, b]
     targets: [a/StatefulSet/db]
-    warm: {threshold: 0.5, timeout: 2m, onTimeout: rollout}
+    warm: {threshold: 0.5, timeout: 2m, onTimeout: rollout, targets: schedulable}
     stabilizationWindow: 0s
     cooldown: 1h
     rolloutTimeout: 3m
@@ -118,6 +119,7 @@ policies:
     assert_eq!(p.warm.threshold, 0.5);
     assert_eq!(p.warm.timeout, Duration::from_secs(120));
     assert_eq!(p.warm.on_timeout, OnTimeout::Rollout);
+    assert_eq!(p.warm.targets, WarmTargets::Schedulable);
     assert_eq!(p.stabilization_window, Duration::ZERO);
     assert_eq!(p.cooldown, Duration::from_secs(3600));
     assert_eq!(p.rollout_timeout, Duration::from_secs(180));
@@ -208,6 +210,10 @@ fn every_validation_error_names_its_field() {
         (
             "policies:\n  p:\n    mode: rollout\n    warm: {onTimeout: wait}\n",
             "wait",
+        ),
+        (
+            "policies:\n  p:\n    mode: rollout\n    warm: {targets: everywhere}\n",
+            "everywhere",
         ),
         (
             "policies:\n  p:\n    mode: rollout\n    stabilizationWindow: -5s\n",

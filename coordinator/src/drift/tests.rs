@@ -204,7 +204,13 @@ fn drifting(extra: &str) -> Case {
         Some(&lookup),
         &running,
     )];
-    let nodes = warm_nodes(&workload, &containers, &running);
+    let nodes = warm_nodes(
+        &workload,
+        WarmTargets::Running,
+        &containers,
+        &running,
+        |_| unreachable!("running targets ask for no schedulable nodes"),
+    );
     Case {
         workload,
         policy: policy(extra),
@@ -527,8 +533,60 @@ fn daemon_sets_warm_every_node() {
         run("n1", "p1", "app", Some(d('n'))),
         run("n2", "p2", "app", Some(d('o'))),
     ];
-    let nodes = warm_nodes(&case.workload, &case.containers, &running);
-    assert_eq!(nodes, ["n1".to_owned(), "n2".to_owned()].into());
+    let nodes = warm_nodes(
+        &case.workload,
+        WarmTargets::Schedulable,
+        &case.containers,
+        &running,
+        |_| ["n3".to_owned()].into(),
+    );
+    assert_eq!(
+        nodes,
+        ["n1".to_owned(), "n2".to_owned()].into(),
+        "a DaemonSet's pods are replaced where they run"
+    );
+}
+
+#[test]
+fn schedulable_targets_add_the_nodes_the_template_admits_while_drifting() {
+    let mut case = drifting("");
+    case.workload.placement.node_selector = [("pool".to_owned(), "web".to_owned())].into();
+    let running = [
+        run("n1", "p1", "app", Some(d('o'))),
+        run("n2", "p2", "app", Some(d('o'))),
+    ];
+    let mut asked = None;
+    let nodes = warm_nodes(
+        &case.workload,
+        WarmTargets::Schedulable,
+        &case.containers,
+        &running,
+        |p| {
+            asked = Some(p.clone());
+            ["n2".to_owned(), "n3".to_owned()].into()
+        },
+    );
+    assert_eq!(
+        nodes,
+        ["n1".to_owned(), "n2".to_owned(), "n3".to_owned()].into()
+    );
+    assert_eq!(asked, Some(case.workload.placement.clone()));
+    // In sync: nothing to warm, and the node table is not asked.
+    let synced = [run("n1", "p1", "app", Some(d('n')))];
+    let lookup = resolved("reg:5000/app:latest", d('n'), &[]);
+    let in_sync = vec![container_drift(
+        &case.workload.containers[0],
+        Some(&lookup),
+        &synced,
+    )];
+    let nodes = warm_nodes(
+        &case.workload,
+        WarmTargets::Schedulable,
+        &in_sync,
+        &synced,
+        |_| unreachable!("nothing drifts"),
+    );
+    assert!(nodes.is_empty());
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use tracing::{info, warn};
-use warmroll_proto::fleet::Container;
+use warmroll_proto::fleet::{Container, NodeName};
 use warmroll_proto::image::ImageRef;
 
 use super::act::{Actor, WarmOrders};
@@ -200,13 +200,26 @@ async fn step(
         let in_ns = running.get(&workload.key.namespace).unwrap_or(&empty);
         let pods = running_of(workload, in_ns);
         let mut containers = containers_of(workload, policy, &state.lookups, &pods);
+        let nodes = warm_nodes(
+            workload,
+            policy.warm.targets,
+            &containers,
+            &pods,
+            |placement| {
+                watches.nodes().map_or_else(BTreeSet::new, |table| {
+                    table.admitting(placement, |node| {
+                        NodeName::parse(node).is_ok_and(|n| ctx.fleet.is_ready(&n))
+                    })
+                })
+            },
+        );
         let keyring = keyrings.remove(&workload.key).unwrap_or_default();
         let (note, warm_bytes) = step_workload(
             workload,
             &keyring,
             policy,
             &mut containers,
-            &pods,
+            &nodes,
             state,
             &mut rolling,
             actor,
@@ -257,7 +270,7 @@ async fn step_workload<'p>(
     keyring: &Keyring,
     policy: &'p Policy,
     containers: &mut [ContainerDrift],
-    pods: &[drift::Running],
+    nodes: &BTreeSet<String>,
     state: &mut EngineState,
     rolling: &mut HashMap<&'p str, usize>,
     actor: &Actor,
@@ -283,7 +296,6 @@ async fn step_workload<'p>(
         }
         None => None,
     };
-    let nodes = warm_nodes(workload, containers, pods);
     let slot_free =
         rolling.get(policy.name.as_str()).copied().unwrap_or(0) < policy.max_concurrent_rollouts;
     let gates = Gates {
@@ -296,7 +308,7 @@ async fn step_workload<'p>(
         workload,
         policy,
         containers,
-        nodes: &nodes,
+        nodes,
     };
     let mut step = decide(&subject, &memory.phase, last.as_ref(), &progress, &gates);
 

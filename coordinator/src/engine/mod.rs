@@ -10,6 +10,7 @@ mod act;
 mod command;
 mod cycle;
 mod metrics;
+mod nodes;
 mod once;
 mod secrets;
 mod watch;

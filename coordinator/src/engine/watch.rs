@@ -13,7 +13,8 @@ use serde::de::DeserializeOwned;
 use tokio::task::JoinSet;
 use tracing::warn;
 
-use crate::config::Config;
+use super::nodes::NodeTable;
+use crate::config::{Config, Mode, WarmTargets};
 use crate::workload::{Kind, Workload};
 
 /// The reflector stores of one kind.
@@ -68,6 +69,8 @@ pub(crate) struct Watches {
     deployments: KindStores<Deployment>,
     stateful_sets: KindStores<StatefulSet>,
     daemon_sets: KindStores<DaemonSet>,
+    /// Only when a policy warms schedulable nodes.
+    nodes: Option<NodeTable>,
     _tasks: JoinSet<()>,
 }
 
@@ -123,10 +126,15 @@ impl Watches {
                 ),
             }
         }
+        let schedulable = config.policies.values().any(|p| {
+            p.mode == Mode::Rollout && p.warm.enabled && p.warm.targets == WarmTargets::Schedulable
+        });
+        let nodes = schedulable.then(|| NodeTable::start(client, &mut tasks));
         Watches {
             deployments,
             stateful_sets,
             daemon_sets,
+            nodes,
             _tasks: tasks,
         }
     }
@@ -136,6 +144,14 @@ impl Watches {
         self.deployments.ready().await;
         self.stateful_sets.ready().await;
         self.daemon_sets.ready().await;
+        if let Some(nodes) = &self.nodes {
+            nodes.ready().await;
+        }
+    }
+
+    /// The node table, when a policy warms schedulable nodes.
+    pub(crate) fn nodes(&self) -> Option<&NodeTable> {
+        self.nodes.as_ref()
     }
 
     /// Every watched workload (a labelled target appears once).

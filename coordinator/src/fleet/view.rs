@@ -468,6 +468,13 @@ impl FleetView {
         WarmProgressCollector { view: self.clone() }
     }
 
+    /// The node's agent is connected and its inventory current (it can take orders).
+    pub fn is_ready(&self, node: &NodeName) -> bool {
+        self.shard(node)
+            .get(node)
+            .is_some_and(|n| n.sequence.is_some() && matches!(n.session, Session::Connected { .. }))
+    }
+
     /// A copy of one node's entry.
     pub fn node(&self, node: &NodeName) -> Option<NodeInfo> {
         self.shard(node).get(node).map(NodeEntry::info)
