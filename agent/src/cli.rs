@@ -157,5 +157,23 @@ mod tests {
         };
         assert_eq!(warm.min_free_disk, 2 << 30);
         assert_eq!(timeout, Duration::from_secs(30));
+        assert!(warm.flush_after_pull, "on by default");
+        for (flag, want) in [
+            ("--flush-after-pull=false", false),
+            ("--flush-after-pull=true", true),
+            ("--flush-after-pull", true),
+        ] {
+            let cli =
+                Cli::try_parse_from(["warmroll-agent", "pull", flag, "127.0.0.1:5000/app:latest"])
+                    .unwrap_or_else(|e| panic!("{flag}: {e}"));
+            let Command::Pull { warm, image, .. } = cli.command else {
+                panic!("pull expected")
+            };
+            assert_eq!(
+                (warm.flush_after_pull, image.as_str()),
+                (want, "127.0.0.1:5000/app:latest"),
+                "{flag}"
+            );
+        }
     }
 }

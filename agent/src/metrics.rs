@@ -26,6 +26,7 @@ pub struct Metrics {
     registry: Arc<Registry>,
     pulls: Family<OutcomeLabel, Counter>,
     pull_duration: Histogram,
+    image_flush: Histogram,
     containers: Gauge,
     images: Gauge,
     cri_errors: Family<OpLabel, Counter>,
@@ -51,6 +52,8 @@ impl Metrics {
         let pulls = Family::<OutcomeLabel, Counter>::default();
         // 0.1 s .. ~27 min
         let pull_duration = Histogram::new(exponential_buckets(0.1, 2.0, 15));
+        // 10 ms .. ~82 s
+        let image_flush = Histogram::new(exponential_buckets(0.01, 2.0, 14));
         let containers = Gauge::default();
         let images = Gauge::default();
         let cri_errors = Family::<OpLabel, Counter>::default();
@@ -59,6 +62,11 @@ impl Metrics {
             "pull_duration_seconds",
             "Duration of warm-up pulls",
             pull_duration.clone(),
+        );
+        registry.register(
+            "image_flush_seconds",
+            "Time spent writing the image filesystem back to disk (syncfs) after pulls that downloaded",
+            image_flush.clone(),
         );
         registry.register(
             "inventory_containers",
@@ -93,6 +101,7 @@ impl Metrics {
             events_followed,
             pulls,
             pull_duration,
+            image_flush,
             containers,
             images,
             cri_errors,
@@ -102,6 +111,11 @@ impl Metrics {
     pub fn pull_finished(&self, outcome: &'static str, duration: Duration) {
         self.pulls.get_or_create(&OutcomeLabel { outcome }).inc();
         self.pull_duration.observe(duration.as_secs_f64());
+    }
+
+    /// One flush of the image filesystem after a pull (see [`crate::warm`]).
+    pub fn image_flushed(&self, duration: Duration) {
+        self.image_flush.observe(duration.as_secs_f64());
     }
 
     pub fn inventory_size(&self, containers: usize, images: usize) {
@@ -172,6 +186,7 @@ mod tests {
         let m = Metrics::new();
         m.pull_finished("ok", Duration::from_millis(1500));
         m.pull_finished("auth", Duration::from_millis(10));
+        m.image_flushed(Duration::from_millis(400));
         m.inventory_size(3, 7);
         m.cri_error("ListContainers");
         m.runtime_event();
@@ -181,6 +196,7 @@ mod tests {
             "warmroll_agent_pulls_total{outcome=\"ok\"} 1",
             "warmroll_agent_pulls_total{outcome=\"auth\"} 1",
             "warmroll_agent_pull_duration_seconds_count 2",
+            "warmroll_agent_image_flush_seconds_count 1",
             "warmroll_agent_inventory_containers 3",
             "warmroll_agent_inventory_images 7",
             "warmroll_agent_cri_errors_total{op=\"ListContainers\"} 1",

@@ -5,6 +5,12 @@
 //! requests (same reference and expected digest) into one pull, retries transient runtime
 //! errors with backoff inside the deadline, and refuses to pull when the image filesystem
 //! has less free space than the configured floor.
+//!
+//! After a pull that downloaded, it writes the image filesystem back to disk (`syncfs`)
+//! before it reports the warm-up done. The fresh layers are dirty in the page cache
+//! otherwise, and the next unmount of a container's overlayfs rootfs on that filesystem
+//! (the old pod's teardown in the rollout the warm-up prepares) syncs it and pays for
+//! the whole writeback on the rollout's path.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,6 +20,8 @@ use std::time::Duration;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use k8s_cri::v1::{AuthConfig, Image};
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
 use serde::Serialize;
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
@@ -203,6 +211,61 @@ pub struct WarmConfig {
     /// suffix: 500M, 2GiB); 0 disables the check.
     #[arg(long, env = "WARMROLL_MIN_FREE_DISK", default_value = "1GiB", value_parser = parse_bytes)]
     pub min_free_disk: u64,
+    /// After a pull that downloaded, write the image filesystem back to disk (syncfs)
+    /// before reporting the warm-up done, so that stopping the containers it replaces
+    /// does not pay for that writeback.
+    #[arg(
+        long,
+        env = "WARMROLL_FLUSH_AFTER_PULL",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    pub flush_after_pull: bool,
+}
+
+/// Why the image filesystem was not written back after a pull (logged, never a failure
+/// of the warm-up: the image is on the node either way).
+#[derive(Debug, thiserror::Error)]
+enum FlushError {
+    #[error("ImageFsInfo failed: {0}")]
+    FsInfo(CriError),
+    #[error("ImageFsInfo did not answer by the order's deadline")]
+    FsInfoDeadline,
+    #[error("the runtime names no image filesystem")]
+    NoMountpoint,
+    #[error("opening the image filesystem {}: {source}", path.display())]
+    Open { path: PathBuf, source: nix::Error },
+    #[error("syncfs on the image filesystem {}: {source}", path.display())]
+    Sync { path: PathBuf, source: nix::Error },
+    #[error("flushing the image filesystem {}: {message}", path.display())]
+    Task { path: PathBuf, message: String },
+    #[error(
+        "flushing the image filesystem {}: not done by the order's deadline (it goes on in the background)",
+        path.display()
+    )]
+    Deadline { path: PathBuf },
+}
+
+/// Writes back the dirty pages of the whole filesystem holding the directory `path`.
+/// `syncfs` acts on the filesystem, not on the mount: it works through a read-only bind
+/// mount of the directory too.
+fn sync_filesystem(path: &Path) -> Result<(), FlushError> {
+    let dir = nix::fcntl::open(
+        path,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|source| FlushError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    nix::unistd::syncfs(&dir).map_err(|source| FlushError::Sync {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 type SharedOutcome = Shared<BoxFuture<'static, WarmOutcome>>;
@@ -222,6 +285,8 @@ struct Inner<C> {
     config: WarmConfig,
     metrics: Metrics,
     inflight: Mutex<HashMap<Key, InFlight>>,
+    /// Writes the image filesystem back ([`sync_filesystem`]; tests put a slow one here).
+    flush: fn(&Path) -> Result<(), FlushError>,
 }
 
 /// Runs warm-ups on the node. Clones share the semaphore and the in-flight pulls.
@@ -277,6 +342,7 @@ impl<C: Cri> Warmer<C> {
                 config,
                 metrics,
                 inflight: Mutex::new(HashMap::new()),
+                flush: sync_filesystem,
             }),
         }
     }
@@ -485,6 +551,19 @@ impl<C: Cri> Inner<C> {
             None => digests.into_iter().next(),
         };
         let downloaded = !before.iter().any(|i| i.id == status.id);
+        if downloaded && self.config.flush_after_pull {
+            match self.flush_image_fs(deadline).await {
+                Ok((path, took)) => {
+                    info!(path = %path.display(), took = ?took, "image filesystem written back");
+                }
+                Err(e) => warn!(
+                    image = %image,
+                    error = %e,
+                    "image filesystem not written back after the pull; the warm-up is done, \
+                     but stopping the containers it replaces may pay for the writeback"
+                ),
+            }
+        }
         let warmed = Warmed {
             image: image.clone(),
             digest,
@@ -559,26 +638,35 @@ impl<C: Cri> Inner<C> {
         }
     }
 
+    /// The image filesystem's mountpoint as the runtime names it (CRI `ImageFsInfo`);
+    /// `None` when it names none.
+    async fn image_fs_mountpoint(&self) -> Result<Option<PathBuf>, CriError> {
+        Ok(self
+            .cri
+            .image_fs_info()
+            .await?
+            .into_iter()
+            .filter_map(|f| f.fs_id.map(|id| id.mountpoint))
+            .find(|m| !m.is_empty())
+            .map(PathBuf::from))
+    }
+
     async fn check_disk(&self, image: &ImageRef) -> Result<(), WarmError> {
         let floor = self.config.min_free_disk;
         if floor == 0 {
             return Ok(());
         }
-        let mountpoint = match self.cri.image_fs_info().await {
-            Ok(fs) => fs
-                .into_iter()
-                .filter_map(|f| f.fs_id.map(|id| id.mountpoint))
-                .find(|m| !m.is_empty()),
+        let path = match self.image_fs_mountpoint().await {
+            Ok(Some(path)) => path,
+            Ok(None) => {
+                warn!("the runtime names no image filesystem; pulling without the disk check");
+                return Ok(());
+            }
             Err(e) => {
                 warn!(error = %e, "ImageFsInfo failed; pulling without the disk check");
                 return Ok(());
             }
         };
-        let Some(mountpoint) = mountpoint else {
-            warn!("the runtime names no image filesystem; pulling without the disk check");
-            return Ok(());
-        };
-        let path = PathBuf::from(mountpoint);
         match free_bytes(&path) {
             Ok(free) if free < floor => Err(WarmError::InsufficientDisk {
                 image: image.to_string(),
@@ -591,6 +679,34 @@ impl<C: Cri> Inner<C> {
                 warn!(path = %path.display(), error = %e, "statvfs failed; pulling without the disk check");
                 Ok(())
             }
+        }
+    }
+
+    /// Writes the image filesystem back to disk, waiting at most until `deadline` (the
+    /// flush itself goes on past it: `syncfs` cannot be interrupted). Returns the path
+    /// and how long the flush took; the metric is observed when `syncfs` returns.
+    async fn flush_image_fs(&self, deadline: Instant) -> Result<(PathBuf, Duration), FlushError> {
+        let path = match tokio::time::timeout_at(deadline, self.image_fs_mountpoint()).await {
+            Err(_) => return Err(FlushError::FsInfoDeadline),
+            Ok(found) => found
+                .map_err(FlushError::FsInfo)?
+                .ok_or(FlushError::NoMountpoint)?,
+        };
+        let (flush, metrics, task_path) = (self.flush, self.metrics.clone(), path.clone());
+        let task = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            flush(&task_path)?;
+            let took = started.elapsed();
+            metrics.image_flushed(took);
+            Ok(took)
+        });
+        match tokio::time::timeout_at(deadline, task).await {
+            Err(_) => Err(FlushError::Deadline { path }),
+            Ok(Err(e)) => Err(FlushError::Task {
+                path,
+                message: e.to_string(),
+            }),
+            Ok(Ok(flushed)) => flushed.map(|took| (path, took)),
         }
     }
 }
@@ -826,20 +942,55 @@ mod tests {
             }))
         }
 
+        /// A warmer that does not write the image filesystem back (the flush has its own
+        /// tests below).
         fn warmer(
             fake: &Arc<FakeCri>,
             max: usize,
             min_free_disk: u64,
         ) -> (Warmer<FakeCri>, Metrics) {
+            with_config(
+                fake,
+                WarmConfig {
+                    max_concurrent_pulls: max,
+                    min_free_disk,
+                    flush_after_pull: false,
+                },
+            )
+        }
+
+        fn with_config(fake: &Arc<FakeCri>, config: WarmConfig) -> (Warmer<FakeCri>, Metrics) {
             let metrics = Metrics::new();
-            let config = WarmConfig {
-                max_concurrent_pulls: max,
-                min_free_disk,
-            };
             (
                 Warmer::new(fake.clone(), None, config, metrics.clone()),
                 metrics,
             )
+        }
+
+        /// The node of [`node`] whose image filesystem is `mountpoint`, and a warmer that
+        /// writes it back after pulls (no free-disk floor).
+        fn flushing(mountpoint: &str) -> (Arc<FakeCri>, Warmer<FakeCri>, Metrics) {
+            let fake = node();
+            fake.edit(|s| s.fs_mountpoint = mountpoint.into());
+            let (w, metrics) = with_config(
+                &fake,
+                WarmConfig {
+                    max_concurrent_pulls: 2,
+                    min_free_disk: 0,
+                    flush_after_pull: true,
+                },
+            );
+            (fake, w, metrics)
+        }
+
+        /// How many flushes `warmroll_agent_image_flush_seconds` has counted.
+        fn flushes(metrics: &Metrics) -> u64 {
+            let text = metrics.encode();
+            let line = text
+                .lines()
+                .find_map(|l| l.strip_prefix("warmroll_agent_image_flush_seconds_count "))
+                .unwrap_or_else(|| panic!("no flush count in\n{text}"));
+            line.trim().parse().unwrap()
         }
 
         fn image() -> ImageRef {
@@ -1013,6 +1164,96 @@ mod tests {
                 2,
                 "at most 2 at once"
             );
+        }
+
+        #[tokio::test]
+        async fn a_download_is_written_back_once_and_a_present_image_is_not() {
+            let dir = tempfile::tempdir().unwrap();
+            let (fake, w, metrics) = flushing(dir.path().to_str().unwrap());
+            assert_eq!(flushes(&metrics), 0);
+            let ok = w
+                .warm(&image(), Some(&digest(NEW)), None, soon(30))
+                .await
+                .unwrap();
+            assert!(ok.downloaded);
+            assert_eq!(flushes(&metrics), 1, "one syncfs after the download");
+            let again = w
+                .warm(&image(), Some(&digest(NEW)), None, soon(30))
+                .await
+                .unwrap();
+            assert!(!again.downloaded);
+            assert_eq!(fake.pulls.load(Ordering::SeqCst), 2);
+            assert_eq!(flushes(&metrics), 1, "nothing downloaded, nothing flushed");
+        }
+
+        #[tokio::test]
+        async fn the_flush_can_be_turned_off() {
+            let dir = tempfile::tempdir().unwrap();
+            let fake = node();
+            fake.edit(|s| s.fs_mountpoint = dir.path().to_str().unwrap().into());
+            let (w, metrics) = warmer(&fake, 2, 0);
+            let ok = w
+                .warm(&image(), Some(&digest(NEW)), None, soon(30))
+                .await
+                .unwrap();
+            assert!(ok.downloaded);
+            assert_eq!(flushes(&metrics), 0);
+        }
+
+        #[tokio::test]
+        async fn a_missing_or_bad_image_filesystem_does_not_fail_the_warm_up() {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("not-a-directory");
+            std::fs::write(&file, b"x").unwrap();
+            let missing = dir.path().join("gone");
+            for mountpoint in ["", missing.to_str().unwrap(), file.to_str().unwrap()] {
+                let (_fake, w, metrics) = flushing(mountpoint);
+                let ok = w
+                    .warm(&image(), Some(&digest(NEW)), None, soon(30))
+                    .await
+                    .unwrap_or_else(|e| panic!("{mountpoint:?}: {e}"));
+                assert!(ok.downloaded, "{mountpoint:?}");
+                assert_eq!(ok.digest, Some(digest(NEW)), "{mountpoint:?}");
+                assert_eq!(flushes(&metrics), 0, "{mountpoint:?}: nothing flushed");
+                assert!(
+                    metrics
+                        .encode()
+                        .contains("warmroll_agent_pulls_total{outcome=\"ok\"} 1"),
+                    "{mountpoint:?}"
+                );
+            }
+        }
+
+        #[tokio::test]
+        async fn a_slow_flush_ends_at_the_deadline_and_the_warm_up_succeeds() {
+            /// Held by the test: the flush cannot end before the test lets it.
+            static GATE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+            fn stuck(_: &Path) -> Result<(), FlushError> {
+                drop(GATE.blocking_lock());
+                Ok(())
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let (_fake, mut w, metrics) = flushing(dir.path().to_str().unwrap());
+            Arc::get_mut(&mut w.inner).unwrap().flush = stuck;
+            let gate = GATE.lock().await;
+            let deadline = Instant::now() + Duration::from_millis(400);
+            let ok = w
+                .warm(&image(), Some(&digest(NEW)), None, deadline)
+                .await
+                .unwrap();
+            assert!(ok.downloaded);
+            assert!(
+                Instant::now() >= deadline,
+                "waited for the flush until the deadline"
+            );
+            assert_eq!(flushes(&metrics), 0, "the flush is still running");
+            // The flush goes on and is counted when it returns.
+            drop(gate);
+            let wait = Instant::now() + Duration::from_secs(10);
+            while flushes(&metrics) == 0 && Instant::now() < wait {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(flushes(&metrics), 1);
         }
 
         #[tokio::test]

@@ -257,6 +257,7 @@ async fn warming_a_large_image_reports_growing_progress_that_ends_at_the_layer_s
         WarmConfig {
             max_concurrent_pulls: 2,
             min_free_disk: 0,
+            flush_after_pull: true,
         },
         Metrics::new(),
     );
@@ -456,6 +457,7 @@ async fn without_the_containerd_api_the_agent_works_through_cri_alone() {
         WarmConfig {
             max_concurrent_pulls: 2,
             min_free_disk: 0,
+            flush_after_pull: true,
         },
         Metrics::new(),
     );

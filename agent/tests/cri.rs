@@ -41,6 +41,7 @@ fn warmer(cri: &Arc<CriClient>, metrics: &Metrics, min_free_disk: u64) -> Warmer
         WarmConfig {
             max_concurrent_pulls: 2,
             min_free_disk,
+            flush_after_pull: true,
         },
         metrics.clone(),
     )
@@ -182,6 +183,14 @@ async fn warm_moves_the_tag_so_if_not_present_pods_run_the_new_build() {
         .unwrap();
     assert!(ok.downloaded);
     assert_eq!(ok.image_id, new.config_digest);
+    // The download was written back to disk (syncfs on the runtime's image filesystem).
+    assert!(
+        metrics
+            .encode()
+            .contains("warmroll_agent_image_flush_seconds_count 1"),
+        "{}",
+        metrics.encode()
+    );
     let status = containerd
         .image_status(&new.reference)
         .await
@@ -214,6 +223,12 @@ async fn warm_moves_the_tag_so_if_not_present_pods_run_the_new_build() {
         .await
         .unwrap();
     assert!(!again.downloaded);
+    assert!(
+        metrics
+            .encode()
+            .contains("warmroll_agent_image_flush_seconds_count 1"),
+        "nothing downloaded, nothing flushed"
+    );
     let err = w
         .warm(&image, Some(&digest(&old.manifest_digest)), None, soon(60))
         .await

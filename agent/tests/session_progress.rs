@@ -120,6 +120,7 @@ async fn the_session_reports_pull_progress_then_the_result() {
         WarmConfig {
             max_concurrent_pulls: 2,
             min_free_disk: 0,
+            flush_after_pull: true,
         },
         metrics,
     );
