@@ -77,6 +77,9 @@ impl Agents {
                     max_concurrent_pulls: 2,
                     // The sandbox shares the machine's disk: no free-space floor.
                     min_free_disk: 0,
+                    // As a DaemonSet agent does by default: the image is written back
+                    // during the warm-up, not when the old pod's mounts go.
+                    flush_after_pull: true,
                 },
                 cri_only: false,
             };

@@ -65,7 +65,11 @@ impl Default for SandboxOptions {
 /// The coordinator configuration the sandbox runs with.
 pub fn config_yaml(registry_host: &str, options: &SandboxOptions) -> String {
     let warm = match options.warm {
-        WarmMode::Gated => "\n      threshold: 1.0\n      timeout: 10m\n      onTimeout: rollout",
+        // Schedulable targets: a Deployment's surge pod may land on a node none of its
+        // pods ran on, and should find the image there too.
+        WarmMode::Gated => {
+            "\n      threshold: 1.0\n      timeout: 10m\n      onTimeout: rollout\n      targets: schedulable"
+        }
         WarmMode::Off => "\n      enabled: false",
     };
     format!(
@@ -636,7 +640,11 @@ mod tests {
 
     #[test]
     fn both_configurations_parse() {
-        for (warm, enabled) in [(WarmMode::Gated, true), (WarmMode::Off, false)] {
+        use warmroll_coordinator::config::WarmTargets;
+        for (warm, enabled, targets) in [
+            (WarmMode::Gated, true, WarmTargets::Schedulable),
+            (WarmMode::Off, false, WarmTargets::Running),
+        ] {
             let options = SandboxOptions {
                 warm,
                 ..SandboxOptions::default()
@@ -648,6 +656,7 @@ mod tests {
             assert_eq!(policy.annotation_key, ANNOTATION_KEY);
             assert!(policy.stabilization_window.is_zero());
             assert_eq!(policy.warm.enabled, enabled);
+            assert_eq!(policy.warm.targets, targets);
             assert_eq!(policy.warm.threshold, 1.0);
         }
     }

@@ -231,6 +231,7 @@ pub async fn spawn_agent(
         warm: WarmConfig {
             max_concurrent_pulls: 2,
             min_free_disk: 0,
+            flush_after_pull: true,
         },
         cri_only: true,
     };
