@@ -198,6 +198,24 @@ impl Bed {
         .await
     }
 
+    /// Asserts that `node`'s containerd has `reference`'s tag on `digest`.
+    async fn assert_holds(&self, node: &str, reference: &str, digest: &str) {
+        let image = self
+            .cluster
+            .node(node)
+            .unwrap()
+            .containerd()
+            .image_status(reference)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            image.repo_digests.iter().any(|d| d.ends_with(digest)),
+            "{node}: {:?}",
+            image.repo_digests
+        );
+    }
+
     /// warmroll's own API writes (not the cluster's, not the test's inserts) to a workload.
     fn patches_of(&self, ns: &str, plural: &str, name: &str) -> Vec<RecordedRequest> {
         let path = format!("/apis/apps/v1/namespaces/{ns}/{plural}/{name}");
@@ -440,21 +458,8 @@ policies:
 
     // Every target node got the new digest under the tag.
     for node in bed.cluster.nodes() {
-        let image = node
-            .containerd()
-            .image_status(&first.reference)
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(
-            image
-                .repo_digests
-                .iter()
-                .any(|d| d.ends_with(&second.manifest_digest)),
-            "{}: {:?}",
-            node.name(),
-            image.repo_digests
-        );
+        bed.assert_holds(node.name(), &first.reference, &second.manifest_digest)
+            .await;
     }
 
     // The multi-arch workload in sync was never touched.
@@ -1021,21 +1026,8 @@ policies:
     bed.registry.set_latency(Duration::ZERO);
 
     // The free node holds the new digest although no web pod ever ran there.
-    let free_node = bed.cluster.node(free).unwrap();
-    let image = free_node
-        .containerd()
-        .image_status(&first.reference)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        image
-            .repo_digests
-            .iter()
-            .any(|d| d.ends_with(&second.manifest_digest)),
-        "{free}: {:?}",
-        image.repo_digests
-    );
+    bed.assert_holds(free, &first.reference, &second.manifest_digest)
+        .await;
     let report = wait_state(&engine, "shop", "web", "in-sync").await.unwrap();
     assert_eq!(
         bed.patches_of("shop", "deployments", "web").len(),
