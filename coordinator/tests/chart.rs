@@ -391,6 +391,7 @@ fn rbac_has_no_wildcards_and_never_writes_secrets() {
             })
         };
         assert!(grants("tokenreviews", "create"));
+        assert!(grants("nodes", "watch"));
         assert!(grants("leases", "update"));
         assert!(grants("deployments", "patch"));
         assert!(grants("daemonsets", "watch"));
@@ -422,12 +423,13 @@ fn rbac_has_no_wildcards_and_never_writes_secrets() {
 fn namespaced_rbac_makes_one_role_per_namespace() {
     let set = Some(chart_dir().join("ci/namespaced-rbac-values.yaml"));
     let rendered = Rendered::of(&set);
+    // Cluster-wide: only token reviews and reading Nodes (schedulable warm targets).
     assert!(rendered.all("ClusterRole").iter().all(|r| {
-        r["rules"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|rule| rule["resources"] == serde_json::json!(["tokenreviews"]))
+        r["rules"].as_array().unwrap().iter().all(|rule| {
+            rule["resources"] == serde_json::json!(["tokenreviews"])
+                || (rule["resources"] == serde_json::json!(["nodes"])
+                    && rule["verbs"] == serde_json::json!(["list", "watch"]))
+        })
     }));
     let namespaces: Vec<String> = rendered
         .typed::<Role>("Role")
