@@ -198,6 +198,26 @@ impl Bed {
         .await
     }
 
+    /// A configuration with one `rollout` policy `name` (poll 1 s, no window, no
+    /// cooldown) whose `warm` settings are `warm` (YAML flow-map entries).
+    fn rollout_config(&self, name: &str, warm: &str) -> String {
+        format!(
+            "registry:\n  insecureRegistries: [\"{}\"]\npolicies:\n  {name}:\n    mode: rollout\n    pollInterval: 1s\n    stabilizationWindow: 0s\n    cooldown: 0s\n    warm: {{{warm}}}\n",
+            self.registry.host()
+        )
+    }
+
+    /// The nodes of the live pods of workload `app` in `ns`.
+    fn pod_nodes(&self, ns: &str, app: &str) -> Vec<String> {
+        let prefix = format!("{app}-");
+        self.cluster
+            .pods()
+            .iter()
+            .filter(|p| p.deleted.is_none() && p.namespace == ns && p.name.starts_with(&prefix))
+            .map(|p| p.node.clone())
+            .collect()
+    }
+
     /// Asserts that `node`'s containerd has `reference`'s tag on `digest`.
     async fn assert_holds(&self, node: &str, reference: &str, digest: &str) {
         let image = self
@@ -388,29 +408,10 @@ async fn rollout_warms_every_target_node_then_patches_once_and_a_restart_patches
     })
     .await
     .unwrap();
-    let nodes: Vec<String> = bed
-        .cluster
-        .pods()
-        .iter()
-        .filter(|p| p.deleted.is_none() && p.namespace == "shop" && p.name.starts_with("web-"))
-        .map(|p| p.node.clone())
-        .collect();
+    let nodes = bed.pod_nodes("shop", "web");
     assert_eq!(nodes.len(), 2, "one pod per node: {nodes:?}");
 
-    let config = format!(
-        r#"
-registry:
-  insecureRegistries: ["{}"]
-policies:
-  fast:
-    mode: rollout
-    pollInterval: 1s
-    stabilizationWindow: 0s
-    cooldown: 0s
-    warm: {{timeout: 60s}}
-"#,
-        bed.registry.host()
-    );
+    let config = bed.rollout_config("fast", "timeout: 60s");
     let (engine, shutdown) = bed.engine(&config).unwrap();
     wait_state(&engine, "shop", "web", "in-sync").await.unwrap();
     // In sync on what the node really runs, not for want of running pods.
@@ -878,20 +879,7 @@ async fn warm_up_off_patches_at_once_and_orders_no_warm_up() {
     bed.wait_agents_see("shop", "plain", 1, &first.manifest_digest)
         .await
         .unwrap();
-    let config = format!(
-        r#"
-registry:
-  insecureRegistries: ["{}"]
-policies:
-  atonce:
-    mode: rollout
-    pollInterval: 1s
-    stabilizationWindow: 0s
-    cooldown: 0s
-    warm: {{enabled: false}}
-"#,
-        bed.registry.host()
-    );
+    let config = bed.rollout_config("atonce", "enabled: false");
     let (engine, _shutdown) = bed.engine(&config).unwrap();
     wait_state(&engine, "shop", "plain", "in-sync")
         .await
@@ -952,13 +940,7 @@ async fn schedulable_targets_warm_every_node_a_new_pod_may_land_on_and_skip_cord
     bed.wait_agents_see("shop", "web", 1, &first.manifest_digest)
         .await
         .unwrap();
-    let running: Vec<String> = bed
-        .cluster
-        .pods()
-        .iter()
-        .filter(|p| p.deleted.is_none() && p.namespace == "shop" && p.name.starts_with("web-"))
-        .map(|p| p.node.clone())
-        .collect();
+    let running = bed.pod_nodes("shop", "web");
     let [running] = running.as_slice() else {
         panic!("one web pod: {running:?}");
     };
@@ -982,20 +964,7 @@ async fn schedulable_targets_warm_every_node_a_new_pod_may_land_on_and_skip_cord
         .await
         .unwrap();
 
-    let config = format!(
-        r#"
-registry:
-  insecureRegistries: ["{}"]
-policies:
-  wide:
-    mode: rollout
-    pollInterval: 1s
-    stabilizationWindow: 0s
-    cooldown: 0s
-    warm: {{timeout: 60s, targets: schedulable}}
-"#,
-        bed.registry.host()
-    );
+    let config = bed.rollout_config("wide", "timeout: 60s, targets: schedulable");
     let (engine, shutdown) = bed.engine(&config).unwrap();
     wait_state(&engine, "shop", "web", "in-sync").await.unwrap();
 
