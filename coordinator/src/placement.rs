@@ -159,9 +159,14 @@ impl NodeTerm {
         if self.labels.is_empty() && self.fields.is_empty() {
             return false;
         }
-        let fields = BTreeMap::from([("metadata.name".to_owned(), name.to_owned())]);
-        self.labels.iter().all(|r| r.matches(labels))
-            && self.fields.iter().all(|r| r.matches(&fields))
+        if !self.labels.iter().all(|r| r.matches(labels)) {
+            return false;
+        }
+        // The node's fields, built only for a term that names some.
+        self.fields.is_empty() || {
+            let fields = BTreeMap::from([("metadata.name".to_owned(), name.to_owned())]);
+            self.fields.iter().all(|r| r.matches(&fields))
+        }
     }
 }
 

@@ -61,41 +61,31 @@ struct World {
     load: BTreeMap<String, usize>,
 }
 
+/// Every object of one kind, in all namespaces.
+async fn list_all<K>(
+    c: &Controllers,
+    params: &ListParams,
+    what: &str,
+) -> Result<kube::core::ObjectList<K>>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    Api::<K>::all(c.client.clone())
+        .list(params)
+        .await
+        .with_context(|| format!("listing {what}"))
+}
+
 #[tracing::instrument(skip_all)]
 async fn sync(c: &Controllers) -> Result<()> {
     let all = ListParams::default();
     // One consistent read of each kind, all at once.
     let (nodes, pods, deployments, sets, daemons) = tokio::try_join!(
-        async {
-            Api::<Node>::all(c.client.clone())
-                .list(&all)
-                .await
-                .context("listing nodes")
-        },
-        async {
-            Api::<Pod>::all(c.client.clone())
-                .list(&all)
-                .await
-                .context("listing pods")
-        },
-        async {
-            Api::<Deployment>::all(c.client.clone())
-                .list(&all)
-                .await
-                .context("listing deployments")
-        },
-        async {
-            Api::<StatefulSet>::all(c.client.clone())
-                .list(&all)
-                .await
-                .context("listing statefulsets")
-        },
-        async {
-            Api::<DaemonSet>::all(c.client.clone())
-                .list(&all)
-                .await
-                .context("listing daemonsets")
-        },
+        list_all::<Node>(c, &all, "nodes"),
+        list_all::<Pod>(c, &all, "pods"),
+        list_all::<Deployment>(c, &all, "deployments"),
+        list_all::<StatefulSet>(c, &all, "statefulsets"),
+        list_all::<DaemonSet>(c, &all, "daemonsets"),
     )?;
     let mut nodes: Vec<String> = nodes
         .items
