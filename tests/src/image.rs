@@ -9,9 +9,15 @@
 //! The entrypoint (`/bin/sh -c 'trap "exit 0" TERM INT; while :; do sleep 3600 & wait $!; done'`)
 //! runs forever and exits at once on SIGTERM, so the image also serves as a pod
 //! sandbox ("pause") image and containers stop without waiting for a kill timeout.
+//!
+//! [`ImageBuilder::push_binary`] makes a different kind of image: one host binary with
+//! the shared libraries it links (no busybox, no shell), the way the real cluster tests
+//! run warmroll's release binaries without a Docker engine (see [`crate::warmroll_image`]).
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -46,6 +52,17 @@ const ENTRYPOINT: &[&str] = &[
     "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done",
 ];
 
+/// Where [`ImageBuilder::push_binary`] puts the binary (tar paths have no leading `/`).
+const BINARY_DIR: &str = "usr/local/bin";
+const BINARY_PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Debian's CA bundle, copied from the host into binary images when present.
+const CA_BUNDLE: &str = "etc/ssl/certs/ca-certificates.crt";
+/// The `nonroot` user and group of binary images (distroless's, which the chart uses).
+pub const NONROOT: u32 = 65532;
+const PASSWD: &str = "root:x:0:0:root:/root:/sbin/nologin\n\
+                      nonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n";
+const GROUP: &str = "root:x:0:\nnonroot:x:65532:\n";
+
 /// Size of each piece of a random layer as it is generated and uploaded.
 const RANDOM_CHUNK: usize = 4 * 1024 * 1024;
 
@@ -62,7 +79,8 @@ pub struct Pushed {
     pub config_digest: String,
     /// Total bytes of the layer blobs (what a first pull downloads, config aside).
     pub size: u64,
-    /// The content of `/build-id` in this image.
+    /// The content of `/build-id` in this image (empty for [`ImageBuilder::push_binary`]
+    /// images, which have none).
     pub build_id: String,
 }
 
@@ -82,6 +100,17 @@ pub struct PushedIndex {
     pub index_digest: String,
     /// Children by platform (`"linux/amd64"`, `"linux/arm64"`).
     pub children: BTreeMap<String, Pushed>,
+}
+
+/// A runnable image of one host binary, for [`ImageBuilder::push_binary`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BinaryImage {
+    /// The host binary; it lands at `/usr/local/bin/<its file name>`, the entrypoint.
+    pub binary: PathBuf,
+    /// The config's `User` (`uid:gid`); `None` leaves it unset: the image runs as root.
+    pub user: Option<String>,
+    /// The config's `Cmd`: the entrypoint's default arguments.
+    pub cmd: Vec<String>,
 }
 
 /// A layer blob ready to push.
@@ -153,8 +182,18 @@ impl ImageBuilder {
             self.push_layer(&reference, &build_id_layer(&build_id)?)
                 .await?,
         ];
-        self.push_image(&reference, repo, tag, "amd64", layers, build_id)
-            .await
+        self.push_image(
+            &reference,
+            repo,
+            tag,
+            ImageParts {
+                arch: "amd64",
+                run: &busybox_config(),
+                layers,
+                build_id,
+            },
+        )
+        .await
     }
 
     /// Pushes a new build as a multi-arch index with linux/amd64 and linux/arm64
@@ -183,7 +222,7 @@ impl ImageBuilder {
                 },
             ];
             let (config_digest, manifest) = self
-                .push_config_and_build_manifest(&reference, arch, &layers)
+                .push_config_and_build_manifest(&reference, arch, &busybox_config(), &layers)
                 .await?;
             let manifest_digest = sha256(&manifest);
             let child_ref = self.reference_by_digest(repo, &manifest_digest)?;
@@ -262,9 +301,60 @@ impl ImageBuilder {
             &reference,
             repo,
             tag,
-            "amd64",
-            vec![base, build, random],
-            build_id,
+            ImageParts {
+                arch: "amd64",
+                run: &busybox_config(),
+                layers: vec![base, build, random],
+                build_id,
+            },
+        )
+        .await
+    }
+
+    /// Pushes a one-layer image of a host binary under `repo:tag` for the host's
+    /// architecture: the binary at `/usr/local/bin/<name>` (the entrypoint), every
+    /// shared library `ldd` lists for it (the dynamic loader included) as a regular file
+    /// at the listed path and, hard-linked, at its symlink-resolved path,
+    /// `/etc/passwd` and `/etc/group` with root and `nonroot` (65532), their home dirs,
+    /// `/tmp`, and the host's `/etc/ssl/certs/ca-certificates.crt` when it has one.
+    ///
+    /// The layer depends only on those files, so the same binary on the same host
+    /// pushes the same layer and manifest every time.
+    pub async fn push_binary(&self, repo: &str, tag: &str, image: &BinaryImage) -> Result<Pushed> {
+        let reference = self.reference(repo, tag)?;
+        let arch = host_arch()?;
+        let name = binary_name(&image.binary)?;
+        let binary = image.binary.clone();
+        let layer = tokio::task::spawn_blocking(move || binary_layer(&binary))
+            .await
+            .map_err(|e| anyhow!("building the layer of {}: {e}", image.binary.display()))??;
+        let mut env = vec![BINARY_PATH_ENV.to_string()];
+        if layer.has_ca_bundle {
+            env.push(format!("SSL_CERT_FILE=/{CA_BUNDLE}"));
+        }
+        let mut config = serde_json::Map::new();
+        config.insert(
+            "Entrypoint".into(),
+            json!([format!("/{BINARY_DIR}/{name}")]),
+        );
+        config.insert("Cmd".into(), json!(image.cmd));
+        config.insert("Env".into(), json!(env));
+        config.insert("WorkingDir".into(), json!("/"));
+        if let Some(user) = &image.user {
+            config.insert("User".into(), json!(user));
+        }
+        let config = serde_json::Value::Object(config);
+        let pushed = self.push_layer(&reference, &layer.layer).await?;
+        self.push_image(
+            &reference,
+            repo,
+            tag,
+            ImageParts {
+                arch,
+                run: &config,
+                layers: vec![pushed],
+                build_id: String::new(),
+            },
         )
         .await
     }
@@ -338,21 +428,19 @@ impl ImageBuilder {
         Ok(())
     }
 
-    /// Pushes the config for `arch` and returns its digest and the manifest bytes.
+    /// Pushes the config for `arch` (its `config` section: `run`) and returns its digest
+    /// and the manifest bytes.
     async fn push_config_and_build_manifest(
         &self,
         reference: &Reference,
         arch: &str,
+        run: &serde_json::Value,
         layers: &[PushedLayer],
     ) -> Result<(String, Vec<u8>)> {
         let config = serde_json::to_vec(&json!({
             "architecture": arch,
             "os": "linux",
-            "config": {
-                "Entrypoint": ENTRYPOINT,
-                "Env": ["PATH=/bin"],
-                "WorkingDir": "/",
-            },
+            "config": run,
             "rootfs": {
                 "type": "layers",
                 "diff_ids": layers.iter().map(|l| l.diff_id.as_str()).collect::<Vec<_>>(),
@@ -376,12 +464,16 @@ impl ImageBuilder {
         reference: &Reference,
         repo: &str,
         tag: &str,
-        arch: &str,
-        layers: Vec<PushedLayer>,
-        build_id: String,
+        parts: ImageParts<'_>,
     ) -> Result<Pushed> {
+        let ImageParts {
+            arch,
+            run,
+            layers,
+            build_id,
+        } = parts;
         let (config_digest, manifest) = self
-            .push_config_and_build_manifest(reference, arch, &layers)
+            .push_config_and_build_manifest(reference, arch, run, &layers)
             .await?;
         let manifest_digest = sha256(&manifest);
         self.client
@@ -401,6 +493,24 @@ impl ImageBuilder {
             build_id,
         })
     }
+}
+
+/// What one image is made of, for [`ImageBuilder::push_image`].
+struct ImageParts<'a> {
+    arch: &'a str,
+    /// The config's `config` section: how the image runs.
+    run: &'a serde_json::Value,
+    layers: Vec<PushedLayer>,
+    build_id: String,
+}
+
+/// The `config` section of the busybox images.
+fn busybox_config() -> serde_json::Value {
+    json!({
+        "Entrypoint": ENTRYPOINT,
+        "Env": ["PATH=/bin"],
+        "WorkingDir": "/",
+    })
 }
 
 fn descriptor(media_type: &str, digest: &str, size: u64) -> serde_json::Value {
@@ -503,4 +613,196 @@ fn random_tar(
             Some((Ok(Bytes::from(piece)), (end, rng)))
         },
     ))
+}
+
+/// The layer of a binary image, and whether it holds the CA bundle.
+struct BinaryLayer {
+    layer: Layer,
+    has_ca_bundle: bool,
+}
+
+/// The architecture name (OCI / Go) of this host.
+fn host_arch() -> Result<&'static str> {
+    match std::env::consts::ARCH {
+        "x86_64" => Ok("amd64"),
+        "aarch64" => Ok("arm64"),
+        other => bail!("no OCI architecture name known for host architecture {other}"),
+    }
+}
+
+fn binary_name(binary: &Path) -> Result<String> {
+    binary
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("{} has no usable file name", binary.display()))
+}
+
+/// An absolute host path as a tar path (no leading `/`).
+fn tar_path(path: &Path) -> Result<String> {
+    path.to_str()
+        .and_then(|p| p.strip_prefix('/'))
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("{} is not an absolute UTF-8 file path", path.display()))
+}
+
+/// The shared libraries `ldd` lists for `binary` (loader included); none when static.
+fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
+    let output = Command::new("ldd").arg(binary).output().with_context(|| {
+        format!(
+            "running `ldd {}` (Debian package `libc-bin`)",
+            binary.display()
+        )
+    })?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        if stdout.contains("not a dynamic executable")
+            || stderr.contains("not a dynamic executable")
+        {
+            return Ok(Vec::new());
+        }
+        bail!(
+            "`ldd {}` failed ({}): {stderr}{stdout}",
+            binary.display(),
+            output.status
+        );
+    }
+    parse_ldd(&stdout).with_context(|| format!("`ldd {}`", binary.display()))
+}
+
+/// The absolute paths in `ldd` output; an error for a library it did not find.
+fn parse_ldd(output: &str) -> Result<Vec<PathBuf>> {
+    let mut libraries = Vec::new();
+    for line in output.lines().map(str::trim) {
+        // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)`, `/lib64/ld-linux-x86-64.so.2
+        // (0x...)`, `linux-vdso.so.1 (0x...)` (in the kernel, no file), `statically linked`.
+        let path = match line.split_once("=>") {
+            Some((name, rest)) => {
+                let rest = rest.trim();
+                if rest.starts_with("not found") {
+                    bail!("the shared library {} was not found", name.trim());
+                }
+                rest.split_whitespace().next()
+            }
+            None => line.split_whitespace().next(),
+        };
+        if let Some(path) = path.filter(|p| p.starts_with('/')) {
+            libraries.push(PathBuf::from(path));
+        }
+    }
+    Ok(libraries)
+}
+
+/// The one layer of [`ImageBuilder::push_binary`] (see there), entries sorted, fixed
+/// owners and mtimes: the same files give the same bytes.
+fn binary_layer(binary: &Path) -> Result<BinaryLayer> {
+    let name = binary_name(binary)?;
+    // Regular files by tar path: (content, mode).
+    let mut files: BTreeMap<String, (Vec<u8>, u32)> = BTreeMap::new();
+    // Hard links by tar path: their target's tar path.
+    let mut links: BTreeMap<String, String> = BTreeMap::new();
+    let read =
+        |path: &Path| std::fs::read(path).with_context(|| format!("reading {}", path.display()));
+    files.insert(format!("{BINARY_DIR}/{name}"), (read(binary)?, 0o755));
+    for library in shared_libraries(binary)? {
+        let real = std::fs::canonicalize(&library)
+            .with_context(|| format!("resolving {}", library.display()))?;
+        let listed = tar_path(&library)?;
+        if !files.contains_key(&listed) {
+            files.insert(listed.clone(), (read(&real)?, 0o755));
+        }
+        let resolved = tar_path(&real)?;
+        if resolved != listed {
+            links.entry(resolved).or_insert(listed);
+        }
+    }
+    links.retain(|path, _| !files.contains_key(path));
+    let ca_bundle = Path::new("/").join(CA_BUNDLE);
+    let has_ca_bundle = ca_bundle.is_file();
+    if has_ca_bundle {
+        files.insert(CA_BUNDLE.to_string(), (read(&ca_bundle)?, 0o644));
+    }
+    files.insert("etc/passwd".into(), (PASSWD.as_bytes().to_vec(), 0o644));
+    files.insert("etc/group".into(), (GROUP.as_bytes().to_vec(), 0o644));
+
+    // Directories by tar path: (mode, owner).
+    let mut dirs: BTreeMap<String, (u32, u32)> = BTreeMap::new();
+    for path in files.keys().chain(links.keys()) {
+        for ancestor in Path::new(path).ancestors().skip(1) {
+            if let Some(dir) = ancestor.to_str().filter(|d| !d.is_empty()) {
+                dirs.insert(dir.to_string(), (0o755, 0));
+            }
+        }
+    }
+    dirs.insert("tmp".into(), (0o1777, 0));
+    dirs.insert("root".into(), (0o700, 0));
+    dirs.insert("home".into(), (0o755, 0));
+    dirs.insert("home/nonroot".into(), (0o700, NONROOT));
+
+    let mut tar = tar::Builder::new(Vec::new());
+    for (dir, (mode, owner)) in &dirs {
+        let mut header = tar_header(tar::EntryType::Directory, &format!("{dir}/"), 0, *mode)?;
+        header.set_uid(u64::from(*owner));
+        header.set_gid(u64::from(*owner));
+        header.set_cksum();
+        tar.append(&header, std::io::empty())?;
+    }
+    for (path, (content, mode)) in &files {
+        let header = tar_header(tar::EntryType::Regular, path, content.len() as u64, *mode)?;
+        tar.append(&header, content.as_slice())?;
+    }
+    for (path, target) in &links {
+        let mut header = tar_header(tar::EntryType::Link, path, 0, 0o755)?;
+        header
+            .set_link_name(target)
+            .with_context(|| format!("tar link {path} -> {target}"))?;
+        header.set_cksum();
+        tar.append(&header, std::io::empty())?;
+    }
+    Ok(BinaryLayer {
+        layer: Layer::gzip(tar.into_inner()?)?,
+        has_ca_bundle,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ldd_output_gives_library_and_loader_paths() {
+        let output = "\tlinux-vdso.so.1 (0x00007ffd1c5f2000)\n\
+            \tlibgcc_s.so.1 => /lib/x86_64-linux-gnu/libgcc_s.so.1 (0x00007f2c5ac53000)\n\
+            \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f2c59c1e000)\n\
+            \t/lib64/ld-linux-x86-64.so.2 (0x00007f2c5ac86000)\n";
+        assert_eq!(
+            parse_ldd(output).unwrap(),
+            [
+                "/lib/x86_64-linux-gnu/libgcc_s.so.1",
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib64/ld-linux-x86-64.so.2",
+            ]
+            .map(PathBuf::from)
+        );
+        assert_eq!(
+            parse_ldd("\tstatically linked\n").unwrap(),
+            Vec::<PathBuf>::new()
+        );
+        let missing = parse_ldd("\tlibssl.so.3 => not found\n").unwrap_err();
+        assert!(format!("{missing}").contains("libssl.so.3"), "{missing}");
+    }
+
+    #[test]
+    fn passwd_and_group_have_root_and_nonroot() {
+        assert!(PASSWD.lines().any(|l| l.starts_with("root:x:0:0:")));
+        assert!(
+            PASSWD
+                .lines()
+                .any(|l| l.starts_with("nonroot:x:65532:65532:"))
+        );
+        assert!(GROUP.lines().any(|l| l == "nonroot:x:65532:"));
+    }
 }

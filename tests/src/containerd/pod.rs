@@ -50,6 +50,8 @@ pub struct ContainerSpec {
     pub args: Vec<String>,
     /// Registry credentials for the pull (kubelet passes these from imagePullSecrets).
     pub auth: Option<AuthConfig>,
+    /// `securityContext.readOnlyRootFilesystem`.
+    pub read_only_rootfs: bool,
 }
 
 impl std::fmt::Debug for ContainerSpec {
@@ -62,6 +64,7 @@ impl std::fmt::Debug for ContainerSpec {
             .field("command", &self.command)
             .field("args", &self.args)
             .field("auth", &self.auth.as_ref().map(|_| "<redacted>"))
+            .field("read_only_rootfs", &self.read_only_rootfs)
             .finish()
     }
 }
@@ -75,6 +78,7 @@ impl ContainerSpec {
             command: Vec::new(),
             args: Vec::new(),
             auth: None,
+            read_only_rootfs: false,
         }
     }
 
@@ -85,6 +89,18 @@ impl ContainerSpec {
 
     pub fn command<S: Into<String>>(mut self, command: impl IntoIterator<Item = S>) -> Self {
         self.command = command.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Arguments to the entrypoint (kubelet's `args`), replacing the image's `Cmd`.
+    pub fn args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.args = args.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Mounts the image's root filesystem read-only.
+    pub fn read_only_rootfs(mut self) -> Self {
+        self.read_only_rootfs = true;
         self
     }
 
@@ -248,6 +264,7 @@ fn container_config(pod: &PodSpec, container: &ContainerSpec, image_id: &str) ->
         linux: Some(LinuxContainerConfig {
             security_context: Some(LinuxContainerSecurityContext {
                 namespace_options: Some(namespace_options()),
+                readonly_rootfs: container.read_only_rootfs,
                 ..Default::default()
             }),
             ..Default::default()
