@@ -12,6 +12,12 @@ WARMROLL_DEB_DEPS=(
   "umount:mount"
   "setpriv:util-linux"
   "pgrep:procps"
+  # The real cluster (tests/src/kube): namespaces, its network, pod networking.
+  "nsenter:util-linux"
+  "ip:iproute2"
+  "iptables:iptables"
+  "conntrack:conntrack"
+  "/usr/lib/cni/bridge:containernetworking-plugins"
 )
 
 ensure_deps() {

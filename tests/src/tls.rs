@@ -70,11 +70,27 @@ impl TestCa {
     /// Issues a certificate valid for the given DNS names and IP addresses
     /// (`localhost` and `127.0.0.1` are typical).
     pub fn issue(&self, names: &[&str]) -> Result<IssuedCert> {
+        self.issue_named(names.first().copied().unwrap_or("test"), None, names)
+    }
+
+    /// Issues a certificate with this subject common name and organization (a
+    /// Kubernetes client certificate names its user and group so) and these names.
+    pub fn issue_named(
+        &self,
+        common_name: &str,
+        organization: Option<&str>,
+        names: &[&str],
+    ) -> Result<IssuedCert> {
         let mut params =
             CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
         params
             .distinguished_name
-            .push(DnType::CommonName, names.first().copied().unwrap_or("test"));
+            .push(DnType::CommonName, common_name);
+        if let Some(organization) = organization {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationName, organization);
+        }
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(IssuedCert {

@@ -79,7 +79,7 @@ fn stop_child(child: &mut Child) -> Result<()> {
 /// Stops and removes every pod sandbox (and so every container) through CRI, on a
 /// thread with its own runtime: the caller may be a runtime thread that must not block
 /// on its own tasks.
-fn remove_all_pods(socket: &Path) -> Result<()> {
+pub(crate) fn remove_all_pods(socket: &Path) -> Result<()> {
     let socket = socket.to_path_buf();
     std::thread::spawn(move || -> Result<()> {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -185,7 +185,7 @@ fn end_shims(socket: &Path) -> Result<()> {
     wait_gone(&shims)
 }
 
-fn wait_gone(pids: &[i32]) -> Result<()> {
+pub(crate) fn wait_gone(pids: &[i32]) -> Result<()> {
     let deadline = Instant::now() + PROCESS_EXIT_TIMEOUT;
     loop {
         let alive: Vec<i32> = pids.iter().copied().filter(|&p| is_alive(p)).collect();
@@ -200,7 +200,7 @@ fn wait_gone(pids: &[i32]) -> Result<()> {
 }
 
 /// Alive and not a zombie waiting for its (foreign) parent to reap it.
-fn is_alive(pid: i32) -> bool {
+pub(crate) fn is_alive(pid: i32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name.
         Ok(stat) => stat
@@ -212,7 +212,7 @@ fn is_alive(pid: i32) -> bool {
 }
 
 /// All processes with their argv.
-fn processes() -> Vec<(i32, Vec<String>)> {
+pub(crate) fn processes() -> Vec<(i32, Vec<String>)> {
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();
     };

@@ -12,7 +12,7 @@
 //! the shims this containerd started (found by pid via their `-address <our socket>`
 //! argument), lazily unmounts what is left under the temp dir and deletes it.
 
-mod cleanup;
+pub(crate) mod cleanup;
 mod pod;
 
 use std::fs;
@@ -134,7 +134,7 @@ impl Containerd {
         for d in [&paths.hosts, &paths.pod_logs] {
             fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
-        fs::write(&paths.config, config_toml(&paths, sandbox_image))
+        fs::write(&paths.config, standalone_config(&paths, sandbox_image))
             .with_context(|| format!("writing {}", paths.config.display()))?;
         let channel = unix_channel(&paths.socket)?;
         let mut containerd = Self {
@@ -273,6 +273,28 @@ impl Containerd {
         container_status(self.channel(), container_id).await
     }
 
+    /// The OCI runtime spec containerd made for a container (CRI verbose
+    /// `ContainerStatus`, its `info.runtimeSpec`): the user, args and root it runs with.
+    pub async fn container_runtime_spec(&self, container_id: &str) -> Result<serde_json::Value> {
+        let response = self
+            .runtime()
+            .container_status(ContainerStatusRequest {
+                container_id: container_id.to_string(),
+                verbose: true,
+            })
+            .await
+            .with_context(|| format!("CRI ContainerStatus {container_id} (verbose)"))?;
+        let info = response.into_inner().info;
+        let text = info
+            .get("info")
+            .ok_or_else(|| anyhow!("CRI ContainerStatus {container_id}: no verbose info"))?;
+        let mut info: serde_json::Value = serde_json::from_str(text)
+            .with_context(|| format!("CRI ContainerStatus {container_id}: verbose info"))?;
+        info.get_mut("runtimeSpec")
+            .map(serde_json::Value::take)
+            .ok_or_else(|| anyhow!("CRI ContainerStatus {container_id}: no runtimeSpec in {text}"))
+    }
+
     /// Stops containerd gracefully (SIGTERM). Shims and containers keep running, as
     /// with `systemctl stop containerd`; [`Self::restart`] brings it back.
     pub async fn stop(&mut self) -> Result<()> {
@@ -390,6 +412,12 @@ impl Drop for Containerd {
 }
 
 /// CRI `PullImage`; returns the image id (the config digest, `sha256:…`).
+/// CRI `PullImage` on the runtime at `socket` (a cluster node's, say); returns the
+/// image id.
+pub async fn pull_on(socket: &Path, image: &str) -> Result<String> {
+    pull_image(unix_channel(socket)?, image, None).await
+}
+
 async fn pull_image(channel: Channel, image: &str, auth: Option<AuthConfig>) -> Result<String> {
     let response = ImageServiceClient::new(channel)
         .pull_image(PullImageRequest {
@@ -487,9 +515,40 @@ fn toml_path(p: &Path) -> String {
     toml_str(&p.to_string_lossy())
 }
 
-/// containerd 1.6 config (version 2) for one test instance.
-fn config_toml(paths: &Paths, sandbox_image: &str) -> String {
+/// Where one containerd keeps everything, for [`config_toml`].
+pub(crate) struct CriPaths<'a> {
+    pub root: &'a Path,
+    pub state: &'a Path,
+    pub socket: &'a Path,
+    pub dir: &'a Path,
+    pub runc_root: &'a Path,
+    pub cni_bin: &'a Path,
+    pub cni_conf: &'a Path,
+    pub hosts: &'a Path,
+}
+
+/// The config of a test-bed containerd: everything under its temp dir.
+fn standalone_config(paths: &Paths, sandbox_image: &str) -> String {
     let dir = &paths.dir;
+    config_toml(
+        &CriPaths {
+            root: &dir.join("root"),
+            state: &dir.join("state"),
+            socket: &paths.socket,
+            dir,
+            runc_root: &paths.runc_root,
+            cni_bin: &dir.join("cni/bin"),
+            cni_conf: &dir.join("cni/conf"),
+            hosts: &paths.hosts,
+        },
+        sandbox_image,
+    )
+}
+
+/// containerd 1.6 config (version 2) for one test instance; `dir` holds the ttrpc
+/// socket and the `opt` dir.
+pub(crate) fn config_toml(paths: &CriPaths<'_>, sandbox_image: &str) -> String {
+    let dir = paths.dir;
     let cri = r#"plugins."io.containerd.grpc.v1.cri""#;
     format!(
         r#"version = 2
@@ -538,21 +597,20 @@ disabled_plugins = [
 [{cri}.registry]
   config_path = {hosts}
 "#,
-        root = toml_path(&dir.join("root")),
-        state = toml_path(&dir.join("state")),
-        socket = toml_path(&paths.socket),
+        root = toml_path(paths.root),
+        state = toml_path(paths.state),
+        socket = toml_path(paths.socket),
         ttrpc = toml_path(&dir.join("c.sock.ttrpc")),
         opt = toml_path(&dir.join("opt")),
         sandbox_image = toml_str(sandbox_image),
-        runc_root = toml_path(&paths.runc_root),
-        cni_bin = toml_path(&dir.join("cni/bin")),
-        cni_conf = toml_path(&dir.join("cni/conf")),
-        hosts = toml_path(&paths.hosts),
+        runc_root = toml_path(paths.runc_root),
+        cni_bin = toml_path(paths.cni_bin),
+        cni_conf = toml_path(paths.cni_conf),
+        hosts = toml_path(paths.hosts),
     )
 }
 
-/// `hosts.toml` for a registry at `host` (`host:port`).
-fn hosts_toml(host: &str, ca_file: Option<&Path>) -> String {
+pub(crate) fn hosts_toml(host: &str, ca_file: Option<&Path>) -> String {
     let scheme = if ca_file.is_some() { "https" } else { "http" };
     let server = toml_str(&format!("{scheme}://{host}"));
     let mut text =
@@ -582,7 +640,7 @@ mod tests {
     #[test]
     fn config_points_everything_into_the_temp_dir() {
         let paths = Paths::new(Path::new("/tmp/warmroll-testbed-ctrd-x"));
-        let config = config_toml(&paths, "127.0.0.1:1/pause:1");
+        let config = standalone_config(&paths, "127.0.0.1:1/pause:1");
         assert!(config.contains("address = \"/tmp/warmroll-testbed-ctrd-x/c.sock\""));
         assert!(config.contains("restrict_oom_score_adj = true"));
         assert!(config.contains("sandbox_image = \"127.0.0.1:1/pause:1\""));
