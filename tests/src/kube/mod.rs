@@ -24,6 +24,7 @@ pub mod helm;
 mod netns;
 mod node;
 mod pki;
+pub mod warmroll;
 
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
