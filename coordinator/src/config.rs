@@ -50,6 +50,10 @@ pub struct Config {
     pub webhook_secret_file: Option<PathBuf>,
     /// Policies by label value.
     pub policies: BTreeMap<String, Policy>,
+    /// The namespaces the engine watches labelled workloads in, sorted; empty: all
+    /// namespaces. With only Roles (the chart's `rbac.scope: namespaced`), these are the
+    /// namespaces that have them.
+    pub namespaces: Vec<String>,
 }
 
 /// How the coordinator reaches registries.
@@ -227,6 +231,7 @@ struct RawConfig {
     registry: Option<RawRegistry>,
     webhook: Option<RawWebhook>,
     policies: Option<BTreeMap<String, RawPolicy>>,
+    namespaces: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -314,6 +319,24 @@ impl RawConfig {
             let policy = raw.check(&field, &name, global_dry_run)?;
             policies.insert(name, policy);
         }
+        let mut namespaces = self.namespaces.unwrap_or_default();
+        for (i, namespace) in namespaces.iter().enumerate() {
+            if namespace.is_empty()
+                || namespace.len() > 63
+                || !namespace
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            {
+                return invalid(
+                    format!("namespaces[{i}]"),
+                    format!(
+                        "{namespace:?} is not a namespace name (lowercase letters, digits, '-')"
+                    ),
+                );
+            }
+        }
+        namespaces.sort();
+        namespaces.dedup();
         let mut seen = BTreeMap::new();
         for policy in policies.values() {
             for target in &policy.targets {
@@ -321,6 +344,15 @@ impl RawConfig {
                     return invalid(
                         format!("policies.{}.targets", policy.name),
                         format!("{target} is also a target of policy {other}"),
+                    );
+                }
+                if !namespaces.is_empty() && !namespaces.contains(&target.namespace) {
+                    return invalid(
+                        format!("policies.{}.targets", policy.name),
+                        format!(
+                            "{target} is outside the watched namespaces {}",
+                            namespaces.join(", ")
+                        ),
                     );
                 }
             }
@@ -331,6 +363,7 @@ impl RawConfig {
             registry,
             webhook_secret_file: self.webhook.and_then(|w| w.secret_file),
             policies,
+            namespaces,
         })
     }
 }

@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use tracing::info;
 use warmroll_proto::fleet::NodeName;
 
+use crate::engine::WatchHealth;
 use crate::fleet::{FleetCounts, FleetView, NodeInfo};
 
 /// What the health endpoints look at.
@@ -30,6 +31,8 @@ pub struct Health {
     pub leader: watch::Receiver<bool>,
     /// The fleet server is accepting connections.
     pub serving: Arc<AtomicBool>,
+    /// Workload watches the API server forbids: the engine cannot start.
+    pub watches: WatchHealth,
 }
 
 impl Health {
@@ -71,20 +74,32 @@ async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
     }
 }
 
-/// Ready when this replica leads and its fleet server runs: the Service then sends
-/// agents only to the leader.
+/// Ready when this replica leads, its fleet server runs and the API server allows
+/// every workload watch: the Service then sends agents only to a working leader.
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    let forbidden = s.health.watches.forbidden();
     match (*s.health.leader.borrow(), s.health.serving()) {
-        (true, true) => (StatusCode::OK, "ready\n"),
         (false, _) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not the leader (another replica holds the Lease)\n",
+            "not the leader (another replica holds the Lease)\n".to_owned(),
         ),
         (true, false) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "the fleet server is not running\n",
+            "the fleet server is not running\n".to_owned(),
         ),
+        (true, true) if !forbidden.is_empty() => {
+            (StatusCode::SERVICE_UNAVAILABLE, forbidden_text(&forbidden))
+        }
+        (true, true) => (StatusCode::OK, "ready\n".to_owned()),
     }
+}
+
+fn forbidden_text(forbidden: &[(String, String)]) -> String {
+    let mut text = String::from("the API server forbids workload watches (RBAC):\n");
+    for (what, message) in forbidden {
+        text.push_str(&format!("  {what}: {message}\n"));
+    }
+    text
 }
 
 async fn metrics_text(State(s): State<AppState>) -> Response {
@@ -272,12 +287,15 @@ mod tests {
         let (leader_tx, leader) = watch::channel(false);
         let serving = Arc::new(AtomicBool::new(false));
         let fleet = FleetView::new(std::time::Duration::from_secs(60));
+        let watches = WatchHealth::default();
         let mut registry = Registry::default();
         register_metrics(&mut registry, fleet.clone(), leader.clone());
+        watches.register(&mut registry);
         let router = router(
             Health {
                 leader,
                 serving: serving.clone(),
+                watches: watches.clone(),
             },
             Arc::new(registry),
             fleet,
@@ -292,6 +310,25 @@ mod tests {
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(body.contains("not the leader"), "{body}");
         leader_tx.send_replace(true);
+        assert_eq!(get_text(&router, "/readyz").await.0, StatusCode::OK);
+
+        // A watch RBAC forbids: not ready, and the answer names it.
+        watches.forbid(
+            "Deployment labelled warmroll.io/policy in all namespaces",
+            "deployments.apps is forbidden",
+        );
+        let (status, body) = get_text(&router, "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body.contains("Deployment labelled warmroll.io/policy in all namespaces: deployments.apps is forbidden"),
+            "{body}"
+        );
+        let (_, metrics) = get_text(&router, "/metrics").await;
+        assert!(
+            metrics.contains("warmroll_forbidden_watches 1"),
+            "{metrics}"
+        );
+        watches.allow("Deployment labelled warmroll.io/policy in all namespaces");
         assert_eq!(get_text(&router, "/readyz").await.0, StatusCode::OK);
 
         let (status, metrics) = get_text(&router, "/metrics").await;

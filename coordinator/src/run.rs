@@ -248,6 +248,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let Engine {
         router: engine_routes,
         task: mut engine,
+        watches,
     } = crate::engine::spawn(context, config, &mut metrics)?;
 
     let agent = &args.agent_service_account;
@@ -290,6 +291,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         crate::http::Health {
             leader: leader.clone(),
             serving,
+            watches,
         },
         Arc::new(metrics),
         fleet.clone(),

@@ -322,7 +322,15 @@ fn coordinator_is_non_root_replicated_and_guarded() {
         let rendered = Rendered::of(&values);
         let deploy: Deployment = rendered.one("Deployment");
         let spec = deploy.spec;
-        let pod = spec.template.spec.unwrap();
+        // Only the leader is Ready: a rolling update could never finish (shown on the
+        // real cluster, where helm upgrade restarts the coordinators).
+        assert_eq!(
+            spec.strategy.as_ref().and_then(|s| s.type_.as_deref()),
+            Some("Recreate"),
+            "{}",
+            name(&values)
+        );
+        let pod = spec.template.spec.clone().unwrap();
         let psc = pod.security_context.as_ref().expect("pod securityContext");
         assert_eq!(psc.run_as_non_root, Some(true));
         assert_ne!(psc.run_as_user, Some(0));
@@ -443,6 +451,19 @@ fn namespaced_rbac_makes_one_role_per_namespace() {
         .filter_map(|r| r.metadata.namespace)
         .collect();
     assert_eq!(namespaces, ["shop", "payments"]);
+    // The coordinator watches those namespaces only: cluster-wide lists are forbidden.
+    let watched = |rendered: &Rendered| {
+        let cm: ConfigMap = rendered.one("ConfigMap");
+        let data = cm.data.unwrap();
+        warmroll_coordinator::config::Config::parse(&data["config.yaml"], "rendered ConfigMap")
+            .unwrap()
+            .namespaces
+    };
+    assert_eq!(watched(&rendered), ["payments", "shop"]);
+    assert!(
+        watched(&Rendered::of(&None)).is_empty(),
+        "cluster scope watches all"
+    );
 }
 
 /// A rendered env var's value (downward API fields get a plausible value).

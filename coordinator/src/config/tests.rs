@@ -203,6 +203,12 @@ fn every_validation_error_names_its_field() {
             "policies:\n  web:\n    mode: rollout\n    warm: {threshold: 1.5}\n",
             "policies.web.warm.threshold: must be between 0 and 1",
         ),
+        ("namespaces: [Shop]\n", "namespaces[0]:"),
+        ("namespaces: [ok, '']\n", "namespaces[1]:"),
+        (
+            "namespaces: [shop]\npolicies:\n  p:\n    mode: rollout\n    targets: [other/Deployment/b]\n",
+            "policies.p.targets: other/Deployment/b is outside the watched namespaces shop",
+        ),
         (
             "policies:\n  p:\n    mode: rollout\n    warm: {timeout: 0s}\n",
             "policies.p.warm.timeout:",
@@ -306,4 +312,11 @@ fn pull_policy_rule() {
     assert!(!p.counts_pull_policy(None, "reg:5000/app:v1"));
     p.pull_policies = PullPolicies::All;
     assert!(p.counts_pull_policy(Some("IfNotPresent"), "app:v1"));
+}
+
+#[test]
+fn namespaces_are_sorted_and_deduplicated_and_default_to_all() {
+    assert!(parse("{}\n").unwrap().namespaces.is_empty());
+    let config = parse("namespaces: [shop, blog, shop]\n").unwrap();
+    assert_eq!(config.namespaces, ["blog", "shop"]);
 }

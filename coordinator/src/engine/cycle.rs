@@ -14,6 +14,7 @@ use warmroll_proto::image::ImageRef;
 use super::act::{Actor, WarmOrders};
 use super::secrets::PullSecrets;
 use super::watch::Watches;
+use super::watch_health::WatchHealth;
 use super::{Shared, containers_of, resolve_all, tag_key};
 use crate::config::{Config, Mode, Policy};
 use crate::drift::{
@@ -58,8 +59,9 @@ pub(crate) async fn run(
     resolver: Resolver,
     keyring: Keyring,
     shared: Arc<Shared>,
+    health: WatchHealth,
 ) {
-    let watches = Watches::start(&ctx.client, &config);
+    let watches = Watches::start(&ctx.client, &config, &health);
     tokio::select! {
         _ = watches.ready() => {}
         _ = ctx.shutdown.wait_for(|s| *s) => return,

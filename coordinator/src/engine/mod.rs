@@ -14,7 +14,10 @@ mod nodes;
 mod once;
 mod secrets;
 mod watch;
+mod watch_health;
 pub mod webhook;
+
+pub use watch_health::WatchHealth;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -47,6 +50,8 @@ pub use once::report_once;
 pub struct Engine {
     pub router: Router,
     pub task: JoinHandle<()>,
+    /// The workload watches the API server forbids, for `/readyz`.
+    pub watches: WatchHealth,
 }
 
 /// Why the engine cannot start.
@@ -158,8 +163,21 @@ pub fn spawn(
         .route("/report", get(report_handler))
         .route("/webhooks/registry", post(webhook::handler))
         .with_state(shared.clone());
-    let task = tokio::spawn(cycle::run(ctx, config, resolver, keyring, shared));
-    Ok(Engine { router, task })
+    let watches = WatchHealth::default();
+    watches.register(metrics);
+    let task = tokio::spawn(cycle::run(
+        ctx,
+        config,
+        resolver,
+        keyring,
+        shared,
+        watches.clone(),
+    ));
+    Ok(Engine {
+        router,
+        task,
+        watches,
+    })
 }
 
 async fn report_handler(AxumState(shared): AxumState<Arc<Shared>>) -> impl IntoResponse {

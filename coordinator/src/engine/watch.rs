@@ -1,6 +1,8 @@
 //! kube-runtime reflectors on the selected workloads only: one per kind on the policy
-//! label (all namespaces), one per explicit target (its namespace, by name). No Pod
-//! watch: pods come from the agents.
+//! label (in all namespaces, or in each of the configured `namespaces`), one per
+//! explicit target (its namespace, by name). No Pod watch: pods come from the agents.
+//! A watch the API server forbids is an error in the log and in `/readyz` (see
+//! [`super::watch_health`]).
 
 use std::fmt::Debug;
 
@@ -11,9 +13,10 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::task::JoinSet;
-use tracing::warn;
+use tracing::{error, info, warn};
 
 use super::nodes::NodeTable;
+use super::watch_health::{WatchHealth, forbidden_message};
 use crate::config::{Config, Mode, WarmTargets};
 use crate::workload::{Kind, Workload};
 
@@ -35,15 +38,33 @@ where
         api: Api<K>,
         config: watcher::Config,
         what: String,
+        health: &WatchHealth,
         tasks: &mut JoinSet<()>,
     ) {
         let (reader, writer) = reflector::store();
         let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+        let health = health.clone();
         tasks.spawn(async move {
             let mut stream = std::pin::pin!(stream);
             while let Some(event) = stream.next().await {
-                if let Err(e) = event {
-                    warn!(watch = %what, error = %e, "workload watch failed; retrying");
+                match event {
+                    Ok(_) => {
+                        if health.allow(&what) {
+                            info!(watch = %what, "workload watch allowed now");
+                        }
+                    }
+                    Err(e) => match forbidden_message(&e) {
+                        Some(message) => {
+                            if health.forbid(&what, message) {
+                                error!(
+                                    watch = %what,
+                                    error = message,
+                                    "the API server forbids this workload watch (RBAC); the engine waits until it is allowed (rbac.scope namespaced watches only the namespaces in rbac.namespaces)"
+                                );
+                            }
+                        }
+                        None => warn!(watch = %what, error = %e, "workload watch failed; retrying"),
+                    },
                 }
             }
         });
@@ -64,6 +85,17 @@ where
     }
 }
 
+/// An API for `K` in one namespace, or in all.
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    }
+}
+
 /// Every reflector the configuration asks for; dropping it stops them.
 pub(crate) struct Watches {
     deployments: KindStores<Deployment>,
@@ -75,7 +107,7 @@ pub(crate) struct Watches {
 }
 
 impl Watches {
-    pub(crate) fn start(client: &Client, config: &Config) -> Watches {
+    pub(crate) fn start(client: &Client, config: &Config, health: &WatchHealth) -> Watches {
         let mut tasks = JoinSet::new();
         let mut deployments = KindStores::new();
         let mut stateful_sets = KindStores::new();
@@ -86,17 +118,41 @@ impl Watches {
             .flat_map(|p| p.kinds.iter().copied())
             .collect();
         let labelled = || watcher::Config::default().labels(&config.policy_label);
+        // `None`: all namespaces (a ClusterRole); else one watch per namespace (Roles).
+        let scopes: Vec<Option<&str>> = if config.namespaces.is_empty() {
+            vec![None]
+        } else {
+            config.namespaces.iter().map(|n| Some(n.as_str())).collect()
+        };
         for kind in &kinds {
-            let what = format!("{kind} labelled {}", config.policy_label);
-            match kind {
-                Kind::Deployment => {
-                    deployments.reflect(Api::all(client.clone()), labelled(), what, &mut tasks)
-                }
-                Kind::StatefulSet => {
-                    stateful_sets.reflect(Api::all(client.clone()), labelled(), what, &mut tasks)
-                }
-                Kind::DaemonSet => {
-                    daemon_sets.reflect(Api::all(client.clone()), labelled(), what, &mut tasks)
+            for scope in &scopes {
+                let what = format!(
+                    "{kind} labelled {} in {}",
+                    config.policy_label,
+                    scope.map_or("all namespaces".to_owned(), |n| format!("namespace {n}"))
+                );
+                match kind {
+                    Kind::Deployment => deployments.reflect(
+                        scoped(client, *scope),
+                        labelled(),
+                        what,
+                        health,
+                        &mut tasks,
+                    ),
+                    Kind::StatefulSet => stateful_sets.reflect(
+                        scoped(client, *scope),
+                        labelled(),
+                        what,
+                        health,
+                        &mut tasks,
+                    ),
+                    Kind::DaemonSet => daemon_sets.reflect(
+                        scoped(client, *scope),
+                        labelled(),
+                        what,
+                        health,
+                        &mut tasks,
+                    ),
                 }
             }
         }
@@ -110,18 +166,21 @@ impl Watches {
                     Api::namespaced(client.clone(), ns),
                     by_name,
                     what,
+                    health,
                     &mut tasks,
                 ),
                 Kind::StatefulSet => stateful_sets.reflect(
                     Api::namespaced(client.clone(), ns),
                     by_name,
                     what,
+                    health,
                     &mut tasks,
                 ),
                 Kind::DaemonSet => daemon_sets.reflect(
                     Api::namespaced(client.clone(), ns),
                     by_name,
                     what,
+                    health,
                     &mut tasks,
                 ),
             }
