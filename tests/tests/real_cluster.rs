@@ -17,15 +17,17 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::authorization::v1::SubjectAccessReview;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
 use serde_json::{Value, json};
 use warmroll_tests::image::{ImageBuilder, Pushed};
 use warmroll_tests::kube::helm::{self, NAMESPACE};
 use warmroll_tests::kube::warmroll::{
-    AGENT, AGENT_USER, COORDINATOR_USER, Warmroll, coordinator_writes, field, image_ids, is_ready,
-    message, workload,
+    AGENT, AGENT_USER, COORDINATOR, COORDINATOR_USER, Warmroll, coordinator_writes, field,
+    image_ids, is_ready, message, workload,
 };
 use warmroll_tests::kube::{AuditEvent, KUBE_RELEASE, KubeCluster, wait_for};
 use warmroll_tests::registry::{Registry, RegistryOptions};
@@ -47,6 +49,8 @@ config:
     rollout:
       mode: rollout
       pollInterval: 2s
+      # Several pushes of one tag follow each other within minutes here.
+      cooldown: 5s
       rolloutTimeout: 5m
       warm:
         enabled: true
@@ -137,6 +141,7 @@ async fn warmroll_on_a_real_cluster() {
     if_not_present_pods_start_on_the_new_digest(&bed).await;
     a_rollout_that_cannot_come_up_is_held_after_one_patch(&bed).await;
     report_mode_logs_one_line_per_drifting_container(&bed).await;
+    namespaced_rbac_watches_its_namespaces_and_says_when_forbidden(&bed).await;
 }
 
 /// The chart installs with values only; both coordinator replicas run, the Lease names
@@ -273,8 +278,6 @@ async fn sessions_of_other_accounts_or_nodes_are_refused(bed: &Bed) {
 /// The chart's RBAC as the real API server enforces it: a SubjectAccessReview for each
 /// thing the coordinator and the agents must and must not do.
 async fn rbac_allows_the_work_and_nothing_more(bed: &Bed) {
-    let warmroll = bed.warmroll().await;
-    let reviews: Api<SubjectAccessReview> = Api::all(warmroll.client.clone());
     let cases = [
         (COORDINATOR_USER, "patch", "apps", "deployments", DEMO, true),
         (COORDINATOR_USER, "watch", "apps", "statefulsets", "", true),
@@ -297,23 +300,7 @@ async fn rbac_allows_the_work_and_nothing_more(bed: &Bed) {
     ];
     let mut wrong = Vec::new();
     for (user, verb, group, resource, namespace, expected) in cases {
-        let review: SubjectAccessReview = serde_json::from_value(json!({
-            "apiVersion": "authorization.k8s.io/v1",
-            "kind": "SubjectAccessReview",
-            "spec": {
-                "user": user,
-                "groups": ["system:serviceaccounts", "system:serviceaccounts:warmroll", "system:authenticated"],
-                "resourceAttributes": {
-                    "verb": verb, "group": group, "resource": resource, "namespace": namespace,
-                },
-            },
-        }))
-        .unwrap();
-        let answer = reviews
-            .create(&PostParams::default(), &review)
-            .await
-            .unwrap();
-        let allowed = answer.status.map(|s| s.allowed).unwrap_or(false);
+        let allowed = allowed(bed, user, verb, group, resource, namespace).await;
         if allowed != expected {
             wrong.push(format!(
                 "{user} {verb} {group}/{resource} in {namespace:?}: allowed={allowed}, want {expected}"
@@ -574,4 +561,139 @@ fn workload_container_state(report: &Value, name: &str) -> Option<(String, Strin
         state["state"].as_str()?.to_string(),
         state["reason"].as_str().unwrap_or_default().to_string(),
     ))
+}
+
+/// `rbac.scope: namespaced` (Roles only, in `demo`), for real: the coordinator may no
+/// longer list workloads cluster-wide, watches `demo` alone and still rolls there; when
+/// its Role is taken away, the new coordinators log the forbidden watch as an error and
+/// the leader's `/readyz` answers 503 naming it, until the Role is back.
+async fn namespaced_rbac_watches_its_namespaces_and_says_when_forbidden(bed: &Bed) {
+    let images = push_warmroll_images(&bed.registry, "test").await.unwrap();
+    let values = format!("{VALUES}rbac:\n  scope: namespaced\n  namespaces: [{DEMO}]\n");
+    let upgraded_at = jiff::Timestamp::now();
+    helm::install(&bed.cluster, &images, &values).unwrap();
+    let warmroll = bed.warmroll().await;
+    wait_for(
+        "coordinators restarted on the namespaced config",
+        READY_TIMEOUT,
+        || async {
+            let pods = warmroll.coordinator_pods().await?;
+            let restarted = pods.len() == 2
+                && pods.iter().all(|p| {
+                    p.metadata.deletion_timestamp.is_none()
+                        && p.metadata.creation_timestamp.as_ref().is_some_and(|t| {
+                            t.0 >= upgraded_at
+                                .checked_sub(jiff::SignedDuration::from_secs(1))
+                                .unwrap()
+                        })
+                });
+            Ok(restarted.then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    warmroll
+        .wait_ready(usize::from(NODES), READY_TIMEOUT)
+        .await
+        .unwrap();
+    assert!(
+        !allowed(bed, COORDINATOR_USER, "list", "apps", "deployments", "").await,
+        "namespaced: no cluster-wide list"
+    );
+    assert!(allowed(bed, COORDINATOR_USER, "watch", "apps", "deployments", DEMO).await);
+
+    // Still rolls in its namespace.
+    let pushed = bed.builder.push("demo/app", "latest").await.unwrap();
+    bed.wait_pods_on("web", 2, &pushed.manifest_digest).await;
+
+    // Take the Role away and restart both coordinators: their watches are refused.
+    let bindings: Api<RoleBinding> = Api::namespaced(warmroll.client.clone(), DEMO);
+    bindings
+        .delete(COORDINATOR, &DeleteParams::default())
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(warmroll.client.clone(), NAMESPACE);
+    for pod in warmroll.coordinator_pods().await.unwrap() {
+        pods.delete(&pod.metadata.name.unwrap(), &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    let leases: Api<Lease> = Api::namespaced(warmroll.client.clone(), NAMESPACE);
+    let body = wait_for(
+        "the leader's /readyz naming the forbidden watch",
+        READY_TIMEOUT,
+        || async {
+            let lease = leases.get(COORDINATOR).await?;
+            let Some(holder) = lease.spec.and_then(|s| s.holder_identity) else {
+                return Ok(None);
+            };
+            let Ok(pod) = pods.get(&holder).await else {
+                return Ok(None);
+            };
+            let (status, body) = warmroll.http(&pod, "/readyz").await?;
+            Ok((status == 503 && body.contains("forbids")).then_some(body))
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        body.contains(&format!(
+            "Deployment labelled warmroll.io/policy in namespace {DEMO}"
+        )),
+        "/readyz names the watch: {body}"
+    );
+    assert!(
+        body.contains("forbidden"),
+        "/readyz carries the API's message: {body}"
+    );
+    let errors: Vec<Value> = warmroll
+        .coordinator_log()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|l| {
+            l["level"] == json!("ERROR") && message(l).contains("forbids this workload watch")
+        })
+        .collect();
+    assert!(
+        !errors.is_empty(),
+        "the forbidden watch is an error in the log"
+    );
+
+    // The Role back (helm recreates what was deleted): ready again.
+    helm::install(&bed.cluster, &images, &values).unwrap();
+    warmroll
+        .wait_ready(usize::from(NODES), READY_TIMEOUT)
+        .await
+        .unwrap();
+}
+
+/// A SubjectAccessReview for a ServiceAccount of warmroll's namespace.
+async fn allowed(
+    bed: &Bed,
+    user: &str,
+    verb: &str,
+    group: &str,
+    resource: &str,
+    namespace: &str,
+) -> bool {
+    let warmroll = bed.warmroll().await;
+    let reviews: Api<SubjectAccessReview> = Api::all(warmroll.client.clone());
+    let review: SubjectAccessReview = serde_json::from_value(json!({
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SubjectAccessReview",
+        "spec": {
+            "user": user,
+            "groups": ["system:serviceaccounts", "system:serviceaccounts:warmroll", "system:authenticated"],
+            "resourceAttributes": {
+                "verb": verb, "group": group, "resource": resource, "namespace": namespace,
+            },
+        },
+    }))
+    .unwrap();
+    let answer = reviews
+        .create(&PostParams::default(), &review)
+        .await
+        .unwrap();
+    answer.status.is_some_and(|s| s.allowed)
 }
