@@ -18,6 +18,7 @@ use warmroll_coordinator::drift::State;
 use warmroll_coordinator::engine::{report_once, resolver_for};
 use warmroll_tests::cluster::{Cluster, ClusterOptions};
 use warmroll_tests::image::ImageBuilder;
+use warmroll_tests::kubeapi::KubeApi;
 use warmroll_tests::registry::{Registry, RegistryOptions};
 
 fn deployment(ns: &str, name: &str, policy: Option<&str>, image: &str) -> Deployment {
@@ -254,4 +255,60 @@ async fn pull_secrets_of_the_workload_resolve_its_private_tags() {
         "report --once writes nothing: {:?}",
         api.writes()
     );
+}
+
+/// With Roles only (the stand-in answers cluster-wide Deployment lists with the real
+/// API server's 403), `report --once` over the configured `namespaces` lists each of
+/// them and works; without them its error names the cluster-wide list and the 403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_once_lists_each_configured_namespace_when_cluster_lists_are_forbidden() {
+    warmroll_tests::tls::install_crypto_provider();
+    let registry = Registry::start(RegistryOptions::plain()).await.unwrap();
+    let first = ImageBuilder::new(&registry)
+        .unwrap()
+        .push("app", "latest")
+        .await
+        .unwrap();
+    let api = KubeApi::start().await.unwrap();
+    for d in [
+        deployment("shop", "web", Some("watch"), &first.reference),
+        deployment("blog", "web", Some("watch"), &first.reference),
+        deployment("elsewhere", "web", Some("watch"), &first.reference),
+    ] {
+        api.insert(&d).unwrap();
+    }
+    api.forbid_cluster_scope("apps", "deployments");
+    let host = registry.host();
+    let config = |namespaces: &str| {
+        Config::parse(
+            &format!(
+                "{namespaces}registry:\n  insecureRegistries: [\"{host}\"]\npolicies:\n  watch:\n    mode: report\n    kinds: [Deployment]\n"
+            ),
+            "test",
+        )
+        .unwrap()
+    };
+    let scoped = config("namespaces: [shop, blog]\n");
+    let (resolver, _) = resolver_for(&scoped).unwrap();
+    let report = report_once(&api.client(), &scoped, &resolver)
+        .await
+        .unwrap();
+    let mut seen: Vec<&str> = report
+        .workloads
+        .iter()
+        .map(|w| w.namespace.as_str())
+        .collect();
+    seen.sort();
+    assert_eq!(seen, ["blog", "shop"]);
+
+    let everywhere = config("");
+    let error = report_once(&api.client(), &everywhere, &resolver)
+        .await
+        .unwrap_err();
+    let text = format!("{error}");
+    assert!(
+        text.contains("Deployments labelled warmroll.io/policy in all namespaces"),
+        "{text}"
+    );
+    assert!(text.contains("at the cluster scope"), "{text}");
 }

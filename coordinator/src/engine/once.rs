@@ -14,6 +14,7 @@ use kube::{Api, Client};
 use warmroll_proto::image::{Digest, ImageRef};
 
 use super::secrets::PullSecrets;
+use super::watch::{scope_text, scoped, scopes};
 use super::{EngineError, containers_of, resolve_all};
 use crate::config::Config;
 use crate::drift::{self, Running};
@@ -135,32 +136,38 @@ async fn list_workloads(client: &Client, config: &Config) -> Result<Vec<Workload
     let mut out = Vec::new();
     let err = |what: String| move |source| EngineError::List { what, source };
     for kind in kinds {
-        let what = format!("{kind}s labelled {}", config.policy_label);
-        match kind {
-            Kind::Deployment => out.extend(
-                Api::<Deployment>::all(client.clone())
-                    .list(&labelled)
-                    .await
-                    .map_err(err(what))?
-                    .iter()
-                    .map(Workload::from_deployment),
-            ),
-            Kind::StatefulSet => out.extend(
-                Api::<StatefulSet>::all(client.clone())
-                    .list(&labelled)
-                    .await
-                    .map_err(err(what))?
-                    .iter()
-                    .map(Workload::from_stateful_set),
-            ),
-            Kind::DaemonSet => out.extend(
-                Api::<DaemonSet>::all(client.clone())
-                    .list(&labelled)
-                    .await
-                    .map_err(err(what))?
-                    .iter()
-                    .map(Workload::from_daemon_set),
-            ),
+        for scope in scopes(config) {
+            let what = format!(
+                "{kind}s labelled {} in {}",
+                config.policy_label,
+                scope_text(scope)
+            );
+            match kind {
+                Kind::Deployment => out.extend(
+                    scoped::<Deployment>(client, scope)
+                        .list(&labelled)
+                        .await
+                        .map_err(err(what))?
+                        .iter()
+                        .map(Workload::from_deployment),
+                ),
+                Kind::StatefulSet => out.extend(
+                    scoped::<StatefulSet>(client, scope)
+                        .list(&labelled)
+                        .await
+                        .map_err(err(what))?
+                        .iter()
+                        .map(Workload::from_stateful_set),
+                ),
+                Kind::DaemonSet => out.extend(
+                    scoped::<DaemonSet>(client, scope)
+                        .list(&labelled)
+                        .await
+                        .map_err(err(what))?
+                        .iter()
+                        .map(Workload::from_daemon_set),
+                ),
+            }
         }
     }
     let targets = config.policies.values().flat_map(|p| p.targets.iter());

@@ -85,8 +85,24 @@ where
     }
 }
 
+/// Where labelled workloads are listed and watched: `None` for all namespaces (one
+/// cluster-wide call per kind, a ClusterRole's grant), else each configured namespace
+/// (Roles).
+pub(crate) fn scopes(config: &Config) -> Vec<Option<&str>> {
+    if config.namespaces.is_empty() {
+        vec![None]
+    } else {
+        config.namespaces.iter().map(|n| Some(n.as_str())).collect()
+    }
+}
+
+/// `all namespaces` or `namespace <name>`, for messages.
+pub(crate) fn scope_text(scope: Option<&str>) -> String {
+    scope.map_or("all namespaces".to_owned(), |n| format!("namespace {n}"))
+}
+
 /// An API for `K` in one namespace, or in all.
-fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+pub(crate) fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
 {
@@ -118,18 +134,12 @@ impl Watches {
             .flat_map(|p| p.kinds.iter().copied())
             .collect();
         let labelled = || watcher::Config::default().labels(&config.policy_label);
-        // `None`: all namespaces (a ClusterRole); else one watch per namespace (Roles).
-        let scopes: Vec<Option<&str>> = if config.namespaces.is_empty() {
-            vec![None]
-        } else {
-            config.namespaces.iter().map(|n| Some(n.as_str())).collect()
-        };
         for kind in &kinds {
-            for scope in &scopes {
+            for scope in &scopes(config) {
                 let what = format!(
                     "{kind} labelled {} in {}",
                     config.policy_label,
-                    scope.map_or("all namespaces".to_owned(), |n| format!("namespace {n}"))
+                    scope_text(*scope)
                 );
                 match kind {
                     Kind::Deployment => deployments.reflect(

@@ -166,6 +166,7 @@ impl KubeApi {
             }),
             tokens: Mutex::new(tokens),
             requests: Mutex::new(Vec::new()),
+            cluster_scope_forbidden: Mutex::new(Vec::new()),
             bookmark_interval: options.bookmark_interval,
             addr,
         });
@@ -267,6 +268,17 @@ impl KubeApi {
             .into_iter()
             .filter(|r| r.method != Method::GET)
             .collect()
+    }
+
+    /// Answers cluster-wide lists and watches of `resource` in API `group` (`""` for
+    /// core) with 403 Forbidden from now on, as the real API server does for a user with
+    /// Roles only; namespaced requests still work. `allow_cluster_scope` undoes it.
+    pub fn forbid_cluster_scope(&self, group: &str, resource: &str) {
+        lock(&self.shared.cluster_scope_forbidden).push((group.to_owned(), resource.to_owned()));
+    }
+
+    pub fn allow_cluster_scope(&self) {
+        lock(&self.shared.cluster_scope_forbidden).clear();
     }
 
     pub fn reset_requests(&self) {

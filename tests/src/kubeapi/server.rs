@@ -34,6 +34,9 @@ pub struct Shared {
     pub store: Mutex<Store>,
     pub tokens: Mutex<Tokens>,
     pub requests: Mutex<Vec<RecordedRequest>>,
+    /// `(group, resource)` whose cluster-wide list and watch answer 403, as for a user
+    /// with Roles in some namespaces only.
+    pub cluster_scope_forbidden: Mutex<Vec<(String, String)>>,
     pub bookmark_interval: Duration,
     pub addr: SocketAddr,
 }
@@ -70,12 +73,21 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
         body: body.to_vec(),
         user: user.clone(),
     });
-    if user.is_none() {
+    let Some(user) = user else {
         return error_response(&ApiError::unauthorized());
-    }
+    };
     let query: HashMap<String, String> = Query::try_from_uri(&parts.uri)
         .map(|q| q.0)
         .unwrap_or_default();
+    if parts.method == Method::GET
+        && let Some((group, resource)) = cluster_scope_forbidden(&shared, parts.uri.path())
+    {
+        let watch = query.get("watch").is_some_and(|w| w == "true" || w == "1");
+        let verb = if watch { "watch" } else { "list" };
+        return error_response(&ApiError::forbidden_cluster_scope(
+            &user, verb, &group, &resource,
+        ));
+    }
     let content_type = parts
         .headers
         .get(header::CONTENT_TYPE)
@@ -90,6 +102,21 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
         Ok(response) => response,
         Err(e) => error_response(&e),
     }
+}
+
+/// The forbidden `(group, resource)` a path lists cluster-wide (`/api/v1/<resource>`,
+/// `/apis/<group>/<version>/<resource>`), if any.
+fn cluster_scope_forbidden(shared: &Shared, path: &str) -> Option<(String, String)> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, resource) = match parts.as_slice() {
+        ["api", _, resource] => ("", *resource),
+        ["apis", group, _, resource] => (*group, *resource),
+        _ => return None,
+    };
+    lock(&shared.cluster_scope_forbidden)
+        .iter()
+        .find(|(g, r)| g == group && r == resource)
+        .cloned()
 }
 
 fn bearer_token(headers: &HeaderMap) -> Option<&str> {

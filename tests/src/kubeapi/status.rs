@@ -121,6 +121,25 @@ impl ApiError {
         Self::new(400, "BadRequest", message)
     }
 
+    /// 403 as RBAC answers a cluster-wide list or watch that only Roles would allow:
+    /// `deployments.apps is forbidden: User "…" cannot list resource "deployments" in
+    /// API group "apps" at the cluster scope`.
+    pub fn forbidden_cluster_scope(user: &str, verb: &str, group: &str, resource: &str) -> Self {
+        let qualified = if group.is_empty() {
+            resource.to_owned()
+        } else {
+            format!("{resource}.{group}")
+        };
+        Self::new(
+            403,
+            "Forbidden",
+            format!(
+                "{qualified} is forbidden: User \"{user}\" cannot {verb} resource \"{resource}\" in API group \"{group}\" at the cluster scope"
+            ),
+        )
+        .with_details(json!({"group": group, "kind": resource}))
+    }
+
     pub fn unauthorized() -> Self {
         Self::new(401, "Unauthorized", "Unauthorized")
     }
