@@ -1,23 +1,29 @@
 //! `warmroll-sandbox demo`: watch warmroll keep a Deployment and a DaemonSet on a
-//! mutable tag, with the new image pulled onto every node before the rollout.
+//! mutable tag, with the new image pulled onto every node before the rollout: on a real
+//! Kubernetes (`warmroll_sandbox::real`), or with `--stand-in` in the in-process sandbox.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use warmroll_sandbox::print::{indent, mib, secs, step};
+use warmroll_sandbox::real::{self, RealOptions};
 use warmroll_sandbox::sandbox::Rollout;
 use warmroll_sandbox::{Progress, Sandbox, SandboxOptions, WarmMode, Workload};
 
 #[derive(Parser, Debug)]
 #[command(name = "warmroll-sandbox", version, about)]
 struct Cli {
-    /// Log filter for warmroll's own logs (stderr), e.g. info or warmroll_coordinator=debug.
+    /// Log filter for the demo process's logs (stderr): warmroll's own with --stand-in
+    /// (e.g. info or warmroll_coordinator=debug; on the real cluster warmroll logs in its
+    /// pods). By default errors only, less the Kubernetes client's failed requests while
+    /// the API server starts (the demo retries them).
     #[arg(
         long,
         global = true,
         env = "WARMROLL_SANDBOX_LOG",
-        default_value = "error"
+        default_value = "error,kube_client::client::builder=off"
     )]
     log: String,
     #[command(subcommand)]
@@ -26,17 +32,24 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Start a registry, a cluster of containerd nodes, the agents and the coordinator;
-    /// deploy a labelled Deployment and DaemonSet on app:latest; push a new build and show
-    /// the drift report, the warm-up, the rollout and the converged state; clean up.
+    /// Start a registry and a real Kubernetes cluster (built by scripts/build-kubernetes;
+    /// WARMROLL_KUBE_BIN names its bin dir), install warmroll with its Helm chart (images
+    /// of the release binaries); deploy a labelled Deployment and DaemonSet on
+    /// app:latest; push a new build and show the warm-up per node, the rollout and the
+    /// converged state from the cluster's own records; clean up. Needs root.
     Demo(DemoArgs),
 }
 
 #[derive(clap::Args, Debug)]
 struct DemoArgs {
-    /// Nodes in the sandbox cluster.
-    #[arg(long, env = "WARMROLL_SANDBOX_NODES", default_value_t = 3)]
-    nodes: usize,
+    /// Run on the in-process stand-ins instead (a Kubernetes API stand-in with our own
+    /// kubelet and controller loops over real containerd nodes, the agents and the
+    /// coordinator in this process): faster, no Kubernetes build or release build needed.
+    #[arg(long, env = "WARMROLL_SANDBOX_STAND_IN")]
+    stand_in: bool,
+    /// Nodes in the cluster (real kubelets, or stand-in nodes with --stand-in).
+    #[arg(long, env = "WARMROLL_SANDBOX_NODES", default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..))]
+    nodes: u8,
     /// Size of the random layer in each build of the image (e.g. 32MiB, 500MiB).
     #[arg(long, env = "WARMROLL_SANDBOX_IMAGE_SIZE", default_value = "32MiB", value_parser = parse_bytes)]
     image_size: u64,
@@ -49,7 +62,7 @@ struct DemoArgs {
     latency: Duration,
     /// Deployment replicas.
     #[arg(long, env = "WARMROLL_SANDBOX_REPLICAS", default_value_t = 3)]
-    replicas: usize,
+    replicas: u32,
     /// Patch at once instead of warming first (the policy's `warm: {enabled: false}`).
     #[arg(long, env = "WARMROLL_SANDBOX_NO_WARM")]
     no_warm: bool,
@@ -121,20 +134,27 @@ fn main() -> ExitCode {
     }
 }
 
-fn mib(bytes: u64) -> String {
-    format!("{:.0} MiB", bytes as f64 / f64::from(1 << 20))
-}
-
-fn secs(d: Duration) -> String {
-    format!("{:5.1}s", d.as_secs_f64())
-}
-
-fn step(title: &str) {
-    println!("\n== {title}");
-}
-
 async fn demo(args: DemoArgs) -> Result<()> {
+    if args.stand_in {
+        return stand_in(args).await;
+    }
+    real::demo(&RealOptions {
+        nodes: args.nodes,
+        image_size: args.image_size,
+        bandwidth: args.bandwidth,
+        latency: args.latency,
+        replicas: args.replicas,
+        no_warm: args.no_warm,
+    })
+    .await
+    .map(drop)
+}
+
+/// The demo on the in-process stand-ins (`--stand-in`).
+async fn stand_in(args: DemoArgs) -> Result<()> {
     let started = Instant::now();
+    let nodes = usize::from(args.nodes);
+    let replicas = usize::try_from(args.replicas)?;
     let warm = if args.no_warm {
         WarmMode::Off
     } else {
@@ -142,12 +162,12 @@ async fn demo(args: DemoArgs) -> Result<()> {
     };
     step(&format!(
         "starting the sandbox: registry, {} containerd nodes with kubelet/controller loops, {} agents, coordinator ({})",
-        args.nodes,
-        args.nodes,
+        nodes,
+        nodes,
         warm.label()
     ));
     let sandbox = Sandbox::start(SandboxOptions {
-        nodes: args.nodes,
+        nodes,
         warm,
         latency: args.latency,
         ..SandboxOptions::default()
@@ -171,7 +191,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
         .await?;
     println!("   app:latest -> {}", first.manifest_digest);
     let workloads = [
-        Workload::deployment("web", &first.reference, args.replicas),
+        Workload::deployment("web", &first.reference, replicas),
         Workload::daemonset("node-cache", &first.reference),
     ];
     step("deploying, labelled warmroll.io/policy=sandbox");
@@ -182,11 +202,11 @@ async fn demo(args: DemoArgs) -> Result<()> {
             "   {} {} rolled out ({} pods) in {}",
             w.kind,
             w.name,
-            w.pods(args.nodes),
+            w.pods(nodes),
             secs(t.elapsed())
         );
     }
-    let report = settled_report(&sandbox, &workloads, args.nodes).await?;
+    let report = settled_report(&sandbox, &workloads, nodes).await?;
     println!("   coordinator report:\n{}", indent(&report.table()));
 
     let bandwidth = (args.bandwidth > 0).then_some(args.bandwidth);
@@ -214,9 +234,9 @@ async fn demo(args: DemoArgs) -> Result<()> {
     }
 
     step("converged");
-    let report = settled_report(&sandbox, &workloads, args.nodes).await?;
+    let report = settled_report(&sandbox, &workloads, nodes).await?;
     println!("{}", indent(&report.table()));
-    summary(&rollouts, args.nodes);
+    summary(&rollouts, nodes);
     step("cleaning up");
     let t = Instant::now();
     sandbox.stop().await;
@@ -338,13 +358,6 @@ fn summary(rollouts: &[Rollout], nodes: usize) {
     }
 }
 
-fn indent(text: &str) -> String {
-    text.lines()
-        .map(|l| format!("     {l}"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -373,6 +386,22 @@ mod tests {
         assert_eq!(args.nodes, 2);
         assert_eq!(args.bandwidth, 4 << 20);
         assert_eq!(args.image_size, 32 << 20);
+        assert_eq!(args.replicas, 3);
         assert!(!args.no_warm);
+        assert!(!args.stand_in, "the real cluster is the default");
+    }
+
+    #[test]
+    fn stand_in_is_a_flag_and_nodes_must_be_one_to_255() {
+        let cli = Cli::try_parse_from(["warmroll-sandbox", "demo", "--stand-in"]).unwrap();
+        let Command::Demo(args) = cli.command;
+        assert!(args.stand_in);
+        assert_eq!(args.nodes, 3);
+        for nodes in ["0", "256"] {
+            assert!(
+                Cli::try_parse_from(["warmroll-sandbox", "demo", "--nodes", nodes]).is_err(),
+                "--nodes {nodes}"
+            );
+        }
     }
 }

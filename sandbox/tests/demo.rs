@@ -4,7 +4,12 @@
     clippy::panic,
     clippy::indexing_slicing
 )]
-//! The demo, small and end to end: a 2-node sandbox (real registry, real containerd per
+//! The demo, small and end to end. On a real Kubernetes (what `scripts/sandbox` runs; the
+//! binaries from `scripts/build-kubernetes` and the release build, as for the
+//! real-cluster tests): the demo itself on 2 nodes, whose Deployment and DaemonSet must
+//! converge, each patched once after every node held the new image.
+//!
+//! On the stand-ins (`--stand-in`): a 2-node sandbox (real registry, real containerd per
 //! node, in-process agents and coordinator), a labelled DaemonSet on app:latest, a new
 //! build pushed under the tag. warmroll must report the drift, hold the new digest on
 //! every node before it patches, patch the DaemonSet exactly once (a merge patch, no
@@ -15,7 +20,41 @@
 use std::time::Duration;
 
 use warmroll_sandbox::coordinator::COORDINATOR_USER;
+use warmroll_sandbox::real::{self, RealOptions};
 use warmroll_sandbox::{Progress, Sandbox, SandboxOptions, WarmMode, Workload};
+use warmroll_tests::kube::KUBE_RELEASE;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_real_demo_patches_each_workload_once_after_every_node_is_warm() {
+    let outcome = real::demo(&RealOptions {
+        nodes: 2,
+        image_size: 8 << 20,
+        bandwidth: 8 << 20,
+        latency: Duration::ZERO,
+        replicas: 2,
+        no_warm: false,
+    })
+    .await
+    .expect("the real demo (scripts/build-kubernetes and the release build first)");
+    assert_eq!(outcome.version, KUBE_RELEASE);
+    assert!(
+        real::settled(&outcome.report, &outcome.targets),
+        "{}",
+        outcome.report.table()
+    );
+    assert_eq!(outcome.rollouts.len(), 2);
+    for r in &outcome.rollouts {
+        let name = r.target.name;
+        assert!(r.warm_before_patch, "{name}: {:?}", r.writes);
+        assert_eq!(
+            (r.writes.patches, r.writes.events),
+            (1, 1),
+            "{name}: one patch and one Event: {:?}",
+            r.writes
+        );
+        assert!(r.writes.other.is_empty(), "{name}: {:?}", r.writes.other);
+    }
+}
 
 /// A two-node sandbox in `warm` mode with a DaemonSet on a fresh `app:latest`, deployed.
 async fn deployed_daemonset(warm: WarmMode) -> (Sandbox, Workload) {
