@@ -14,7 +14,7 @@ use tracing::{info, instrument, warn};
 use warmroll_proto::fleet::{Credentials, NodeName, WarmOutcome};
 use warmroll_proto::image::{Digest, ImageRef};
 
-use crate::config::Policy;
+use crate::config::{Mode, Policy};
 use crate::drift::{LastRollout, WarmProgress};
 use crate::fleet::view::WarmBytes;
 use crate::fleet::{FleetView, WarmRequest, WarmState, WarmTicket};
@@ -217,8 +217,8 @@ impl Actor {
         })
     }
 
-    /// A Kubernetes Event on the workload saying it was rolled and why.
-    pub(crate) async fn event(&self, workload: &Workload, reason: &str, partial: bool) {
+    /// A Kubernetes Event on the workload saying it was rolled, how and why.
+    pub(crate) async fn event(&self, workload: &Workload, note: &str, how: RolledHow) {
         let reference = ObjectReference {
             api_version: Some("apps/v1".to_owned()),
             kind: Some(workload.key.kind.to_string()),
@@ -228,22 +228,80 @@ impl Actor {
             ..ObjectReference::default()
         };
         let event = Event {
-            type_: if partial {
+            type_: if how == RolledHow::PartiallyWarm {
                 EventType::Warning
             } else {
                 EventType::Normal
             },
-            reason: if partial {
-                "RolledPartiallyWarm".to_owned()
-            } else {
-                "RolledWarm".to_owned()
-            },
-            note: Some(reason.to_owned()),
+            reason: how.reason().to_owned(),
+            note: Some(note.to_owned()),
             action: "Rollout".to_owned(),
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&event, &reference).await {
             warn!(workload = %workload.key, error = %e, "cannot record the rollout event");
         }
+    }
+}
+
+/// How a workload was rolled, as its Event's reason says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RolledHow {
+    /// Every target node held the new image first (the warm gate opened).
+    Warm,
+    /// The warm-up timed out below its threshold and the policy rolls anyway.
+    PartiallyWarm,
+    /// The policy does not warm (`warm.enabled: false`): the kubelets pull after.
+    Unwarmed,
+    /// A `restart` policy's schedule came due.
+    Scheduled,
+}
+
+impl RolledHow {
+    /// From the policy and whether the warm gate was forced open by a timeout.
+    pub(crate) fn of(policy: &Policy, partial: bool) -> RolledHow {
+        match (policy.mode, policy.warm.enabled, partial) {
+            (Mode::Restart, _, _) => RolledHow::Scheduled,
+            (_, false, _) => RolledHow::Unwarmed,
+            (_, true, true) => RolledHow::PartiallyWarm,
+            (_, true, false) => RolledHow::Warm,
+        }
+    }
+
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            RolledHow::Warm => "RolledWarm",
+            RolledHow::PartiallyWarm => "RolledPartiallyWarm",
+            RolledHow::Unwarmed => "Rolled",
+            RolledHow::Scheduled => "RestartedOnSchedule",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn policy(yaml: &str) -> Policy {
+        Config::parse(&format!("policies:\n  p:\n{yaml}"), "t")
+            .unwrap()
+            .policies
+            .remove("p")
+            .unwrap()
+    }
+
+    #[test]
+    fn the_event_reason_says_how_the_workload_was_rolled() {
+        let warm = policy("    mode: rollout\n");
+        assert_eq!(RolledHow::of(&warm, false).reason(), "RolledWarm");
+        assert_eq!(RolledHow::of(&warm, true).reason(), "RolledPartiallyWarm");
+        let cold = policy("    mode: rollout\n    warm: {enabled: false}\n");
+        assert_eq!(RolledHow::of(&cold, false).reason(), "Rolled");
+        let scheduled = policy("    mode: restart\n    schedule: '0 3 * * *'\n");
+        assert_eq!(
+            RolledHow::of(&scheduled, false).reason(),
+            "RestartedOnSchedule"
+        );
     }
 }

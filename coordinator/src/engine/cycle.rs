@@ -11,7 +11,7 @@ use tracing::{info, warn};
 use warmroll_proto::fleet::{Container, NodeName};
 use warmroll_proto::image::ImageRef;
 
-use super::act::{Actor, WarmOrders};
+use super::act::{Actor, RolledHow, WarmOrders};
 use super::secrets::PullSecrets;
 use super::watch::Watches;
 use super::watch_health::WatchHealth;
@@ -387,7 +387,9 @@ async fn step_workload<'p>(
                             .rollout(if partial { "partial" } else { "patched" });
                         *rolling.entry(policy.name.as_str()).or_default() += 1;
                         info!(workload = %workload.key, reason = %reason, "rollout: patched the pod template");
-                        actor.event(workload, reason, partial).await;
+                        actor
+                            .event(workload, reason, RolledHow::of(policy, partial))
+                            .await;
                         memory.warm = WarmOrders::default();
                     }
                     Err(e) => {
