@@ -30,6 +30,12 @@ pub enum ConfigError {
     },
     #[error("configuration {origin}: {message}")]
     Parse { origin: String, message: String },
+    #[error("configuration {origin}, line {line}: {reason}")]
+    Env {
+        origin: String,
+        line: usize,
+        reason: String,
+    },
     #[error("configuration {origin}: {field}: {reason}")]
     Invalid {
         origin: String,
@@ -184,6 +190,58 @@ impl Policy {
     }
 }
 
+/// Replaces each `${NAME}` in `text` by `lookup(NAME)`, for values kept in the
+/// environment (a Secret mounted as env vars, say); `$${` stands for a literal `${`.
+/// An unset variable, a bad name or an unclosed reference is an error naming the line
+/// and the variable, never its value.
+pub fn expand_env(
+    text: &str,
+    origin: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(text.len());
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        let fail = |reason: String| ConfigError::Env {
+            origin: origin.to_owned(),
+            line: i + 1,
+            reason,
+        };
+        let mut rest = line;
+        while let Some(at) = rest.find('$') {
+            out.push_str(&rest[..at]);
+            let after = &rest[at..];
+            if let Some(tail) = after.strip_prefix("$${") {
+                out.push_str("${");
+                rest = tail;
+            } else if let Some(tail) = after.strip_prefix("${") {
+                let end = tail
+                    .find('}')
+                    .ok_or_else(|| fail("`${` without its closing `}`".to_owned()))?;
+                let name = &tail[..end];
+                let valid = name
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !valid {
+                    return Err(fail(format!(
+                        "`${{{name}}}` is not an environment variable name"
+                    )));
+                }
+                let value = lookup(name)
+                    .ok_or_else(|| fail(format!("environment variable {name} is not set")))?;
+                out.push_str(&value);
+                rest = &tail[end + 1..];
+            } else {
+                out.push('$');
+                rest = &after[1..];
+            }
+        }
+        out.push_str(rest);
+    }
+    Ok(out)
+}
+
 fn defaults_to_always(image: &str) -> bool {
     let name = image.split('@').next().unwrap_or(image);
     let last = name.rsplit('/').next().unwrap_or(name);
@@ -194,13 +252,16 @@ fn defaults_to_always(image: &str) -> bool {
 }
 
 impl Config {
-    /// Reads and checks a configuration file.
+    /// Reads a configuration file, replaces its `${NAME}` references by the process
+    /// environment's values (see [`expand_env`]) and checks it.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::parse(&text, &path.display().to_string())
+        let origin = path.display().to_string();
+        let text = expand_env(&text, &origin, |name| std::env::var(name).ok())?;
+        Config::parse(&text, &origin)
     }
 
     /// Parses and checks configuration text; `origin` names it in errors.

@@ -320,3 +320,41 @@ fn namespaces_are_sorted_and_deduplicated_and_default_to_all() {
     let config = parse("namespaces: [shop, blog, shop]\n").unwrap();
     assert_eq!(config.namespaces, ["blog", "shop"]);
 }
+
+#[test]
+fn env_references_expand_and_name_what_is_missing() {
+    let env = |name: &str| match name {
+        "REGISTRY" => Some("reg.local:5000".to_owned()),
+        "TOKEN" => Some("s3cret".to_owned()),
+        _ => None,
+    };
+    let text = "registry:\n  insecureRegistries: [\"${REGISTRY}\"]\n# $${LITERAL} and $5\n";
+    let expanded = expand_env(text, "t", env).unwrap();
+    assert_eq!(
+        expanded,
+        "registry:\n  insecureRegistries: [\"reg.local:5000\"]\n# ${LITERAL} and $5\n"
+    );
+    let config = Config::parse(&expanded, "t").unwrap();
+    assert_eq!(config.registry.insecure_registries, ["reg.local:5000"]);
+
+    let missing = expand_env("a: 1\nb: ${NOPE}\n", "t", env)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        missing,
+        "configuration t, line 2: environment variable NOPE is not set"
+    );
+    let bad = expand_env("x: ${1X}\n", "t", env).unwrap_err().to_string();
+    assert!(
+        bad.contains("line 1") && bad.contains("not an environment variable name"),
+        "{bad}"
+    );
+    let open = expand_env("x: ${TOKEN\n", "t", env)
+        .unwrap_err()
+        .to_string();
+    assert!(open.contains("without its closing"), "{open}");
+    assert!(
+        !open.contains("s3cret"),
+        "values never appear in errors: {open}"
+    );
+}
