@@ -373,6 +373,11 @@ fn rbac_has_no_wildcards_and_never_writes_secrets() {
     for values in value_sets() {
         let rendered = Rendered::of(&values);
         let all = rules(&rendered);
+        // ci/own-rbac-values.yaml brings its own (rbac.create=false): nothing to check.
+        if name(&values).contains("own-rbac") {
+            assert!(all.is_empty(), "rbac.create=false renders no rules");
+            continue;
+        }
         assert!(!all.is_empty());
         for (role, rule) in &all {
             let fields = [
@@ -588,4 +593,79 @@ fn bad_values_fail_with_a_message_naming_them() {
     assert!(err.contains("tls.secretName"), "{err}");
     let err = template_with(&None, &["tls.mode=acme"]).unwrap_err();
     assert!(err.contains("tls.mode"), "{err}");
+}
+
+#[test]
+fn own_rbac_credentials_keys_ca_secrets_and_extra_volumes() {
+    let set = Some(chart_dir().join("ci/own-rbac-values.yaml"));
+    let rendered = Rendered::of(&set);
+    for kind in ["Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"] {
+        assert!(
+            rendered.all(kind).is_empty(),
+            "rbac.create=false renders no {kind}"
+        );
+    }
+    assert_eq!(
+        rendered.all("ServiceAccount").len(),
+        2,
+        "the ServiceAccounts stay"
+    );
+
+    let deploy: Deployment = rendered.one("Deployment");
+    let pod = deploy.spec.template.spec.unwrap();
+    let volume = |name: &str| {
+        pod.volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == name)
+            .unwrap_or_else(|| panic!("volume {name}"))
+            .clone()
+    };
+    let docker = volume("docker-config").secret.unwrap();
+    assert_eq!(docker.items.unwrap()[0].key, "config.json");
+    assert_eq!(
+        volume("registry-ca-secret")
+            .secret
+            .unwrap()
+            .secret_name
+            .as_deref(),
+        Some("registry-cas")
+    );
+    assert!(volume("extra-credentials").secret.is_some());
+    let mounts = container(&pod, "coordinator")
+        .volume_mounts
+        .clone()
+        .unwrap();
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m.name == "extra-credentials" && m.mount_path == "/etc/extra-credentials")
+    );
+
+    let cm: ConfigMap = rendered.one("ConfigMap");
+    let data = cm.data.unwrap();
+    let config =
+        warmroll_coordinator::config::Config::parse(&data["config.yaml"], "rendered ConfigMap")
+            .unwrap();
+    assert_eq!(
+        config.registry.ca_files,
+        [PathBuf::from("/etc/warmroll/registry-ca-secret/ca.crt")]
+    );
+
+    let ds: DaemonSet = rendered.one("DaemonSet");
+    let agent = ds.spec.template.spec.unwrap();
+    assert!(
+        agent
+            .volumes
+            .iter()
+            .flatten()
+            .any(|v| v.name == "node-certs")
+    );
+    assert!(
+        container(&agent, "agent")
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == "node-certs")
+    );
 }
