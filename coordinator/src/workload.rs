@@ -183,6 +183,9 @@ pub struct Workload {
     pub containers: Vec<TemplateContainer>,
     /// Names of the template's `imagePullSecrets`.
     pub pull_secrets: Vec<String>,
+    /// The ServiceAccount its pods run as (`default` when the template names none):
+    /// the admission plugin gives its pods that account's `imagePullSecrets` too.
+    pub service_account: String,
     /// Replicas asked for (`None` for a DaemonSet).
     pub replicas: Option<i32>,
     pub status: RolloutStatus,
@@ -318,6 +321,10 @@ impl Workload {
                 .flatten()
                 .map(|r| r.name.clone())
                 .collect(),
+            service_account: pod_spec
+                .and_then(|s| s.service_account_name.clone())
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| "default".to_owned()),
             replicas,
             status,
             placement: pod_spec.map(Placement::from_pod_spec).unwrap_or_default(),

@@ -186,6 +186,7 @@ async fn pull_secrets_of_the_workload_resolve_its_private_tags() {
     let pushed = builder.push("private", "latest").await.unwrap();
     let other = builder.push("other", "latest").await.unwrap();
     let third = builder.push("third", "latest").await.unwrap();
+    let fourth = builder.push("fourth", "latest").await.unwrap();
     let api = KubeApi::start().await.unwrap();
     let auth = base64::engine::general_purpose::STANDARD.encode("puller:s3cret");
     let dockerconfig = json!({"auths": {registry.host(): {"auth": auth}}}).to_string();
@@ -198,15 +199,29 @@ async fn pull_secrets_of_the_workload_resolve_its_private_tags() {
     }))
     .unwrap();
     api.insert(&secret).unwrap();
+    // A ServiceAccount's imagePullSecrets reach its pods through admission, not the
+    // template: the coordinator reads them from the account.
+    let account: k8s_openapi::api::core::v1::ServiceAccount = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"namespace": "shop", "name": "builder"},
+        "imagePullSecrets": [{"name": "regcred"}],
+    }))
+    .unwrap();
+    api.insert(&account).unwrap();
     // One tag is resolved once for every workload on it: each private repository here
     // has one workload.
     for (name, secrets, image) in [
         ("with-secret", vec!["regcred"], &pushed),
         ("without", vec![], &other),
         ("missing-secret", vec!["ghost"], &third),
+        ("via-account", vec![], &fourth),
     ] {
         let mut d = deployment("shop", name, Some("watch"), &image.reference);
         let spec = d.spec.template.spec.as_mut().unwrap();
+        if name == "via-account" {
+            spec.service_account_name = Some("builder".into());
+        }
         spec.image_pull_secrets = Some(
             secrets
                 .iter()
@@ -240,10 +255,13 @@ async fn pull_secrets_of_the_workload_resolve_its_private_tags() {
         Some(pushed.manifest_digest.clone()),
         "{report:#?}"
     );
-    assert_eq!(
-        report.state_of("shop", "with-secret", "main"),
-        Some(&State::InSync)
-    );
+    for name in ["with-secret", "via-account"] {
+        assert_eq!(
+            report.state_of("shop", name, "main"),
+            Some(&State::InSync),
+            "{name}"
+        );
+    }
     for name in ["without", "missing-secret"] {
         match report.state_of("shop", name, "main") {
             Some(State::Error(reason)) => assert!(reason.contains("auth"), "{name}: {reason}"),

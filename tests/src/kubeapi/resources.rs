@@ -221,6 +221,7 @@ pub static RESOURCES: &[ResourceType] = &[
         field_labels: &[("type", "")],
         ..plain("", "Secret", "secrets", true)
     },
+    plain("", "ServiceAccount", "serviceaccounts", true),
     ResourceType {
         field_labels: EVENT_FIELDS,
         ..plain("", "Event", "events", true)
