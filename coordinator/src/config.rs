@@ -71,6 +71,16 @@ pub struct RegistrySettings {
     pub ca_files: Vec<PathBuf>,
     /// Docker `config.json` (file or directory) with registry credentials.
     pub docker_config: Option<PathBuf>,
+    /// Credentials written in the configuration (usually as `${ENV}` references).
+    pub credentials: Vec<ConfiguredCredential>,
+}
+
+/// A credential for the registries a key matches (`host`, `host/path`, `*.host`, as
+/// Docker config keys). `Debug` redacts the password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfiguredCredential {
+    pub registry: String,
+    pub credentials: crate::registry::Credentials,
 }
 
 /// What a policy does on drift.
@@ -307,6 +317,64 @@ struct RawRegistry {
     insecure_registries: Option<Vec<String>>,
     ca_files: Option<Vec<PathBuf>>,
     docker_config: Option<PathBuf>,
+    credentials: Option<Vec<RawCredential>>,
+}
+
+/// `registry.credentials[i]` as written: `username` and `password`, or `userPass`
+/// (`user:password`, krar's `KRAR_REGISTRY_CREDS` form). `Debug` shows no secret.
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawCredential {
+    registry: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+    user_pass: Option<String>,
+}
+
+impl std::fmt::Debug for RawCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawCredential")
+            .field("registry", &self.registry)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RawCredential {
+    fn check(self, field: &str) -> Checked<ConfiguredCredential> {
+        let Some(registry) = self.registry.filter(|r| !r.trim().is_empty()) else {
+            return invalid(
+                format!("{field}.registry"),
+                "missing: the registry host (or glob) it is for",
+            );
+        };
+        let credentials = match (self.username, self.password, self.user_pass) {
+            (Some(user), Some(password), None) if !user.is_empty() => {
+                crate::registry::Credentials::new(user, password)
+            }
+            (None, None, Some(pair)) => match pair.split_once(':') {
+                Some((user, password)) if !user.is_empty() => {
+                    crate::registry::Credentials::new(user, password)
+                }
+                _ => {
+                    return invalid(
+                        format!("{field}.userPass"),
+                        "is not user:password (the value is not shown)",
+                    );
+                }
+            },
+            _ => {
+                return invalid(
+                    field.to_owned(),
+                    "needs username and password, or userPass, and not both",
+                );
+            }
+        };
+        Ok(ConfiguredCredential {
+            registry,
+            credentials,
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -360,10 +428,20 @@ impl RawConfig {
         check_label_key("policyLabel", &policy_label)?;
         let global_dry_run = self.dry_run.unwrap_or(false);
         let registry = self.registry.unwrap_or_default();
+        let mut credentials = Vec::new();
+        for (i, raw) in registry
+            .credentials
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
+            credentials.push(raw.check(&format!("registry.credentials[{i}]"))?);
+        }
         let registry = RegistrySettings {
             insecure_registries: registry.insecure_registries.unwrap_or_default(),
             ca_files: registry.ca_files.unwrap_or_default(),
             docker_config: registry.docker_config,
+            credentials,
         };
         for (i, host) in registry.insecure_registries.iter().enumerate() {
             if host.is_empty() || host.contains('/') || host.contains(char::is_whitespace) {

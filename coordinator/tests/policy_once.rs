@@ -330,3 +330,38 @@ async fn report_once_lists_each_configured_namespace_when_cluster_lists_are_forb
     );
     assert!(text.contains("at the cluster scope"), "{text}");
 }
+
+/// krar's `KRAR_REGISTRY_CREDS=user:pass` as a configured credential, kept in the
+/// environment (`${ENV}` in the file): the private tag resolves, and the configured
+/// credentials reach the resolver without a pull secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_credentials_from_the_environment_resolve_private_tags() {
+    warmroll_tests::tls::install_crypto_provider();
+    let registry = Registry::start(RegistryOptions::plain().basic("puller", "s3cret"))
+        .await
+        .unwrap();
+    let pushed = ImageBuilder::new(&registry)
+        .unwrap()
+        .push("private", "latest")
+        .await
+        .unwrap();
+    let api = KubeApi::start().await.unwrap();
+    api.insert(&deployment("shop", "web", Some("watch"), &pushed.reference))
+        .unwrap();
+    let host = registry.host();
+    let text = format!(
+        "registry:\n  insecureRegistries: [\"{host}\"]\n  credentials:\n    - registry: \"{host}\"\n      userPass: \"${{KRAR_REGISTRY_CREDS}}\"\npolicies:\n  watch:\n    mode: report\n"
+    );
+    let env = |name: &str| (name == "KRAR_REGISTRY_CREDS").then(|| "puller:s3cret".to_owned());
+    let expanded = warmroll_coordinator::config::expand_env(&text, "test", env).unwrap();
+    let config = Config::parse(&expanded, "test").unwrap();
+    let (resolver, _) = resolver_for(&config).unwrap();
+    let report = report_once(&api.client(), &config, &resolver)
+        .await
+        .unwrap();
+    assert_eq!(
+        report.state_of("shop", "web", "main"),
+        Some(&State::InSync),
+        "{report:#?}"
+    );
+}

@@ -358,3 +358,44 @@ fn env_references_expand_and_name_what_is_missing() {
         "values never appear in errors: {open}"
     );
 }
+
+#[test]
+fn configured_credentials_take_both_forms_and_never_show_the_password() {
+    let config = parse(
+        "registry:\n  credentials:\n    - registry: '*.example.com'\n      username: puller\n      password: s3cret\n    - registry: ghcr.io\n      userPass: 'bot:t0ken:with:colons'\n",
+    )
+    .unwrap();
+    let creds = &config.registry.credentials;
+    assert_eq!(creds.len(), 2);
+    assert_eq!(creds[0].registry, "*.example.com");
+    assert_eq!(creds[0].credentials.username(), "puller");
+    assert_eq!(creds[1].credentials.username(), "bot");
+    let shown = format!("{config:?}");
+    assert!(
+        !shown.contains("s3cret") && !shown.contains("t0ken"),
+        "{shown}"
+    );
+
+    for (text, field) in [
+        (
+            "registry:\n  credentials:\n    - username: a\n      password: b\n",
+            "registry.credentials[0].registry:",
+        ),
+        (
+            "registry:\n  credentials:\n    - registry: r\n      userPass: nocolon\n",
+            "registry.credentials[0].userPass:",
+        ),
+        (
+            "registry:\n  credentials:\n    - registry: r\n      username: a\n",
+            "registry.credentials[0]:",
+        ),
+        (
+            "registry:\n  credentials:\n    - registry: r\n      username: a\n      password: b\n      userPass: 'a:b'\n",
+            "registry.credentials[0]:",
+        ),
+    ] {
+        let e = error(text);
+        assert!(e.contains(field), "{e}");
+        assert!(!e.contains("nocolon"), "values stay out of errors: {e}");
+    }
+}

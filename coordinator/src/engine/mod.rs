@@ -111,6 +111,13 @@ pub fn resolver_for(config: &Config) -> Result<(Resolver, Keyring), EngineError>
     if let Some(path) = &config.registry.docker_config {
         keyring.add_docker_config_path(path)?;
     }
+    for configured in &config.registry.credentials {
+        keyring.add(
+            &configured.registry,
+            configured.credentials.clone(),
+            &format!("configured credentials for {}", configured.registry),
+        );
+    }
     let mut ca_bundles_pem = Vec::new();
     for path in &config.registry.ca_files {
         let pem = std::fs::read(path).map_err(|source| EngineError::ReadCaFile {
