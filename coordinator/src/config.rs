@@ -478,6 +478,19 @@ impl RawConfig {
         namespaces.dedup();
         let mut seen = BTreeMap::new();
         for policy in policies.values() {
+            // A policy namespace nothing watches would select nothing, silently.
+            if let Namespaces::Only(own) = &policy.namespaces
+                && !namespaces.is_empty()
+                && let Some(outside) = own.iter().find(|n| !namespaces.contains(*n))
+            {
+                return invalid(
+                    format!("policies.{}.namespaces", policy.name),
+                    format!(
+                        "{outside} is outside the watched namespaces {}",
+                        namespaces.join(", ")
+                    ),
+                );
+            }
             for target in &policy.targets {
                 if let Some(other) = seen.insert(target.clone(), policy.name.clone()) {
                     return invalid(

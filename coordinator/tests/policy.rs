@@ -25,6 +25,7 @@ use warmroll_agent::session::SessionArgs;
 use warmroll_coordinator::config::Config;
 use warmroll_coordinator::drift::State;
 use warmroll_coordinator::engine::{Engine, spawn};
+use warmroll_coordinator::fleet::auth::service_account_user;
 use warmroll_coordinator::fleet::{FleetView, WarmState};
 use warmroll_coordinator::report::Report;
 use warmroll_coordinator::run::Context;
@@ -37,7 +38,7 @@ use warmroll_tests::scratch;
 
 mod support;
 
-use support::{Tls, agent_user, register_token};
+use support::{LogCapture, Tls, agent_user, register_token};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -164,17 +165,13 @@ impl Bed {
 
     /// Starts an engine that leads or follows.
     fn engine_as(&self, config: &str, leads: bool) -> Result<(Engine, watch::Sender<bool>)> {
-        let config = Config::parse(config, "test config")?;
-        let (_leader_tx, leader) = watch::channel(leads);
-        let (shutdown_tx, shutdown) = watch::channel(false);
-        let ctx = Context {
-            client: self.cluster.client(),
-            fleet: self.view().clone(),
-            leader,
-            shutdown,
-        };
-        let mut metrics = prometheus_client::registry::Registry::default();
-        Ok((spawn(ctx, config, &mut metrics)?, shutdown_tx))
+        start_engine(
+            config,
+            leads,
+            self.cluster.client(),
+            self.view(),
+            &mut Default::default(),
+        )
     }
 
     /// Waits until every pod of `app` in `ns` is in the fleet view with `digest`.
@@ -245,6 +242,27 @@ impl Bed {
             .filter(|w| w.path == path && w.method == "PATCH")
             .collect()
     }
+}
+
+/// Starts an engine for `config` on `client`, registering its metrics in `metrics`;
+/// dropping the returned sender stops it.
+fn start_engine(
+    config: &str,
+    leads: bool,
+    client: kube::Client,
+    fleet: &FleetView,
+    metrics: &mut prometheus_client::registry::Registry,
+) -> Result<(Engine, watch::Sender<bool>)> {
+    let config = Config::parse(config, "test config")?;
+    let (_leader_tx, leader) = watch::channel(leads);
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let ctx = Context {
+        client,
+        fleet: fleet.clone(),
+        leader,
+        shutdown,
+    };
+    Ok((spawn(ctx, config, metrics)?, shutdown_tx))
 }
 
 async fn wait_for(what: &str, mut check: impl FnMut() -> bool) -> Result<()> {
@@ -1004,4 +1022,203 @@ async fn schedulable_targets_warm_every_node_a_new_pod_may_land_on_and_skip_cord
         "{report:#?}"
     );
     drop(shutdown);
+}
+
+/// The coordinator's ServiceAccount, as the API server names it.
+fn coordinator_user() -> String {
+    service_account_user("warmroll", "warmroll-coordinator")
+}
+
+/// `rbac.scope: namespaced`: the coordinator may not list or watch workloads
+/// cluster-wide (Roles only, the stand-in answers RBAC's 403), so with `namespaces:
+/// [shop]` the engine watches shop alone, never asks cluster-wide, and still warms and
+/// rolls there; a labelled workload in an unwatched namespace is not tracked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn namespaced_watches_roll_in_their_namespace_when_cluster_wide_lists_are_forbidden() {
+    let bed = Bed::start(1).await.unwrap();
+    let api = bed.cluster.api();
+    let user = coordinator_user();
+    for resource in ["deployments", "statefulsets", "daemonsets"] {
+        api.forbid_cluster_scope(&user, "apps", resource);
+    }
+    let images = ImageBuilder::new(&bed.registry).unwrap();
+    let first = images.push("app", "latest").await.unwrap();
+    api.insert(&deployment("shop", "web", "fast", &first.reference, 1))
+        .unwrap();
+    api.insert(&deployment("blog", "web", "fast", &first.reference, 1))
+        .unwrap();
+    bed.cluster
+        .wait_rolled_out::<Deployment>("shop", "web", Duration::from_secs(60))
+        .await
+        .unwrap();
+    bed.wait_agents_see("shop", "web", 1, &first.manifest_digest)
+        .await
+        .unwrap();
+
+    let config = format!(
+        "namespaces: [shop]\n{}",
+        bed.rollout_config("fast", "timeout: 60s")
+    );
+    let client = api.client_as(&user, &["system:serviceaccounts"]).unwrap();
+    let (engine, _shutdown) =
+        start_engine(&config, true, client, bed.view(), &mut Default::default()).unwrap();
+    let report = wait_state(&engine, "shop", "web", "in-sync").await.unwrap();
+    assert!(
+        report.workloads.iter().all(|w| w.namespace == "shop"),
+        "only the watched namespace: {report:#?}"
+    );
+    assert!(engine.watches.forbidden().is_empty());
+
+    let second = images.push("app", "latest").await.unwrap();
+    wait_for("the rollout record of shop/web", || {
+        last_rollout_of::<Deployment>(&bed, "web").is_some()
+    })
+    .await
+    .unwrap();
+    let record = last_rollout_of::<Deployment>(&bed, "web").unwrap();
+    assert_eq!(record["containers"]["main"], second.manifest_digest);
+    assert!(
+        record["reason"]
+            .as_str()
+            .unwrap()
+            .contains("1/1 target nodes warm"),
+        "{record}"
+    );
+    assert!(bed.patches_of("blog", "deployments", "web").is_empty());
+    let cluster_wide: Vec<RecordedRequest> = api
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            r.user.as_deref() == Some(user.as_str())
+                && r.path.starts_with("/apis/apps/v1/")
+                && !r.path.contains("/namespaces/")
+        })
+        .collect();
+    assert!(cluster_wide.is_empty(), "{cluster_wide:?}");
+    drop(bed.agents);
+}
+
+/// `/readyz` and `/metrics` of a coordinator whose engine is `engine`.
+fn health_router(
+    engine: &Engine,
+    metrics: prometheus_client::registry::Registry,
+    fleet: FleetView,
+) -> axum::Router {
+    let (_leader_tx, leader) = watch::channel(true);
+    warmroll_coordinator::http::router(
+        warmroll_coordinator::http::Health {
+            leader,
+            serving: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            watches: engine.watches.clone(),
+        },
+        std::sync::Arc::new(metrics),
+        fleet,
+    )
+}
+
+async fn get_text(router: &axum::Router, path: &str) -> (u16, String) {
+    let response = router
+        .clone()
+        .oneshot(Request::get(path).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Polls `path` until its answer satisfies `check` (60 s at most); returns it.
+async fn wait_answer(
+    router: &axum::Router,
+    path: &str,
+    what: &str,
+    check: impl Fn(u16, &str) -> bool,
+) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = get_text(router, path).await;
+        if check(status, &body) {
+            return (status, body);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting until {what}: {path} answers {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Cluster-wide lists forbidden (Roles only) and no `namespaces` configured: the
+/// engine cannot start, and says so. Each forbidden watch (the labelled Deployments, the
+/// Node watch of schedulable targets) is an ERROR line with the API server's message,
+/// `/readyz` answers 503 naming it and `warmroll_forbidden_watches` counts it; once RBAC
+/// allows the lists, the watchers' retries succeed, `/readyz` is 200 and the engine
+/// reports. Current-thread, so the engine's tasks log to this test's subscriber.
+#[tokio::test]
+async fn a_forbidden_watch_is_an_error_and_a_503_from_readyz_until_rbac_allows_it() {
+    let logs = LogCapture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(logs.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let api = KubeApi::start().await.unwrap();
+    let pinned = format!("reg.example/app@sha256:{}", "a".repeat(64));
+    api.insert(&deployment("shop", "web", "wide", &pinned, 1))
+        .unwrap();
+    let user = coordinator_user();
+    api.forbid_cluster_scope(&user, "apps", "deployments");
+    api.forbid_cluster_scope(&user, "", "nodes");
+    let client = api.client_as(&user, &["system:serviceaccounts"]).unwrap();
+    let fleet = FleetView::new(Duration::from_secs(60));
+    let mut metrics = prometheus_client::registry::Registry::default();
+    let config = "policies:\n  wide:\n    mode: rollout\n    kinds: [Deployment]\n    warm: {targets: schedulable}\n";
+    let (engine, _shutdown) = start_engine(config, true, client, &fleet, &mut metrics).unwrap();
+    let health = health_router(&engine, metrics, fleet);
+
+    let deployments = "Deployment labelled warmroll.io/policy in all namespaces";
+    let nodes = "Nodes (cluster-scoped, for warm.targets schedulable)";
+    let (_, body) = wait_answer(&health, "/readyz", "both watches are forbidden", |s, b| {
+        s == 503 && b.contains(deployments) && b.contains(nodes)
+    })
+    .await;
+    assert!(
+        body.contains(&format!(
+            "{deployments}: deployments.apps is forbidden: User \"{user}\" cannot list resource \"deployments\" in API group \"apps\" at the cluster scope"
+        )),
+        "{body}"
+    );
+    let (_, text) = get_text(&health, "/metrics").await;
+    assert!(text.contains("warmroll_forbidden_watches 2"), "{text}");
+    assert!(
+        report(&engine).await.is_none(),
+        "the engine has not started"
+    );
+    let logged = logs.text();
+    for (what, message) in [
+        (deployments, "deployments.apps is forbidden: User"),
+        (nodes, "nodes is forbidden: User"),
+    ] {
+        assert!(
+            logged.lines().any(|l| l.contains("ERROR")
+                && l.contains(what)
+                && l.contains(message)
+                && l.contains("forbids this watch")),
+            "no error line for {what}: {logged}"
+        );
+    }
+
+    // RBAC fixed: the next retry succeeds, the engine starts.
+    api.allow_cluster_scope();
+    wait_answer(&health, "/readyz", "ready again", |s, _| s == 200).await;
+    let (_, text) = get_text(&health, "/metrics").await;
+    assert!(text.contains("warmroll_forbidden_watches 0"), "{text}");
+    wait_state(&engine, "shop", "web", "pinned").await.unwrap();
+    assert!(
+        logs.text().contains("watch allowed now"),
+        "the recovery is logged"
+    );
 }

@@ -16,6 +16,7 @@ use serde_json::json;
 use warmroll_coordinator::config::Config;
 use warmroll_coordinator::drift::State;
 use warmroll_coordinator::engine::{report_once, resolver_for};
+use warmroll_coordinator::fleet::auth::service_account_user;
 use warmroll_tests::cluster::{Cluster, ClusterOptions};
 use warmroll_tests::image::ImageBuilder;
 use warmroll_tests::kubeapi::KubeApi;
@@ -275,9 +276,10 @@ async fn pull_secrets_of_the_workload_resolve_its_private_tags() {
     );
 }
 
-/// With Roles only (the stand-in answers cluster-wide Deployment lists with the real
-/// API server's 403), `report --once` over the configured `namespaces` lists each of
-/// them and works; without them its error names the cluster-wide list and the 403.
+/// With Roles only (the stand-in answers the coordinator's cluster-wide Deployment
+/// lists with the real API server's 403), `report --once` over the configured
+/// `namespaces` lists each of them and works; without them its error names the
+/// cluster-wide list and the 403.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn report_once_lists_each_configured_namespace_when_cluster_lists_are_forbidden() {
     warmroll_tests::tls::install_crypto_provider();
@@ -295,7 +297,9 @@ async fn report_once_lists_each_configured_namespace_when_cluster_lists_are_forb
     ] {
         api.insert(&d).unwrap();
     }
-    api.forbid_cluster_scope("apps", "deployments");
+    let coordinator = service_account_user("warmroll", "warmroll-coordinator");
+    api.forbid_cluster_scope(&coordinator, "apps", "deployments");
+    let client = api.client_as(&coordinator, &[]).unwrap();
     let host = registry.host();
     let config = |namespaces: &str| {
         Config::parse(
@@ -308,9 +312,7 @@ async fn report_once_lists_each_configured_namespace_when_cluster_lists_are_forb
     };
     let scoped = config("namespaces: [shop, blog]\n");
     let (resolver, _) = resolver_for(&scoped).unwrap();
-    let report = report_once(&api.client(), &scoped, &resolver)
-        .await
-        .unwrap();
+    let report = report_once(&client, &scoped, &resolver).await.unwrap();
     let mut seen: Vec<&str> = report
         .workloads
         .iter()
@@ -320,7 +322,7 @@ async fn report_once_lists_each_configured_namespace_when_cluster_lists_are_forb
     assert_eq!(seen, ["blog", "shop"]);
 
     let everywhere = config("");
-    let error = report_once(&api.client(), &everywhere, &resolver)
+    let error = report_once(&client, &everywhere, &resolver)
         .await
         .unwrap_err();
     let text = format!("{error}");

@@ -20,6 +20,10 @@ use warmroll_proto::image::{Digest, ImageRef};
 use warmroll_tests::image::{ImageBuilder, Pushed};
 use warmroll_tests::registry::{Fault, FaultRule, Registry, RegistryOptions};
 
+mod support;
+
+use support::LogCapture;
+
 fn config_for(registries: &[&Registry]) -> ResolverConfig {
     let mut config = ResolverConfig::default();
     for r in registries {
@@ -129,27 +133,6 @@ async fn unchanged_multi_arch_tag_over_ten_cycles_is_ten_heads_and_one_index_get
     assert!(!digest_matches(&amd64, &moved));
 }
 
-/// Collects every log line written while it is the thread's default subscriber.
-#[derive(Clone, Default)]
-struct LogCapture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogCapture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogCapture {
-    type Writer = LogCapture;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
-
 async fn resolves_with_pull_secret(options: RegistryOptions) {
     // Everything logged at any level, by warmroll or its HTTP stack, is kept.
     let logs = LogCapture::default();
@@ -186,7 +169,7 @@ async fn resolves_with_pull_secret(options: RegistryOptions) {
     assert!(!message.contains(wrong_password), "{message}");
     assert!(!format!("{err:?}").contains(wrong_password));
 
-    let logged = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    let logged = logs.text();
     assert!(!logged.is_empty(), "no log line was captured");
     for secret in [password.as_str(), wrong_password] {
         assert!(!logged.contains(secret), "a password reached the logs");

@@ -3,7 +3,6 @@
 //! its `/report` route), without leader election (a single replica, always the leader)
 //! and with its own API identity, so its writes can be told apart.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -58,7 +57,7 @@ impl Coordinator {
         std::fs::write(&tls.cert, &cert.cert_pem).context("writing the coordinator's cert")?;
         std::fs::write(&tls.key, &cert.key_pem).context("writing the coordinator's key")?;
 
-        let client = client_as(api, COORDINATOR_USER)?;
+        let client = api.client_as(COORDINATOR_USER, &["system:serviceaccounts"])?;
         let fleet = FleetView::new(Duration::from_secs(120));
         let (shutdown, stop) = watch::channel(false);
         // A single replica: it leads from the start (no Lease).
@@ -212,25 +211,6 @@ fn listener() -> Result<tokio::net::TcpListener> {
     let listener = scratch::bind_loopback()?;
     listener.set_nonblocking(true)?;
     Ok(tokio::net::TcpListener::from_std(listener)?)
-}
-
-/// Registers a token for `user` in the API's authenticator and returns its client.
-pub fn client_as(api: &KubeApi, user: &str) -> Result<kube::Client> {
-    let token = new_token();
-    api.register_token(
-        &token,
-        user,
-        vec![
-            "system:serviceaccounts".into(),
-            "system:authenticated".into(),
-        ],
-        BTreeMap::new(),
-        Vec::new(),
-    );
-    let mut config = api.config();
-    config.auth_info = serde_json::from_value(serde_json::json!({ "token": token }))
-        .context("building the client's credentials")?;
-    kube::Client::try_from(config).with_context(|| format!("building a client for {user}"))
 }
 
 /// A random bearer token.

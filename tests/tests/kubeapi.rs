@@ -243,6 +243,97 @@ async fn errors_are_status_objects_with_real_reasons_and_codes() {
     assert_eq!(kube_api.requests().last().unwrap().user, None);
 }
 
+/// RBAC for a user whose grants are Roles only: its cluster-wide lists and watches of
+/// the forbidden resources get the API server's 403 Status (core resources without a
+/// group in `details`); its namespaced requests and other users' are untouched, and
+/// allowing it again works at once.
+#[tokio::test]
+async fn cluster_wide_lists_and_watches_are_forbidden_for_one_user_as_rbac_does() {
+    let kube_api = KubeApi::start().await.unwrap();
+    let user = "system:serviceaccount:warmroll:warmroll-coordinator";
+    let client = kube_api
+        .client_as(user, &["system:serviceaccounts"])
+        .unwrap();
+    kube_api
+        .insert(&deployment("web", json!({"app": "web"})))
+        .unwrap();
+    kube_api.forbid_cluster_scope(user, "apps", "deployments");
+    kube_api.forbid_cluster_scope(user, "", "nodes");
+
+    let all: Api<Deployment> = Api::all(client.clone());
+    let list = api_error(all.list(&ListParams::default()).await.unwrap_err());
+    assert_eq!((list.code, list.reason.as_str()), (403, "Forbidden"));
+    assert_eq!(
+        list.status,
+        Some(kube::core::response::StatusSummary::Failure)
+    );
+    assert_eq!(
+        list.message,
+        "deployments.apps is forbidden: User \"system:serviceaccount:warmroll:warmroll-coordinator\" cannot list resource \"deployments\" in API group \"apps\" at the cluster scope"
+    );
+    let details = list.details.unwrap();
+    assert_eq!(
+        (details.group.as_str(), details.kind.as_str()),
+        ("apps", "deployments")
+    );
+    let watch = match all.watch(&WatchParams::default(), "0").await {
+        Err(e) => api_error(e),
+        Ok(_) => panic!("a forbidden watch was accepted"),
+    };
+    assert_eq!(watch.code, 403);
+    assert!(
+        watch
+            .message
+            .contains("cannot watch resource \"deployments\""),
+        "{}",
+        watch.message
+    );
+    let nodes = api_error(
+        Api::<Node>::all(client.clone())
+            .list(&ListParams::default())
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        nodes
+            .message
+            .starts_with("nodes is forbidden: User \"system:serviceaccount:warmroll:warmroll-coordinator\" cannot list resource \"nodes\" in API group \"\" at the cluster scope"),
+        "{}",
+        nodes.message
+    );
+    let details = nodes.details.unwrap();
+    assert_eq!(
+        (details.group.as_str(), details.kind.as_str()),
+        ("", "nodes")
+    );
+
+    // A Role's namespace, other resources and other users still work.
+    let in_default: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    assert_eq!(
+        in_default
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+    Api::<StatefulSet>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    Api::<Deployment>::all(kube_api.client())
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+
+    kube_api.allow_cluster_scope();
+    assert_eq!(
+        all.list(&ListParams::default()).await.unwrap().items.len(),
+        1
+    );
+}
+
 #[tokio::test]
 async fn label_and_field_selectors_filter_like_the_api_server() {
     let kube_api = KubeApi::start().await.unwrap();

@@ -651,9 +651,7 @@ async fn namespaced_rbac_watches_its_namespaces_and_says_when_forbidden(bed: &Be
         .await
         .unwrap()
         .into_iter()
-        .filter(|l| {
-            l["level"] == json!("ERROR") && message(l).contains("forbids this workload watch")
-        })
+        .filter(|l| l["level"] == json!("ERROR") && message(l).contains("forbids this watch"))
         .collect();
     assert!(
         !errors.is_empty(),

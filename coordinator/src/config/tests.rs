@@ -210,6 +210,10 @@ fn every_validation_error_names_its_field() {
             "policies.p.targets: other/Deployment/b is outside the watched namespaces shop",
         ),
         (
+            "namespaces: [shop]\npolicies:\n  p:\n    mode: report\n    namespaces: [shop, blog]\n",
+            "policies.p.namespaces: blog is outside the watched namespaces shop",
+        ),
+        (
             "policies:\n  p:\n    mode: rollout\n    warm: {timeout: 0s}\n",
             "policies.p.warm.timeout:",
         ),

@@ -13,9 +13,12 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::warn;
 
+use super::watch_health::WatchHealth;
 use crate::placement::{NodeFacts, Placement};
+
+/// The Node watch, as `/readyz` and the log name it.
+const WHAT: &str = "Nodes (cluster-scoped, for warm.targets schedulable)";
 
 /// The node table, filled by its watch task.
 #[derive(Clone)]
@@ -25,10 +28,15 @@ pub(crate) struct NodeTable {
 }
 
 impl NodeTable {
-    pub(crate) fn start(client: &Client, tasks: &mut JoinSet<()>) -> NodeTable {
+    pub(crate) fn start(
+        client: &Client,
+        health: &WatchHealth,
+        tasks: &mut JoinSet<()>,
+    ) -> NodeTable {
         let nodes = Arc::new(RwLock::new(HashMap::new()));
         let (listed_tx, listed) = watch::channel(false);
         let table = nodes.clone();
+        let health = health.clone();
         let stream =
             watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).default_backoff();
         tasks.spawn(async move {
@@ -36,13 +44,12 @@ impl NodeTable {
             // A (re-)list builds a fresh table, swapped in when complete.
             let mut relist: Option<HashMap<String, NodeFacts>> = None;
             while let Some(event) = stream.next().await {
-                let event = match event {
-                    Ok(event) => event,
-                    Err(e) => {
-                        warn!(error = %e, "node watch failed; retrying");
-                        continue;
-                    }
-                };
+                health.observe(
+                    WHAT,
+                    &event,
+                    "the chart's ClusterRole grants list and watch on nodes",
+                );
+                let Ok(event) = event else { continue };
                 let write = || table.write().unwrap_or_else(PoisonError::into_inner);
                 match event {
                     watcher::Event::Init => relist = Some(HashMap::new()),

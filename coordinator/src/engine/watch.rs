@@ -13,10 +13,9 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::task::JoinSet;
-use tracing::{error, info, warn};
 
 use super::nodes::NodeTable;
-use super::watch_health::{WatchHealth, forbidden_message};
+use super::watch_health::WatchHealth;
 use crate::config::{Config, Mode, WarmTargets};
 use crate::workload::{Kind, Workload};
 
@@ -47,25 +46,11 @@ where
         tasks.spawn(async move {
             let mut stream = std::pin::pin!(stream);
             while let Some(event) = stream.next().await {
-                match event {
-                    Ok(_) => {
-                        if health.allow(&what) {
-                            info!(watch = %what, "workload watch allowed now");
-                        }
-                    }
-                    Err(e) => match forbidden_message(&e) {
-                        Some(message) => {
-                            if health.forbid(&what, message) {
-                                error!(
-                                    watch = %what,
-                                    error = message,
-                                    "the API server forbids this workload watch (RBAC); the engine waits until it is allowed (rbac.scope namespaced watches only the namespaces in rbac.namespaces)"
-                                );
-                            }
-                        }
-                        None => warn!(watch = %what, error = %e, "workload watch failed; retrying"),
-                    },
-                }
+                health.observe(
+                    &what,
+                    &event,
+                    "rbac.scope namespaced watches only the namespaces in rbac.namespaces",
+                );
             }
         });
         self.stores.push(reader);
@@ -198,7 +183,7 @@ impl Watches {
         let schedulable = config.policies.values().any(|p| {
             p.mode == Mode::Rollout && p.warm.enabled && p.warm.targets == WarmTargets::Schedulable
         });
-        let nodes = schedulable.then(|| NodeTable::start(client, &mut tasks));
+        let nodes = schedulable.then(|| NodeTable::start(client, health, &mut tasks));
         Watches {
             deployments,
             stateful_sets,

@@ -1,9 +1,10 @@
-//! Which workload watches the API server refuses, for `/readyz`, the log and a metric.
+//! Which watches the API server refuses, for `/readyz`, the log and a metric.
 //!
 //! A watch RBAC forbids (HTTP 403: a Role where a ClusterRole was needed, a namespace
-//! missing from `rbac.namespaces`) never recovers by itself, so it must not look like a
-//! slow start: the engine logs it as an error, `/readyz` answers 503 naming it, and
-//! `warmroll_forbidden_watches` counts it, until a later list or watch succeeds.
+//! missing from `rbac.namespaces`, a ClusterRole without Nodes) never recovers by
+//! itself, so it must not look like a slow start: the engine logs it as an error,
+//! `/readyz` answers 503 naming it, and `warmroll_forbidden_watches` counts it, until a
+//! later list or watch succeeds. The watcher keeps retrying with its backoff meanwhile.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -11,6 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use kube::runtime::watcher;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use tracing::{error, info, warn};
 
 /// The forbidden watches, by what they watch (`Deployment labelled … in namespace …`),
 /// with the API server's message. Cheap to clone; clones share the state.
@@ -25,7 +27,7 @@ impl WatchHealth {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "warmroll_forbidden_watches",
-            "Workload watches the API server forbids (RBAC); the engine waits for them",
+            "Watches the API server forbids (RBAC); the engine waits for them",
             self.gauge.clone(),
         );
     }
@@ -44,6 +46,31 @@ impl WatchHealth {
         let was = map.remove(what).is_some();
         self.gauge.set(map.len() as i64);
         was
+    }
+
+    /// Notes one event of the watch of `what`: an answer allows it again, a 403 forbids
+    /// it (each change logged once: an error naming `what`, the API server's message and
+    /// `remedy`), any other error is a warning (the watcher retries it).
+    pub(crate) fn observe<T>(&self, what: &str, event: &Result<T, watcher::Error>, remedy: &str) {
+        match event {
+            Ok(_) => {
+                if self.allow(what) {
+                    info!(watch = %what, "watch allowed now");
+                }
+            }
+            Err(e) => match forbidden_message(e) {
+                Some(message) => {
+                    if self.forbid(what, message) {
+                        error!(
+                            watch = %what,
+                            error = message,
+                            "the API server forbids this watch (RBAC); the engine waits until it is allowed ({remedy})"
+                        );
+                    }
+                }
+                None => warn!(watch = %what, error = %e, "watch failed; retrying"),
+            },
+        }
     }
 
     /// The forbidden watches and their messages, sorted.
@@ -98,6 +125,29 @@ mod tests {
         let expired = watcher::Error::WatchError(status(410, "too old resource version"));
         assert_eq!(forbidden_message(&expired), None);
         assert_eq!(forbidden_message(&watcher::Error::NoResourceVersion), None);
+    }
+
+    #[test]
+    fn watcher_events_forbid_on_403_only_and_any_answer_allows_again() {
+        let health = WatchHealth::default();
+        let what = "Deployment labelled p in namespace shop";
+        let forbidden: Result<(), _> = Err(watcher::Error::WatchStartFailed(kube::Error::Api(
+            status(403, "no"),
+        )));
+        let expired: Result<(), _> = Err(watcher::Error::WatchError(status(410, "gone")));
+        health.observe(what, &expired, "fix it");
+        assert!(health.forbidden().is_empty(), "a 410 is not RBAC");
+        health.observe(what, &forbidden, "fix it");
+        assert_eq!(health.forbidden(), [(what.to_owned(), "no".to_owned())]);
+        health.observe(what, &expired, "fix it");
+        assert_eq!(
+            health.forbidden().len(),
+            1,
+            "still forbidden until an answer"
+        );
+        health.observe(what, &Ok(()), "fix it");
+        assert!(health.forbidden().is_empty());
+        assert_eq!(health.gauge.get(), 0);
     }
 
     #[test]

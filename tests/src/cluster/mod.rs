@@ -40,7 +40,6 @@ mod plan;
 mod rollout;
 mod timeline;
 
-use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -58,7 +57,6 @@ use kube::Api;
 use kube::api::PostParams;
 use kube::runtime::{WatchStreamExt, watcher};
 use serde::de::DeserializeOwned;
-use serde_json::json;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
@@ -206,11 +204,9 @@ impl Cluster {
             .get(index)
             .ok_or_else(|| anyhow!("no node {index}"))?;
         let name = node.name.clone();
-        let client = client_as(
-            &self.api,
-            &format!("{NODE_USER_PREFIX}{name}"),
-            &["system:nodes"],
-        )?;
+        let client = self
+            .api
+            .client_as(&format!("{NODE_USER_PREFIX}{name}"), &["system:nodes"])?;
         let version = node.containerd.version().await?;
         Api::<Node>::all(client.clone())
             .create(
@@ -239,7 +235,7 @@ impl Cluster {
     }
 
     fn start_controllers(&mut self, options: &ClusterOptions) -> Result<()> {
-        let client = client_as(&self.api, CONTROLLER_USER, &[])?;
+        let client = self.api.client_as(CONTROLLER_USER, &[])?;
         let wake = Arc::new(Notify::new());
         let config = watcher::Config::default;
         self.tasks.extend([
@@ -401,18 +397,6 @@ impl RolloutStatusOf for DaemonSet {
 /// Whether an API user is one of the cluster's own components.
 pub fn is_cluster_user(user: &str) -> bool {
     user == CONTROLLER_USER || user.starts_with(NODE_USER_PREFIX)
-}
-
-/// A client of `api` authenticated as `user` (a token registered for it).
-fn client_as(api: &KubeApi, user: &str, groups: &[&str]) -> Result<kube::Client> {
-    let token = format!("sandbox-{:032x}", rand::random::<u128>());
-    let mut groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
-    groups.push("system:authenticated".into());
-    api.register_token(&token, user, groups, BTreeMap::new(), Vec::new());
-    let mut config = api.config();
-    config.auth_info =
-        serde_json::from_value(json!({ "token": token })).context("building auth info")?;
-    kube::Client::try_from(config).with_context(|| format!("building a client for {user}"))
 }
 
 /// Wakes `wake` on every event of a watch (re-listing and backing off as needed).

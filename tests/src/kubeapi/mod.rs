@@ -12,7 +12,9 @@
 //! apply is 415), delete (finalizers, preconditions), deletecollection.
 //!
 //! Not modelled: defaulting and most validation, admission, RBAC (every authenticated
-//! user may do anything), graceful pod deletion unless asked for
+//! user may do anything, except the cluster-wide lists and watches
+//! [`KubeApi::forbid_cluster_scope`] takes away from one user), graceful pod deletion
+//! unless asked for
 //! ([`KubeApiOptions::graceful_pod_deletion`]; else pods go at once, the answer is the pod),
 //! `/scale`, managedFields, Table output, protobuf.
 
@@ -45,7 +47,7 @@ use tower::ServiceExt;
 pub use tokenreview::API_AUDIENCE;
 
 use crate::{scratch, tls::TestCa};
-use server::{Shared, lock};
+use server::{ClusterScopeForbidden, Shared, lock};
 use store::{Store, Subresource};
 use tokenreview::{TokenIdentity, Tokens};
 
@@ -270,13 +272,32 @@ impl KubeApi {
             .collect()
     }
 
-    /// Answers cluster-wide lists and watches of `resource` in API `group` (`""` for
-    /// core) with 403 Forbidden from now on, as the real API server does for a user with
-    /// Roles only; namespaced requests still work. `allow_cluster_scope` undoes it.
-    pub fn forbid_cluster_scope(&self, group: &str, resource: &str) {
-        lock(&self.shared.cluster_scope_forbidden).push((group.to_owned(), resource.to_owned()));
+    /// A client authenticated as `user` (member of `groups` and
+    /// `system:authenticated`), through a token registered for it.
+    pub fn client_as(&self, user: &str, groups: &[&str]) -> Result<kube::Client> {
+        let token = format!("user-{:032x}", rand::random::<u128>());
+        let mut groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+        groups.push("system:authenticated".into());
+        self.register_token(&token, user, groups, BTreeMap::new(), Vec::new());
+        let mut config = self.config();
+        config.auth_info =
+            serde_json::from_value(json!({ "token": token })).context("building auth info")?;
+        kube::Client::try_from(config).with_context(|| format!("building a client for {user}"))
     }
 
+    /// Answers `user`'s cluster-wide lists and watches of `resource` in API `group`
+    /// (`""` for core) with 403 Forbidden from now on, as the real API server does for a
+    /// user whose grants are Roles only; namespaced requests and other users are
+    /// unaffected. [`KubeApi::allow_cluster_scope`] undoes it.
+    pub fn forbid_cluster_scope(&self, user: &str, group: &str, resource: &str) {
+        lock(&self.shared.cluster_scope_forbidden).push(ClusterScopeForbidden {
+            user: user.to_owned(),
+            group: group.to_owned(),
+            resource: resource.to_owned(),
+        });
+    }
+
+    /// Allows every cluster-wide list and watch again (RBAC fixed).
     pub fn allow_cluster_scope(&self) {
         lock(&self.shared.cluster_scope_forbidden).clear();
     }

@@ -34,11 +34,20 @@ pub struct Shared {
     pub store: Mutex<Store>,
     pub tokens: Mutex<Tokens>,
     pub requests: Mutex<Vec<RecordedRequest>>,
-    /// `(group, resource)` whose cluster-wide list and watch answer 403, as for a user
-    /// with Roles in some namespaces only.
-    pub cluster_scope_forbidden: Mutex<Vec<(String, String)>>,
+    /// Cluster-wide lists and watches that answer 403, as for a user with Roles in some
+    /// namespaces only.
+    pub cluster_scope_forbidden: Mutex<Vec<ClusterScopeForbidden>>,
     pub bookmark_interval: Duration,
     pub addr: SocketAddr,
+}
+
+/// A user whose cluster-wide lists and watches of one resource RBAC forbids.
+pub struct ClusterScopeForbidden {
+    pub user: String,
+    /// The API group, `""` for core.
+    pub group: String,
+    /// The plural (`deployments`).
+    pub resource: String,
 }
 
 /// Locks a mutex, recovering the data if a panicking test thread poisoned it.
@@ -80,7 +89,7 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
         .map(|q| q.0)
         .unwrap_or_default();
     if parts.method == Method::GET
-        && let Some((group, resource)) = cluster_scope_forbidden(&shared, parts.uri.path())
+        && let Some((group, resource)) = cluster_scope_forbidden(&shared, &user, parts.uri.path())
     {
         let watch = query.get("watch").is_some_and(|w| w == "true" || w == "1");
         let verb = if watch { "watch" } else { "list" };
@@ -104,9 +113,9 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
     }
 }
 
-/// The forbidden `(group, resource)` a path lists cluster-wide (`/api/v1/<resource>`,
-/// `/apis/<group>/<version>/<resource>`), if any.
-fn cluster_scope_forbidden(shared: &Shared, path: &str) -> Option<(String, String)> {
+/// The `(group, resource)` a path lists cluster-wide (`/api/v1/<resource>`,
+/// `/apis/<group>/<version>/<resource>`), if that is forbidden for `user`.
+fn cluster_scope_forbidden(shared: &Shared, user: &str, path: &str) -> Option<(String, String)> {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group, resource) = match parts.as_slice() {
         ["api", _, resource] => ("", *resource),
@@ -115,8 +124,8 @@ fn cluster_scope_forbidden(shared: &Shared, path: &str) -> Option<(String, Strin
     };
     lock(&shared.cluster_scope_forbidden)
         .iter()
-        .find(|(g, r)| g == group && r == resource)
-        .cloned()
+        .find(|f| f.user == user && f.group == group && f.resource == resource)
+        .map(|f| (f.group.clone(), f.resource.clone()))
 }
 
 fn bearer_token(headers: &HeaderMap) -> Option<&str> {

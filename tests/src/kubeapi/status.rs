@@ -125,10 +125,14 @@ impl ApiError {
     /// `deployments.apps is forbidden: User "…" cannot list resource "deployments" in
     /// API group "apps" at the cluster scope`.
     pub fn forbidden_cluster_scope(user: &str, verb: &str, group: &str, resource: &str) -> Self {
-        let qualified = if group.is_empty() {
-            resource.to_owned()
+        // `details` leaves an empty (core) group out, as the API server's omitempty does.
+        let (qualified, details) = if group.is_empty() {
+            (resource.to_owned(), json!({"kind": resource}))
         } else {
-            format!("{resource}.{group}")
+            (
+                format!("{resource}.{group}"),
+                json!({"group": group, "kind": resource}),
+            )
         };
         Self::new(
             403,
@@ -137,7 +141,7 @@ impl ApiError {
                 "{qualified} is forbidden: User \"{user}\" cannot {verb} resource \"{resource}\" in API group \"{group}\" at the cluster scope"
             ),
         )
-        .with_details(json!({"group": group, "kind": resource}))
+        .with_details(details)
     }
 
     pub fn unauthorized() -> Self {
