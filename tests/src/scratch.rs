@@ -32,3 +32,15 @@ pub fn free_loopback_addr() -> Result<SocketAddr> {
     let listener = bind_loopback()?;
     listener.local_addr().context("reading bound address")
 }
+
+/// The last `lines` lines of a process's log file, for error messages.
+pub fn log_tail(log: &std::path::Path, lines: usize) -> String {
+    match std::fs::read_to_string(log) {
+        Ok(text) => {
+            let all: Vec<&str> = text.lines().collect();
+            let start = all.len().saturating_sub(lines);
+            all.get(start..).unwrap_or_default().join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", log.display()),
+    }
+}

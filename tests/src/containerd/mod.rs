@@ -345,7 +345,7 @@ impl Containerd {
                 self.process = None;
                 bail!(
                     "containerd exited ({status}) before CRI answered; log tail:\n{}",
-                    log_tail(&self.paths.log)
+                    scratch::log_tail(&self.paths.log, LOG_TAIL_LINES)
                 );
             }
             let last_error =
@@ -359,7 +359,7 @@ impl Containerd {
                     "containerd CRI did not answer within {READY_TIMEOUT:?} on {} \
                      (last error: {last_error}); log tail:\n{}",
                     self.paths.socket.display(),
-                    log_tail(&self.paths.log)
+                    scratch::log_tail(&self.paths.log, LOG_TAIL_LINES)
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -492,18 +492,6 @@ fn find_in_path(binary: &str) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|dir| dir.join(binary))
         .find(|candidate| candidate.is_file())
-}
-
-/// Last lines of containerd's log, for error messages.
-fn log_tail(log: &Path) -> String {
-    match fs::read_to_string(log) {
-        Ok(text) => {
-            let lines: Vec<&str> = text.lines().collect();
-            let start = lines.len().saturating_sub(LOG_TAIL_LINES);
-            lines.get(start..).unwrap_or_default().join("\n")
-        }
-        Err(e) => format!("(cannot read {}: {e})", log.display()),
-    }
 }
 
 /// A TOML basic string.

@@ -1,7 +1,7 @@
 //! One long-running process of the cluster (etcd, an API server, a kubelet…), its output
 //! in a log file, stopped with SIGTERM (then SIGKILL) when dropped.
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -77,7 +77,7 @@ impl Daemon {
 
     /// The last lines of the log, for error messages.
     pub fn log_tail(&self) -> String {
-        log_tail(&self.log)
+        crate::scratch::log_tail(&self.log, LOG_TAIL_LINES)
     }
 
     /// SIGTERM, then SIGKILL after a grace period; reaps the process.
@@ -111,16 +111,5 @@ impl Drop for Daemon {
         if let Err(e) = self.stop() {
             eprintln!("warning: {e:#}");
         }
-    }
-}
-
-pub fn log_tail(log: &Path) -> String {
-    match fs::read_to_string(log) {
-        Ok(text) => {
-            let lines: Vec<&str> = text.lines().collect();
-            let start = lines.len().saturating_sub(LOG_TAIL_LINES);
-            lines.get(start..).unwrap_or_default().join("\n")
-        }
-        Err(e) => format!("(cannot read {}: {e})", log.display()),
     }
 }
