@@ -8,6 +8,7 @@
 //! (`setns` changes only the calling thread); a socket keeps the namespace it was made
 //! in, so the tokio tasks that serve them run anywhere.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
@@ -39,6 +40,8 @@ pub struct NetNs {
     path: String,
     jobs: mpsc::Sender<Job>,
     relays: Mutex<JoinSet<()>>,
+    /// Target → its relay's host address.
+    relayed: Mutex<HashMap<SocketAddr, SocketAddr>>,
 }
 
 impl NetNs {
@@ -83,6 +86,7 @@ impl NetNs {
             path,
             jobs,
             relays: Mutex::new(JoinSet::new()),
+            relayed: Mutex::new(HashMap::new()),
         })
     }
 
@@ -128,8 +132,11 @@ impl NetNs {
     }
 
     /// A host loopback port whose connections are carried to `target` inside the
-    /// namespace.
+    /// namespace; one per target, however often it is asked for (tests poll through it).
     pub async fn relay_in(&self, target: SocketAddr) -> Result<SocketAddr> {
+        if let Some(local) = self.relayed().get(&target) {
+            return Ok(*local);
+        }
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .context("binding a loopback relay port")?;
@@ -146,6 +153,7 @@ impl NetNs {
                 });
             }
         });
+        self.relayed().insert(target, local);
         Ok(local)
     }
 
@@ -184,6 +192,12 @@ impl NetNs {
 impl NetNs {
     fn relays(&self) -> std::sync::MutexGuard<'_, JoinSet<()>> {
         self.relays
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn relayed(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, SocketAddr>> {
+        self.relayed
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
