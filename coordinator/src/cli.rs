@@ -1,6 +1,7 @@
 //! The `warmroll-coordinator` command line. Subcommands: `resolve` (what does this
 //! tag point to now, as warmroll sees it), `run` (the coordinator itself, see
-//! [`crate::run`]) and `report` (the drift report as a table, see [`crate::engine`]).
+//! [`crate::run`]), `report` (the drift report as a table, see [`crate::engine`]), and
+//! `approve` / `rollout` (steer one workload, see [`crate::steer`]).
 //! Every flag can also be set through its environment variable.
 
 use std::io::Write;
@@ -40,6 +41,12 @@ pub enum Command {
     Run(Box<crate::run::RunArgs>),
     /// Print the drift report: from a running coordinator, or computed once (`--once`).
     Report(crate::engine::ReportArgs),
+    /// Approve a rollout that awaits approval (`requireApproval`): annotates the
+    /// workload with the digests it waits for, with your Kubernetes credentials.
+    Approve(crate::steer::ApproveArgs),
+    /// Ask the leader for a warm restart of one workload now, onto whatever its tags
+    /// point to: annotates the workload, with your Kubernetes credentials.
+    Rollout(crate::steer::RolloutArgs),
 }
 
 #[derive(Debug, Args)]
@@ -88,6 +95,8 @@ pub enum CliError {
     Run(#[from] crate::run::RunError),
     #[error(transparent)]
     Report(#[from] crate::engine::ReportError),
+    #[error(transparent)]
+    Steer(#[from] crate::steer::SteerError),
 }
 
 /// Sets up logging to stderr (text or JSON).
@@ -111,6 +120,8 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
         Command::Resolve(args) => resolve(args, out).await,
         Command::Run(args) => Ok(crate::run::run(*args).await?),
         Command::Report(args) => Ok(crate::engine::report_command(args, out).await?),
+        Command::Approve(args) => Ok(crate::steer::approve_command(args, out).await?),
+        Command::Rollout(args) => Ok(crate::steer::rollout_command(args, out).await?),
     }
 }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 use croner::Cron;
 use serde::Deserialize;
 
+use crate::window::RolloutWindow;
 use crate::workload::{Kind, WorkloadKey};
 
 /// The default policy label key.
@@ -183,6 +184,11 @@ pub struct Policy {
     pub dry_run: bool,
     /// `restart` mode's schedule.
     pub schedule: Option<Cron>,
+    /// `rollout` mode: when patches are allowed (`None`: at any time).
+    pub window: Option<RolloutWindow>,
+    /// `rollout` mode: the patch waits for a `warmroll.io/approve` annotation naming
+    /// the new digest (or `warmroll-coordinator approve`).
+    pub require_approval: bool,
 }
 
 impl Policy {
@@ -395,6 +401,16 @@ struct RawPolicy {
     init_containers: Option<bool>,
     dry_run: Option<bool>,
     schedule: Option<String>,
+    window: Option<RawWindow>,
+    require_approval: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawWindow {
+    schedule: String,
+    duration: String,
+    time_zone: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -644,6 +660,27 @@ impl RawPolicy {
             }
             (_, None) => None,
         };
+        let window = match self.window {
+            None => None,
+            Some(_) if mode != Mode::Rollout => {
+                return invalid(format!("{field}.window"), "only used by mode rollout");
+            }
+            Some(raw) => {
+                let length = parse_duration(&raw.duration)
+                    .map_err(|r| (format!("{field}.window.duration"), r))?;
+                Some(
+                    RolloutWindow::new(&raw.schedule, length, raw.time_zone.as_deref())
+                        .map_err(|(key, r)| (format!("{field}.window.{key}"), r))?,
+                )
+            }
+        };
+        let require_approval = self.require_approval.unwrap_or(false);
+        if require_approval && mode != Mode::Rollout {
+            return invalid(
+                format!("{field}.requireApproval"),
+                "only used by mode rollout",
+            );
+        }
         Ok(Policy {
             name: name.to_owned(),
             mode,
@@ -661,6 +698,8 @@ impl RawPolicy {
             init_containers: self.init_containers.unwrap_or(false),
             dry_run: global_dry_run || self.dry_run.unwrap_or(false),
             schedule,
+            window,
+            require_approval,
         })
     }
 }

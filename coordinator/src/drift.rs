@@ -15,7 +15,11 @@ use warmroll_proto::image::{Digest, ImageRef, Tracking};
 use crate::config::{Config, Mode, OnTimeout, Policy, WarmTargets};
 use crate::placement::Placement;
 use crate::registry::{Resolved, digest_matches};
-use crate::workload::{LAST_ROLLOUT_ANNOTATION, TemplateContainer, Workload, WorkloadKey};
+use crate::window::WindowState;
+use crate::workload::{
+    APPROVE_ANNOTATION, LAST_ROLLOUT_ANNOTATION, ROLLOUT_REQUEST_ANNOTATION, TemplateContainer,
+    Workload, WorkloadKey,
+};
 use warmroll_proto::fleet::Container;
 
 /// One running container of one of the workload's pods (from an agent, or from the
@@ -46,6 +50,10 @@ pub enum State {
     Rolling,
     Converged,
     Held(String),
+    /// Warm; the patch waits for an approval naming the new digest.
+    AwaitingApproval(String),
+    /// Warm; the patch waits for the policy's rollout window.
+    AwaitingWindow(String),
     Pinned,
     Error(String),
 }
@@ -59,6 +67,8 @@ impl State {
             State::Rolling => "rolling",
             State::Converged => "converged",
             State::Held(_) => "held",
+            State::AwaitingApproval(_) => "awaiting-approval",
+            State::AwaitingWindow(_) => "awaiting-window",
             State::Pinned => "pinned",
             State::Error(_) => "error",
         }
@@ -66,19 +76,24 @@ impl State {
 
     pub fn reason(&self) -> Option<&str> {
         match self {
-            State::Held(r) | State::Error(r) => Some(r),
+            State::Held(r)
+            | State::AwaitingApproval(r)
+            | State::AwaitingWindow(r)
+            | State::Error(r) => Some(r),
             _ => None,
         }
     }
 
     /// Every state name, for metrics.
-    pub const NAMES: [&'static str; 8] = [
+    pub const NAMES: [&'static str; 10] = [
         "in-sync",
         "drift",
         "warming",
         "rolling",
         "converged",
         "held",
+        "awaiting-approval",
+        "awaiting-window",
         "pinned",
         "error",
     ];
@@ -215,6 +230,9 @@ pub struct LastRollout {
     pub containers: BTreeMap<String, Digest>,
     pub time: Timestamp,
     pub reason: String,
+    /// The `warmroll.io/rollout-requested` value this rollout served, if it was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
 }
 
 impl LastRollout {
@@ -234,6 +252,82 @@ impl LastRollout {
                 .iter()
                 .all(|(c, d)| self.containers.get(c) == Some(d))
     }
+}
+
+/// A `warmroll-coordinator rollout` request on the workload that no rollout served yet
+/// (neither the recorded one nor, before its record comes back, `served`). Requests are
+/// told apart by their value, so a client clock ahead of ours cannot restart twice.
+pub fn open_request(
+    workload: &Workload,
+    last: Option<&LastRollout>,
+    served: Option<&str>,
+) -> Option<String> {
+    let value = workload.annotations.get(ROLLOUT_REQUEST_ANNOTATION)?;
+    let done = last.and_then(|l| l.request.as_deref()) == Some(value.as_str())
+        || served == Some(value.as_str());
+    (!done && !value.is_empty()).then(|| value.clone())
+}
+
+/// A requested rollout restarts onto whatever the tags are now: every tracked container
+/// whose tag resolved counts as drifting on every node that runs it.
+pub fn request_all(containers: &mut [ContainerDrift], running: &[Running]) {
+    for c in containers.iter_mut() {
+        if matches!(c.state, State::InSync | State::Drift) && c.registry_digest.is_some() {
+            c.drifted_nodes = running
+                .iter()
+                .filter(|r| r.container == c.container)
+                .map(|r| r.node.clone())
+                .collect();
+            if !c.drifted_nodes.is_empty() {
+                c.state = State::Drift;
+            }
+        }
+    }
+}
+
+/// The digests a `warmroll.io/approve` annotation names (separated by commas or
+/// whitespace).
+fn approved_digests(workload: &Workload) -> BTreeSet<&str> {
+    workload
+        .annotations
+        .get(APPROVE_ANNOTATION)
+        .map(|v| {
+            v.split(|c: char| c == ',' || c.is_whitespace())
+                .filter(|d| !d.is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The gates a ready patch still waits for: an approval naming every new digest (one
+/// for an older digest releases nothing), then the rollout window. A requested rollout
+/// waits for neither.
+fn patch_waits(
+    workload: &Workload,
+    policy: &Policy,
+    target: &BTreeMap<String, Digest>,
+    gates: &Gates,
+) -> Option<State> {
+    if gates.requested.is_some() {
+        return None;
+    }
+    if policy.require_approval {
+        let approved = approved_digests(workload);
+        let wanted: BTreeSet<String> = target.values().map(Digest::to_string).collect();
+        if !wanted.iter().all(|d| approved.contains(d.as_str())) {
+            return Some(State::AwaitingApproval(format!(
+                "warm; approve with the annotation {APPROVE_ANNOTATION}={} or `warmroll-coordinator approve {}`",
+                wanted.into_iter().collect::<Vec<_>>().join(","),
+                workload.key
+            )));
+        }
+    }
+    if let Some(window) = &policy.window
+        && let WindowState::Closed { opens } = window.state(gates.now)
+    {
+        return Some(State::AwaitingWindow(window.waiting(opens.as_ref())));
+    }
+    None
 }
 
 /// The digest each drifting container should move to.
@@ -315,6 +409,10 @@ pub struct Gates {
     pub leader: bool,
     /// Another rollout slot is free under the policy's limit.
     pub slot_free: bool,
+    /// An open `warmroll-coordinator rollout` request (its annotation value): roll now,
+    /// warm, in any mode, without the stabilisation window, cooldown, approval or
+    /// rollout window.
+    pub requested: Option<String>,
 }
 
 /// What to do next.
@@ -411,8 +509,9 @@ pub fn decide(
         };
     }
 
+    let requested = gates.requested.as_deref();
     // Already rolled to this digest (by us, or by a coordinator before a restart).
-    if let Some(last) = last.filter(|l| l.covers(&target)) {
+    if let Some(last) = last.filter(|l| requested.is_none() && l.covers(&target)) {
         let since = elapsed(last.time, now);
         if workload.status.progress_deadline_exceeded || since > policy.rollout_timeout {
             let reason = format!(
@@ -457,6 +556,7 @@ pub fn decide(
         reason,
     } = phase
         && *held == target
+        && requested.is_none()
     {
         return keep(State::Held(reason.clone()), None);
     }
@@ -470,7 +570,7 @@ pub fn decide(
         return keep(State::Drift, Some(format!("dry-run: {would}")));
     }
 
-    if policy.mode != Mode::Rollout {
+    if policy.mode != Mode::Rollout && requested.is_none() {
         return Step {
             phase: Phase::Idle,
             action: Action::None,
@@ -500,14 +600,25 @@ pub fn decide(
             state: State::Drift,
             note: Some(note),
         };
-        if elapsed(since, now) < policy.stabilization_window {
+        if elapsed(since, now) < policy.stabilization_window && requested.is_none() {
             return waiting("new digest: waiting for the stabilisation window".to_owned());
         }
         if let Some(why) = blocked(workload, policy, last, gates) {
             return waiting(why);
         }
-        if !policy.warm.enabled {
+        if !policy.warm.enabled && requested.is_none() {
             // Warm-up off: the kubelets pull after the patch.
+            if let Some(state) = patch_waits(workload, policy, &target, gates) {
+                return Step {
+                    phase: Phase::Stabilising {
+                        target: target.clone(),
+                        since,
+                    },
+                    action: Action::None,
+                    state,
+                    note: None,
+                };
+            }
             return Step {
                 phase: Phase::Rolling {
                     target,
@@ -588,6 +699,13 @@ pub fn decide(
     if let Some(why) = blocked(workload, policy, last, gates) {
         return keep(State::Warming, Some(format!("{reason}; {why}")));
     }
+    if let Some(state) = patch_waits(workload, policy, &target, gates) {
+        return keep(state, None);
+    }
+    let reason = match requested {
+        Some(at) => format!("rollout requested ({at}): {reason}"),
+        None => reason,
+    };
     Step {
         phase: Phase::Rolling {
             target,
@@ -616,7 +734,7 @@ pub(crate) fn blocked(
     if workload.status.mid_rollout() {
         return Some("mid-rollout: waiting for the current rollout to finish".to_owned());
     }
-    if let Some(last) = last {
+    if let Some(last) = last.filter(|_| gates.requested.is_none()) {
         let since = elapsed(last.time, gates.now);
         if since < policy.cooldown {
             return Some(format!(

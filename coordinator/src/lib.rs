@@ -1,5 +1,5 @@
-//! warmroll-coordinator library: registry resolution (and, later, drift, warm-up and
-//! rollouts), plus the command line that drives it.
+//! warmroll-coordinator library: registry resolution, drift, warm-up and rollouts, the
+//! agents' fleet API, plus the command line that drives it.
 
 pub mod cli;
 pub mod config;
@@ -12,4 +12,6 @@ pub mod placement;
 pub mod registry;
 pub mod report;
 pub mod run;
+pub mod steer;
+pub mod window;
 pub mod workload;

@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 
 /// The annotation on the workload that records warmroll's last rollout.
 pub const LAST_ROLLOUT_ANNOTATION: &str = "warmroll.io/last-rollout";
+/// The annotation that approves a rollout (`require_approval`): the new digest(s).
+pub const APPROVE_ANNOTATION: &str = "warmroll.io/approve";
+/// The annotation `warmroll-coordinator rollout` sets to ask for a warm restart now.
+pub const ROLLOUT_REQUEST_ANNOTATION: &str = "warmroll.io/rollout-requested";
 
 /// A workload kind warmroll handles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -49,6 +53,33 @@ impl FromStr for Kind {
                 "{other:?} is not one of Deployment, StatefulSet, DaemonSet"
             )),
         }
+    }
+}
+
+/// A JSON merge patch of one workload, whatever its kind.
+pub async fn merge_patch(
+    client: &kube::Client,
+    key: &WorkloadKey,
+    body: &serde_json::Value,
+) -> Result<(), kube::Error> {
+    use kube::Api;
+    use kube::api::{Patch, PatchParams};
+    let params = PatchParams::default();
+    let patch = Patch::Merge(body);
+    let (ns, name) = (key.namespace.as_str(), key.name.as_str());
+    match key.kind {
+        Kind::Deployment => Api::<Deployment>::namespaced(client.clone(), ns)
+            .patch(name, &params, &patch)
+            .await
+            .map(drop),
+        Kind::StatefulSet => Api::<StatefulSet>::namespaced(client.clone(), ns)
+            .patch(name, &params, &patch)
+            .await
+            .map(drop),
+        Kind::DaemonSet => Api::<DaemonSet>::namespaced(client.clone(), ns)
+            .patch(name, &params, &patch)
+            .await
+            .map(drop),
     }
 }
 

@@ -29,6 +29,8 @@ use warmroll_coordinator::fleet::auth::service_account_user;
 use warmroll_coordinator::fleet::{FleetView, WarmState};
 use warmroll_coordinator::report::Report;
 use warmroll_coordinator::run::Context;
+use warmroll_coordinator::steer;
+use warmroll_coordinator::workload::WorkloadKey;
 use warmroll_proto::fleet::{NodeName, WarmOutcome};
 use warmroll_tests::cluster::{Cluster, ClusterOptions};
 use warmroll_tests::image::ImageBuilder;
@@ -357,6 +359,28 @@ where
     serde_json::from_str(&text).ok()
 }
 
+/// Waits for shop/`name`'s rollout record and asserts it rolled `main` to `digest`
+/// with `warm` (`2/2`) target nodes warm.
+async fn rolled_warm_to<K>(bed: &Bed, name: &str, digest: &str, warm: &str)
+where
+    K: k8s_openapi::Resource + kube::Resource + serde::de::DeserializeOwned,
+{
+    wait_for(&format!("the rollout record of shop/{name}"), || {
+        last_rollout_of::<K>(bed, name).is_some()
+    })
+    .await
+    .unwrap();
+    let record = last_rollout_of::<K>(bed, name).unwrap();
+    assert_eq!(record["containers"]["main"], digest);
+    assert!(
+        record["reason"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{warm} target nodes warm")),
+        "{record}"
+    );
+}
+
 /// Per node, whether its warm orders for `image_name` (`host/repo`) all succeeded, and
 /// whether it has any.
 fn warmed(view: &FleetView, node: &str, image_name: &str) -> (bool, usize) {
@@ -535,20 +559,7 @@ async fn rollout_warms_every_target_node_then_patches_once_and_a_restart_patches
 
     // The DaemonSet (one rollout at a time: it waited for the Deployment's slot) is
     // warmed on all its nodes, patched once, and converges too.
-    wait_for("the DaemonSet's rollout record", || {
-        last_rollout_of::<DaemonSet>(&bed, "tool").is_some()
-    })
-    .await
-    .unwrap();
-    let record = last_rollout_of::<DaemonSet>(&bed, "tool").unwrap();
-    assert_eq!(record["containers"]["main"], ds_second.manifest_digest);
-    assert!(
-        record["reason"]
-            .as_str()
-            .unwrap()
-            .contains("2/2 target nodes warm"),
-        "{record}"
-    );
+    rolled_warm_to::<DaemonSet>(&bed, "tool", &ds_second.manifest_digest, "2/2").await;
     bed.cluster
         .wait_rolled_out::<DaemonSet>("shop", "tool", Duration::from_secs(60))
         .await
@@ -1070,20 +1081,7 @@ async fn namespaced_watches_roll_in_their_namespace_when_cluster_wide_lists_are_
     assert!(engine.watches.forbidden().is_empty());
 
     let second = images.push("app", "latest").await.unwrap();
-    wait_for("the rollout record of shop/web", || {
-        last_rollout_of::<Deployment>(&bed, "web").is_some()
-    })
-    .await
-    .unwrap();
-    let record = last_rollout_of::<Deployment>(&bed, "web").unwrap();
-    assert_eq!(record["containers"]["main"], second.manifest_digest);
-    assert!(
-        record["reason"]
-            .as_str()
-            .unwrap()
-            .contains("1/1 target nodes warm"),
-        "{record}"
-    );
+    rolled_warm_to::<Deployment>(&bed, "web", &second.manifest_digest, "1/1").await;
     assert!(bed.patches_of("blog", "deployments", "web").is_empty());
     let cluster_wide: Vec<RecordedRequest> = api
         .requests()
@@ -1221,4 +1219,274 @@ async fn a_forbidden_watch_is_an_error_and_a_503_from_readyz_until_rbac_allows_i
         logs.text().contains("watch allowed now"),
         "the recovery is logged"
     );
+}
+
+/// The engine's rollout patches of Deployment `name` (they write the last-rollout
+/// record; `approve` and `rollout` write only their own annotations).
+fn rollouts_of(bed: &Bed, name: &str) -> usize {
+    bed.patches_of("shop", "deployments", name)
+        .iter()
+        .filter(|p| String::from_utf8_lossy(&p.body).contains("warmroll.io/last-rollout"))
+        .count()
+}
+
+/// Serves the engine's routes (`/report`) on a port, as the coordinator does.
+async fn serve_report(engine: &Engine) -> (String, JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let router = engine.router.clone();
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    (url, task)
+}
+
+/// Waits, then asserts that `name` stayed `state` with no rollout patch.
+async fn stays_unpatched(engine: &Engine, bed: &Bed, name: &str, state: &str) {
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let report = report(engine).await.unwrap();
+    assert_eq!(
+        report.state_of("shop", name, "main").map(State::name),
+        Some(state),
+        "{report:#?}"
+    );
+    assert_eq!(rollouts_of(bed, name), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_approval_by_command_or_annotation_releases_one_patch_and_an_older_digest_none() {
+    let bed = Bed::start(2).await.unwrap();
+    let images = ImageBuilder::new(&bed.registry).unwrap();
+    let first = images.push("gated", "latest").await.unwrap();
+    bed.cluster
+        .api()
+        .insert(&deployment("shop", "gated", "gated", &first.reference, 2))
+        .unwrap();
+    bed.cluster
+        .wait_rolled_out::<Deployment>("shop", "gated", Duration::from_secs(60))
+        .await
+        .unwrap();
+    bed.wait_agents_see("shop", "gated", 2, &first.manifest_digest)
+        .await
+        .unwrap();
+    let config = bed.rollout_config("gated", "timeout: 60s") + "    requireApproval: true\n";
+    let (engine, _shutdown) = bed.engine(&config).unwrap();
+    let (url, _server) = serve_report(&engine).await;
+    wait_state(&engine, "shop", "gated", "in-sync")
+        .await
+        .unwrap();
+    let key = WorkloadKey::parse("shop/Deployment/gated").unwrap();
+    // Who steers: a user of their own, as with kubectl.
+    let operator = bed.cluster.api().client_as("operator", &[]).unwrap();
+
+    // A push: warmed on both nodes, then it waits for an approval.
+    let second = images.push("gated", "latest").await.unwrap();
+    let awaiting = wait_state(&engine, "shop", "gated", "awaiting-approval")
+        .await
+        .unwrap();
+    let reason = awaiting.workloads[0].containers[0]
+        .state
+        .reason()
+        .unwrap()
+        .to_owned();
+    assert!(reason.contains(&second.manifest_digest), "{reason}");
+    for node in bed.cluster.nodes() {
+        bed.assert_holds(node.name(), &first.reference, &second.manifest_digest)
+            .await;
+    }
+    // Approving the older digest releases nothing.
+    steer::approve(
+        &operator,
+        &key,
+        std::slice::from_ref(&first.manifest_digest),
+    )
+    .await
+    .unwrap();
+    stays_unpatched(&engine, &bed, "gated", "awaiting-approval").await;
+    // `warmroll-coordinator approve` reads what awaits approval from the report.
+    let digests = steer::awaiting(&key, &url).await.unwrap();
+    assert_eq!(digests, std::slice::from_ref(&second.manifest_digest));
+    steer::approve(&operator, &key, &digests).await.unwrap();
+    wait_for("the approved patch", || rollouts_of(&bed, "gated") == 1)
+        .await
+        .unwrap();
+    bed.cluster
+        .wait_rolled_out::<Deployment>("shop", "gated", Duration::from_secs(60))
+        .await
+        .unwrap();
+    wait_state(&engine, "shop", "gated", "in-sync")
+        .await
+        .unwrap();
+    assert_eq!(rollouts_of(&bed, "gated"), 1);
+    // Nothing awaits approval now: the command says so.
+    let err = steer::awaiting(&key, &url).await.unwrap_err();
+    assert!(err.to_string().contains("awaits no approval"), "{err}");
+
+    // The next push needs its own approval; the annotation (kubectl, GitOps) gives it.
+    let third = images.push("gated", "latest").await.unwrap();
+    wait_state(&engine, "shop", "gated", "awaiting-approval")
+        .await
+        .unwrap();
+    assert_eq!(rollouts_of(&bed, "gated"), 1);
+    let approve =
+        json!({"metadata": {"annotations": {"warmroll.io/approve": third.manifest_digest}}});
+    kube::Api::<Deployment>::namespaced(operator.clone(), "shop")
+        .patch(
+            "gated",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&approve),
+        )
+        .await
+        .unwrap();
+    wait_for("the second approved patch", || {
+        rollouts_of(&bed, "gated") == 2
+    })
+    .await
+    .unwrap();
+    let record = last_rollout(&bed, "gated").unwrap();
+    assert_eq!(record["containers"]["main"], third.manifest_digest);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(rollouts_of(&bed, "gated"), 2);
+    drop(bed.agents);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drift_outside_the_rollout_window_is_warmed_and_patched_when_it_opens() {
+    let bed = Bed::start(2).await.unwrap();
+    let images = ImageBuilder::new(&bed.registry).unwrap();
+    let first = images.push("nightly", "latest").await.unwrap();
+    bed.cluster
+        .api()
+        .insert(&deployment(
+            "shop",
+            "nightly",
+            "nightly",
+            &first.reference,
+            2,
+        ))
+        .unwrap();
+    bed.cluster
+        .wait_rolled_out::<Deployment>("shop", "nightly", Duration::from_secs(60))
+        .await
+        .unwrap();
+    bed.wait_agents_see("shop", "nightly", 2, &first.manifest_digest)
+        .await
+        .unwrap();
+    // A window that opens 20 s from now (each minute at that second) for 5 s.
+    let opens = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(20);
+    let second_of_minute = opens.as_second().rem_euclid(60);
+    let config = bed.rollout_config("nightly", "timeout: 60s")
+        + &format!("    window: {{schedule: '{second_of_minute} * * * * *', duration: 5s}}\n");
+    let (engine, _shutdown) = bed.engine(&config).unwrap();
+    wait_state(&engine, "shop", "nightly", "in-sync")
+        .await
+        .unwrap();
+
+    let second = images.push("nightly", "latest").await.unwrap();
+    let waiting = wait_state(&engine, "shop", "nightly", "awaiting-window")
+        .await
+        .unwrap();
+    let reason = waiting.workloads[0].containers[0]
+        .state
+        .reason()
+        .unwrap()
+        .to_owned();
+    assert!(reason.contains("next opens at"), "{reason}");
+    assert!(
+        jiff::Timestamp::now() < opens,
+        "the warm-up must finish before the window opens for this test to mean anything"
+    );
+    // Warm already, not patched.
+    for node in bed.cluster.nodes() {
+        bed.assert_holds(node.name(), &first.reference, &second.manifest_digest)
+            .await;
+    }
+    assert_eq!(rollouts_of(&bed, "nightly"), 0);
+    wait_for("the patch in the window", || {
+        rollouts_of(&bed, "nightly") == 1
+    })
+    .await
+    .unwrap();
+    let patched = jiff::Timestamp::now();
+    // Seen within 20 ms of the write; the window opened at `opens` (whole seconds).
+    assert!(
+        patched.as_second() >= opens.as_second(),
+        "patched at {patched}, before the window opened at {opens}"
+    );
+    let record = last_rollout(&bed, "nightly").unwrap();
+    assert_eq!(record["containers"]["main"], second.manifest_digest);
+    drop(bed.agents);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rollout_request_warms_the_nodes_then_restarts_once_in_report_mode() {
+    let bed = Bed::start(2).await.unwrap();
+    let images = ImageBuilder::new(&bed.registry).unwrap();
+    let first = images.push("asked", "latest").await.unwrap();
+    bed.cluster
+        .api()
+        .insert(&deployment("shop", "asked", "watch", &first.reference, 2))
+        .unwrap();
+    bed.cluster
+        .wait_rolled_out::<Deployment>("shop", "asked", Duration::from_secs(60))
+        .await
+        .unwrap();
+    bed.wait_agents_see("shop", "asked", 2, &first.manifest_digest)
+        .await
+        .unwrap();
+    let config = format!(
+        "registry:\n  insecureRegistries: [\"{}\"]\npolicies:\n  watch:\n    mode: report\n    pollInterval: 1s\n",
+        bed.registry.host()
+    );
+    let (engine, _shutdown) = bed.engine(&config).unwrap();
+    // A push a report policy only reports: drift, no patch.
+    let second = images.push("asked", "latest").await.unwrap();
+    stays_unpatched(&engine, &bed, "asked", "drift").await;
+    assert!(
+        bed.view()
+            .node(&NodeName::parse("node-0").unwrap())
+            .is_none_or(|n| n.warms.is_empty()),
+        "no warm orders before the request"
+    );
+
+    let operator = bed.cluster.api().client_as("operator", &[]).unwrap();
+    let key = WorkloadKey::parse("shop/Deployment/asked").unwrap();
+    let requested = steer::request_rollout(&operator, &key).await.unwrap();
+    let nodes = bed.pod_nodes("shop", "asked");
+    let repo = first.repository.clone();
+    wait_for("the requested restart", || {
+        let patched = rollouts_of(&bed, "asked") > 0;
+        if patched {
+            for n in &nodes {
+                assert!(
+                    warmed(bed.view(), n, &repo).0,
+                    "patched before {n} held the new digest"
+                );
+            }
+        }
+        patched
+    })
+    .await
+    .unwrap();
+    let record = last_rollout(&bed, "asked").unwrap();
+    assert_eq!(record["containers"]["main"], second.manifest_digest);
+    assert_eq!(record["request"], requested.as_str());
+    bed.cluster
+        .wait_rolled_out::<Deployment>("shop", "asked", Duration::from_secs(60))
+        .await
+        .unwrap();
+    bed.wait_agents_see("shop", "asked", 2, &second.manifest_digest)
+        .await
+        .unwrap();
+    // Served once: no second restart for the same request.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(rollouts_of(&bed, "asked"), 1);
+    // In sync now, a new request restarts again (onto the same digest).
+    steer::request_rollout(&operator, &key).await.unwrap();
+    wait_for("the second requested restart", || {
+        rollouts_of(&bed, "asked") == 2
+    })
+    .await
+    .unwrap();
+    drop(bed.agents);
 }

@@ -73,6 +73,11 @@ fn release_dir() -> Result<PathBuf> {
     Ok(target.join("release"))
 }
 
+/// The release `warmroll-coordinator`, for running its commands against a cluster.
+pub fn release_coordinator() -> Result<PathBuf> {
+    release_binary(&release_dir()?, "warmroll-coordinator")
+}
+
 fn release_binary(dir: &Path, name: &str) -> Result<PathBuf> {
     let binary = dir.join(name);
     if !binary.is_file() {

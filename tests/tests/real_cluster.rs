@@ -31,7 +31,7 @@ use warmroll_tests::kube::warmroll::{
 };
 use warmroll_tests::kube::{AuditEvent, KUBE_RELEASE, KubeCluster, wait_for};
 use warmroll_tests::registry::{Registry, RegistryOptions};
-use warmroll_tests::warmroll_image::push_warmroll_images;
+use warmroll_tests::warmroll_image::{push_warmroll_images, release_coordinator};
 
 const NODES: u8 = 2;
 const DEMO: &str = "demo";
@@ -58,12 +58,22 @@ config:
         timeout: 2m
         onTimeout: hold
         targets: schedulable
+    approved:
+      mode: rollout
+      pollInterval: 2s
+      cooldown: 5s
+      requireApproval: true
+      warm:
+        timeout: 2m
+        targets: schedulable
 ";
 
 struct Bed {
     registry: Registry,
     cluster: KubeCluster,
     builder: ImageBuilder,
+    /// The admin client, built once.
+    client: kube::Client,
 }
 
 impl Bed {
@@ -72,7 +82,10 @@ impl Bed {
     }
 
     async fn warmroll(&self) -> Warmroll<'_> {
-        Warmroll::new(&self.cluster).await.unwrap()
+        Warmroll {
+            cluster: &self.cluster,
+            client: self.client.clone(),
+        }
     }
 
     async fn pods(&self, namespace: &str, selector: &str) -> Vec<Pod> {
@@ -128,10 +141,12 @@ async fn warmroll_on_a_real_cluster() {
     eprintln!("real cluster: Kubernetes {}", cluster.version());
     assert_eq!(cluster.version(), KUBE_RELEASE);
     let builder = ImageBuilder::new(&registry).unwrap();
+    let client = cluster.client().await.unwrap();
     let bed = Bed {
         registry,
         cluster,
         builder,
+        client,
     };
 
     chart_installs_and_agents_are_accepted(&bed).await;
@@ -141,6 +156,7 @@ async fn warmroll_on_a_real_cluster() {
     if_not_present_pods_start_on_the_new_digest(&bed).await;
     a_rollout_that_cannot_come_up_is_held_after_one_patch(&bed).await;
     report_mode_logs_one_line_per_drifting_container(&bed).await;
+    approve_and_rollout_commands_steer_through_the_api(&bed).await;
     namespaced_rbac_watches_its_namespaces_and_says_when_forbidden(&bed).await;
 }
 
@@ -414,12 +430,11 @@ async fn if_not_present_pods_start_on_the_new_digest(bed: &Bed) {
     let pushed_at = jiff::Timestamp::now();
     let v2 = bed.builder.push("demo/cached", "stable").await.unwrap();
     bed.wait_pods_on("cached", 2, &v2.manifest_digest).await;
-    let audit = bed.audit();
-    let patches = coordinator_writes(&audit, "cached", pushed_at)
-        .into_iter()
-        .filter(|e| e.verb == "patch")
-        .count();
-    assert_eq!(patches, 1, "one patch of cached");
+    assert_eq!(
+        patches_since(bed, "cached", pushed_at),
+        1,
+        "one patch of cached"
+    );
 }
 
 /// A rollout whose new pods exit at once: the real Deployment controller reports its
@@ -464,12 +479,11 @@ async fn a_rollout_that_cannot_come_up_is_held_after_one_patch(bed: &Bed) {
     );
     // A few more cycles: still exactly the one patch.
     tokio::time::sleep(Duration::from_secs(8)).await;
-    let audit = bed.audit();
-    let patches = coordinator_writes(&audit, "crash", pushed_at)
-        .into_iter()
-        .filter(|e| e.verb == "patch")
-        .count();
-    assert_eq!(patches, 1, "crash patched once");
+    assert_eq!(
+        patches_since(bed, "crash", pushed_at),
+        1,
+        "crash patched once"
+    );
 }
 
 /// Report mode: a push makes the leader log one `container` line per drifting container
@@ -548,6 +562,124 @@ async fn report_mode_logs_one_line_per_drifting_container(bed: &Bed) {
             "report mode leaves the pods on the old digest"
         );
     }
+}
+
+/// Runs the release `warmroll-coordinator` with the cluster's admin kubeconfig, as an
+/// operator would; returns its output.
+fn coordinator_command(bed: &Bed, args: &[&str]) -> String {
+    let binary = release_coordinator().unwrap();
+    let output = std::process::Command::new(&binary)
+        .args(args)
+        .env("KUBECONFIG", bed.cluster.kubeconfig())
+        .output()
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(
+        output.status.success(),
+        "warmroll-coordinator {args:?}: {}\n{out}{err}",
+        output.status
+    );
+    out.into_owned()
+}
+
+/// The coordinator's patches of `name` since `since`, from the audit log.
+fn patches_since(bed: &Bed, name: &str, since: jiff::Timestamp) -> usize {
+    coordinator_writes(&bed.audit(), name, since)
+        .into_iter()
+        .filter(|e| e.verb == "patch")
+        .count()
+}
+
+/// Steering on the real API with the release binary's commands: a policy that requires
+/// approval warms and then waits (`awaiting-approval`); `approve` with an older digest
+/// releases nothing, with the new one exactly one patch. `rollout` restarts a
+/// report-mode workload onto its tag's new digest, warm, with one patch and the Event
+/// reason `RolledOnRequest`.
+async fn approve_and_rollout_commands_steer_through_the_api(bed: &Bed) {
+    let v1 = bed.builder.push("demo/gated", "latest").await.unwrap();
+    let image = bed.image(&v1);
+    bed.create(
+        DEMO,
+        workload("Deployment", "gated", "approved", &image, "Always", 2),
+    )
+    .await;
+    bed.create(
+        DEMO,
+        workload("Deployment", "asked", "report", &image, "Always", 1),
+    )
+    .await;
+    bed.wait_pods_on("gated", 2, &v1.manifest_digest).await;
+    bed.wait_pods_on("asked", 1, &v1.manifest_digest).await;
+    let pushed_at = jiff::Timestamp::now();
+    let v2 = bed.builder.push("demo/gated", "latest").await.unwrap();
+    let warmroll = bed.warmroll().await;
+    let reason = wait_for("gated awaiting approval", ROLLOUT_TIMEOUT, || async {
+        let report = warmroll.report().await?;
+        Ok(workload_container_state(&report, "gated")
+            .filter(|(state, _)| state == "awaiting-approval")
+            .map(|(_, reason)| reason))
+    })
+    .await
+    .unwrap();
+    assert!(reason.contains(&v2.manifest_digest), "{reason}");
+    let warm = warmroll.warm_lines().await.unwrap();
+    for i in 0..NODES {
+        let node = format!("node-{i}");
+        assert!(
+            warm.iter()
+                .any(|w| w.node == node && w.is_digest(&v2.manifest_digest)),
+            "{node} is warm while gated awaits approval"
+        );
+    }
+    let key = "demo/Deployment/gated";
+    coordinator_command(bed, &["approve", key, "--digest", &v1.manifest_digest]);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(
+        patches_since(bed, "gated", pushed_at),
+        0,
+        "an older digest's approval"
+    );
+    let out = coordinator_command(bed, &["approve", key, "--digest", &v2.manifest_digest]);
+    assert!(out.contains(&v2.manifest_digest), "{out}");
+    bed.wait_pods_on("gated", 2, &v2.manifest_digest).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        patches_since(bed, "gated", pushed_at),
+        1,
+        "one approved patch"
+    );
+
+    // `asked` drifts to v2 under a report policy; a request restarts it onto v2.
+    let asked_at = jiff::Timestamp::now();
+    assert_eq!(patches_since(bed, "asked", pushed_at), 0, "report mode");
+    coordinator_command(bed, &["rollout", "demo/Deployment/asked"]);
+    bed.wait_pods_on("asked", 1, &v2.manifest_digest).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        patches_since(bed, "asked", asked_at),
+        1,
+        "one requested patch"
+    );
+    let events: Api<k8s_openapi::api::core::v1::Event> =
+        Api::namespaced(warmroll.client.clone(), DEMO);
+    let reasons: Vec<String> = events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.involved_object.name.as_deref() == Some("asked"))
+        .filter(|e| e.reporting_component.as_deref() == Some("warmroll-coordinator"))
+        .filter_map(|e| e.reason)
+        .collect();
+    assert_eq!(
+        reasons,
+        ["RolledOnRequest"],
+        "the Event says it was asked for"
+    );
 }
 
 /// The first container's state and reason of workload `name` in a report.

@@ -20,6 +20,8 @@ fn the_example_file_parses() {
     assert_eq!(web.mode, Mode::Rollout);
     assert_eq!(web.poll_interval, Duration::from_secs(60));
     assert_eq!(web.warm.timeout, Duration::from_secs(600));
+    assert!(web.window.is_some());
+    assert!(!web.require_approval);
     let nightly = &config.policies["nightly"];
     assert_eq!(nightly.mode, Mode::Restart);
     assert!(nightly.schedule.is_some());
@@ -150,6 +152,26 @@ fn every_validation_error_names_its_field() {
             "maybe",
         ),
         ("policyLabel: 'bad key!'\n", "policyLabel:"),
+        (
+            "policies:\n  p:\n    mode: rollout\n    window: {schedule: 'often', duration: 1h}\n",
+            "policies.p.window.schedule: \"often\"",
+        ),
+        (
+            "policies:\n  p:\n    mode: rollout\n    window: {schedule: '0 3 * * *', duration: 0s}\n",
+            "policies.p.window.duration:",
+        ),
+        (
+            "policies:\n  p:\n    mode: rollout\n    window: {schedule: '0 3 * * *', duration: 1h, timeZone: Moon/Base}\n",
+            "policies.p.window.timeZone: \"Moon/Base\"",
+        ),
+        (
+            "policies:\n  p:\n    mode: report\n    window: {schedule: '0 3 * * *', duration: 1h}\n",
+            "policies.p.window: only used by mode rollout",
+        ),
+        (
+            "policies:\n  p:\n    mode: report\n    requireApproval: true\n",
+            "policies.p.requireApproval: only used by mode rollout",
+        ),
         (
             "registry:\n  insecureRegistries: ['http://x']\n",
             "registry.insecureRegistries[0]:",

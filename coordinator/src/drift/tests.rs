@@ -1,6 +1,7 @@
 use super::*;
 use crate::config::Config;
 use crate::registry::Child;
+use crate::window::RolloutWindow;
 use crate::workload::builders::mk_workload;
 use warmroll_proto::image::Platform;
 
@@ -170,6 +171,7 @@ fn last_rollout_round_trips_and_covers() {
         containers: [("app".to_owned(), d('a'))].into(),
         time: ts(0),
         reason: "drift".into(),
+        request: None,
     };
     let mut w = mk_workload("ns", "web", &[("app", "a:latest")]);
     w.annotations.insert(
@@ -224,6 +226,7 @@ fn gates(secs: i64) -> Gates {
         now: ts(secs),
         leader: true,
         slot_free: true,
+        requested: None,
     }
 }
 
@@ -454,6 +457,7 @@ fn safety_gates_block_the_patch() {
         containers: [("app".to_owned(), d('o'))].into(),
         time: ts(0),
         reason: "drift".into(),
+        request: None,
     };
     let step = case.step_with(&phase, Some(&earlier), &warm, &gates(10));
     assert!(step.note.unwrap().contains("cooldown"));
@@ -468,6 +472,7 @@ fn never_rolls_twice_for_one_digest() {
         containers: drift_target(&case.containers),
         time: ts(0),
         reason: "drift".into(),
+        request: None,
     };
     // A restarted coordinator (phase Idle) sees the record: rolling, no action.
     let step = case.step_with(
@@ -606,4 +611,169 @@ fn restart_schedule() {
         restart_due(&p, after, "2024-01-01T03:00:30Z".parse().unwrap()),
         Some("2024-01-01T03:00:00Z".parse().unwrap())
     );
+}
+
+fn all_warm(case: &Case) -> WarmProgress {
+    WarmProgress {
+        warm: case.nodes.clone(),
+        failed: BTreeMap::new(),
+    }
+}
+
+#[test]
+fn approval_releases_only_the_digest_it_names() {
+    let mut case = drifting("    requireApproval: true\n");
+    let phase = warming(&case);
+    let warm = all_warm(&case);
+    // Warm, but nobody approved: waiting, the report says how to approve.
+    let step = case.step(&phase, &warm, &gates(20));
+    assert_eq!(step.action, Action::None);
+    assert_eq!(step.phase, phase, "the warm-up stays in place");
+    let State::AwaitingApproval(how) = &step.state else {
+        panic!("awaiting approval expected: {step:?}");
+    };
+    assert!(
+        how.contains(&format!("warmroll.io/approve={}", d('n'))),
+        "{how}"
+    );
+    assert!(
+        how.contains("warmroll-coordinator approve ns/Deployment/web"),
+        "{how}"
+    );
+    // An approval of an older digest releases nothing.
+    case.workload
+        .annotations
+        .insert(APPROVE_ANNOTATION.into(), d('o').to_string());
+    let step = case.step(&phase, &warm, &gates(21));
+    assert!(matches!(step.state, State::AwaitingApproval(_)), "{step:?}");
+    // Naming the new digest (among others) releases the patch.
+    case.workload
+        .annotations
+        .insert(APPROVE_ANNOTATION.into(), format!("{}, {}", d('o'), d('n')));
+    let step = case.step(&phase, &warm, &gates(22));
+    assert!(matches!(step.action, Action::Patch { .. }), "{step:?}");
+}
+
+#[test]
+fn approval_comes_after_the_warm_up() {
+    let case = drifting("    requireApproval: true\n");
+    let step = case.step(&warming(&case), &warm_on(&["n1"]), &gates(20));
+    assert_eq!(step.state, State::Warming);
+}
+
+#[test]
+fn a_rollout_window_holds_the_patch_not_the_warm_up() {
+    // ts(0) is 22:13:20 UTC; windows open every 10 minutes for one.
+    let case = drifting("    window: {schedule: '*/10 * * * *', duration: 1m}\n");
+    let none = WarmProgress::default();
+    // Warming starts outside the window.
+    let s1 = case.step(&Phase::Idle, &none, &gates(0));
+    let s2 = case.step(&s1.phase, &none, &gates(11));
+    assert!(matches!(s2.action, Action::Warm { .. }), "{s2:?}");
+    // Warm, the window closed: wait and say when it opens.
+    let warm = all_warm(&case);
+    let s3 = case.step(&s2.phase, &warm, &gates(20));
+    assert_eq!(s3.action, Action::None);
+    let State::AwaitingWindow(why) = &s3.state else {
+        panic!("awaiting the window expected: {s3:?}");
+    };
+    assert!(why.contains("2023-11-14 22:20:00 UTC"), "{why}");
+    // 22:20:00 opens it.
+    let s4 = case.step(&s3.phase, &warm, &gates(400));
+    assert!(matches!(s4.action, Action::Patch { .. }), "{s4:?}");
+    // 22:21:00 is closed again.
+    let s5 = case.step(&s3.phase, &warm, &gates(460));
+    assert!(matches!(s5.state, State::AwaitingWindow(_)), "{s5:?}");
+}
+
+#[test]
+fn a_window_also_holds_an_unwarmed_patch() {
+    let case = drifting(
+        "    warm: {enabled: false}\n    window: {schedule: '*/10 * * * *', duration: 1m}\n",
+    );
+    let none = WarmProgress::default();
+    let s1 = case.step(&Phase::Idle, &none, &gates(0));
+    let s2 = case.step(&s1.phase, &none, &gates(11));
+    assert!(matches!(s2.state, State::AwaitingWindow(_)), "{s2:?}");
+    assert!(matches!(s2.phase, Phase::Stabilising { since, .. } if since == ts(0)));
+    let s3 = case.step(&s2.phase, &none, &gates(401));
+    assert!(matches!(s3.action, Action::Patch { .. }), "{s3:?}");
+}
+
+#[test]
+fn a_rollout_request_restarts_warm_past_every_policy_gate() {
+    // In sync, report mode, with approval-free defaults: nothing to do until asked.
+    let workload = mk_workload("ns", "web", &[("app", "reg:5000/app:latest")]);
+    let lookup = resolved("reg:5000/app:latest", d('n'), &[]);
+    let running = [
+        run("n1", "p1", "app", Some(d('n'))),
+        run("n2", "p2", "app", Some(d('n'))),
+    ];
+    let mut containers = vec![container_drift(
+        &workload.containers[0],
+        Some(&lookup),
+        &running,
+    )];
+    assert_eq!(containers[0].state, State::InSync);
+    request_all(&mut containers, &running);
+    assert!(containers[0].drifts());
+    let nodes = warm_nodes(
+        &workload,
+        WarmTargets::Running,
+        &containers,
+        &running,
+        |_| unreachable!(),
+    );
+    assert_eq!(nodes, ["n1".to_owned(), "n2".to_owned()].into());
+    let mut case = Case {
+        workload,
+        policy: policy(""),
+        containers,
+        nodes,
+    };
+    case.policy.mode = Mode::Report;
+    case.policy.window = RolloutWindow::new("0 3 1 1 *", Duration::from_secs(60), None).ok();
+    case.policy.require_approval = true;
+    // The same digest was rolled a moment ago (cooldown): a request still restarts.
+    let last = LastRollout {
+        containers: drift_target(&case.containers),
+        time: ts(0),
+        reason: "drift".into(),
+        request: None,
+    };
+    let mut g = gates(5);
+    g.requested = Some("2023-11-14T22:13:25Z".into());
+    let none = WarmProgress::default();
+    let s1 = case.step_with(&Phase::Idle, Some(&last), &none, &g);
+    assert!(matches!(s1.action, Action::Warm { .. }), "{s1:?}");
+    let s2 = case.step_with(&s1.phase, Some(&last), &all_warm(&case), &g);
+    let Action::Patch { reason } = &s2.action else {
+        panic!("patch expected: {s2:?}");
+    };
+    assert!(
+        reason.starts_with("rollout requested (2023-11-14T22:13:25Z): warm-up done"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_request_is_open_until_a_rollout_served_it() {
+    let mut w = mk_workload("ns", "web", &[("app", "a:latest")]);
+    assert_eq!(open_request(&w, None, None), None);
+    w.annotations
+        .insert(ROLLOUT_REQUEST_ANNOTATION.into(), "t1".into());
+    assert_eq!(open_request(&w, None, None), Some("t1".into()));
+    // Served by this engine (record not back yet), or recorded on the workload.
+    assert_eq!(open_request(&w, None, Some("t1")), None);
+    let last = LastRollout {
+        containers: BTreeMap::new(),
+        time: ts(0),
+        reason: "r".into(),
+        request: Some("t1".into()),
+    };
+    assert_eq!(open_request(&w, Some(&last), None), None);
+    // A new request (whatever the clocks say) is open again.
+    w.annotations
+        .insert(ROLLOUT_REQUEST_ANNOTATION.into(), "t0".into());
+    assert_eq!(open_request(&w, Some(&last), Some("t1")), Some("t0".into()));
 }

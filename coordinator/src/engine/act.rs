@@ -4,11 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::api::{Patch, PatchParams};
+use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::{Api, Client};
 use serde_json::json;
 use tracing::{info, instrument, warn};
 use warmroll_proto::fleet::{Credentials, NodeName, WarmOutcome};
@@ -19,7 +17,7 @@ use crate::drift::{LastRollout, WarmProgress};
 use crate::fleet::view::WarmBytes;
 use crate::fleet::{FleetView, WarmRequest, WarmState, WarmTicket};
 use crate::registry::Keyring;
-use crate::workload::{Kind, LAST_ROLLOUT_ANNOTATION, Workload};
+use crate::workload::{LAST_ROLLOUT_ANNOTATION, Workload, merge_patch};
 
 /// Why a write failed.
 #[derive(Debug, thiserror::Error)]
@@ -193,28 +191,12 @@ impl Actor {
                 policy.annotation_key.as_str(): record.time.to_string()
             }}}}
         });
-        let params = PatchParams::default();
-        let patch = Patch::Merge(&body);
-        let ns = &workload.key.namespace;
-        let name = &workload.key.name;
-        let result = match workload.key.kind {
-            Kind::Deployment => Api::<Deployment>::namespaced(self.client.clone(), ns)
-                .patch(name, &params, &patch)
-                .await
-                .map(|_| ()),
-            Kind::StatefulSet => Api::<StatefulSet>::namespaced(self.client.clone(), ns)
-                .patch(name, &params, &patch)
-                .await
-                .map(|_| ()),
-            Kind::DaemonSet => Api::<DaemonSet>::namespaced(self.client.clone(), ns)
-                .patch(name, &params, &patch)
-                .await
-                .map(|_| ()),
-        };
-        result.map_err(|source| ActError::Patch {
-            workload: workload.key.to_string(),
-            source,
-        })
+        merge_patch(&self.client, &workload.key, &body)
+            .await
+            .map_err(|source| ActError::Patch {
+                workload: workload.key.to_string(),
+                source,
+            })
     }
 
     /// A Kubernetes Event on the workload saying it was rolled, how and why.
@@ -255,12 +237,17 @@ pub(crate) enum RolledHow {
     Unwarmed,
     /// A `restart` policy's schedule came due.
     Scheduled,
+    /// `warmroll-coordinator rollout` asked for it (warmed first).
+    Requested,
 }
 
 impl RolledHow {
-    /// From the policy and whether the warm gate was forced open by a timeout.
-    pub(crate) fn of(policy: &Policy, partial: bool) -> RolledHow {
+    /// From the policy, whether the warm gate was forced open by a timeout, and whether
+    /// a rollout request asked for it.
+    pub(crate) fn of(policy: &Policy, partial: bool, requested: bool) -> RolledHow {
         match (policy.mode, policy.warm.enabled, partial) {
+            (_, _, true) if requested => RolledHow::PartiallyWarm,
+            _ if requested => RolledHow::Requested,
             (Mode::Restart, _, _) => RolledHow::Scheduled,
             (_, false, _) => RolledHow::Unwarmed,
             (_, true, true) => RolledHow::PartiallyWarm,
@@ -274,6 +261,7 @@ impl RolledHow {
             RolledHow::PartiallyWarm => "RolledPartiallyWarm",
             RolledHow::Unwarmed => "Rolled",
             RolledHow::Scheduled => "RestartedOnSchedule",
+            RolledHow::Requested => "RolledOnRequest",
         }
     }
 }
@@ -294,14 +282,30 @@ mod tests {
     #[test]
     fn the_event_reason_says_how_the_workload_was_rolled() {
         let warm = policy("    mode: rollout\n");
-        assert_eq!(RolledHow::of(&warm, false).reason(), "RolledWarm");
-        assert_eq!(RolledHow::of(&warm, true).reason(), "RolledPartiallyWarm");
+        assert_eq!(RolledHow::of(&warm, false, false).reason(), "RolledWarm");
+        assert_eq!(
+            RolledHow::of(&warm, true, false).reason(),
+            "RolledPartiallyWarm"
+        );
         let cold = policy("    mode: rollout\n    warm: {enabled: false}\n");
-        assert_eq!(RolledHow::of(&cold, false).reason(), "Rolled");
+        assert_eq!(RolledHow::of(&cold, false, false).reason(), "Rolled");
         let scheduled = policy("    mode: restart\n    schedule: '0 3 * * *'\n");
         assert_eq!(
-            RolledHow::of(&scheduled, false).reason(),
+            RolledHow::of(&scheduled, false, false).reason(),
             "RestartedOnSchedule"
+        );
+        // A requested rollout is warmed whatever the policy says.
+        assert_eq!(
+            RolledHow::of(&scheduled, false, true).reason(),
+            "RolledOnRequest"
+        );
+        assert_eq!(
+            RolledHow::of(&cold, false, true).reason(),
+            "RolledOnRequest"
+        );
+        assert_eq!(
+            RolledHow::of(&warm, true, true).reason(),
+            "RolledPartiallyWarm"
         );
     }
 }

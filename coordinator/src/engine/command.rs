@@ -67,7 +67,7 @@ pub async fn report_command(
             .map_err(ReportError::KubeClient)?;
         report_once(&client, &config, &resolver).await?
     } else {
-        fetch(&args.url).await?
+        fetch_report(&args.url).await?
     };
     if args.json {
         serde_json::to_writer_pretty(&mut *out, &report)?;
@@ -78,7 +78,8 @@ pub async fn report_command(
     Ok(())
 }
 
-async fn fetch(base: &str) -> Result<Report, ReportError> {
+/// A running coordinator's `/report`.
+pub async fn fetch_report(base: &str) -> Result<Report, ReportError> {
     let url = format!("{}/report", base.trim_end_matches('/'));
     let fetch_err = |source| ReportError::Fetch {
         url: url.clone(),

@@ -38,6 +38,8 @@ struct Memory {
     logged: Option<(String, Option<String>)>,
     /// `restart` mode: schedule times up to here are done.
     restart_after: Timestamp,
+    /// The rollout request this engine patched for (its record may not be back yet).
+    served: Option<String>,
 }
 
 /// The engine's memory across steps.
@@ -202,6 +204,10 @@ async fn step(
         let in_ns = running.get(&workload.key.namespace).unwrap_or(&empty);
         let pods = running_of(workload, in_ns);
         let mut containers = containers_of(workload, policy, &state.lookups, &pods);
+        let requested = rollout_request(workload, state.workloads.get(&workload.key));
+        if requested.is_some() {
+            drift::request_all(&mut containers, &pods);
+        }
         let nodes = warm_nodes(
             workload,
             policy.warm.targets,
@@ -222,6 +228,7 @@ async fn step(
             policy,
             &mut containers,
             &nodes,
+            requested,
             state,
             &mut rolling,
             actor,
@@ -273,6 +280,7 @@ async fn step_workload<'p>(
     policy: &'p Policy,
     containers: &mut [ContainerDrift],
     nodes: &BTreeSet<String>,
+    requested: Option<String>,
     state: &mut EngineState,
     rolling: &mut HashMap<&'p str, usize>,
     actor: &Actor,
@@ -289,21 +297,16 @@ async fn step_workload<'p>(
             warm: WarmOrders::default(),
             logged: None,
             restart_after: started,
+            served: None,
         });
-    let last = match LastRollout::from_workload(workload) {
-        Some(Ok(last)) => Some(last),
-        Some(Err(e)) => {
-            warn!(workload = %workload.key, error = %e, "unreadable last-rollout annotation: ignored");
-            None
-        }
-        None => None,
-    };
+    let last = last_rollout(workload, true);
     let slot_free =
         rolling.get(policy.name.as_str()).copied().unwrap_or(0) < policy.max_concurrent_rollouts;
     let gates = Gates {
         now,
         leader,
         slot_free,
+        requested,
     };
     let progress = memory.warm.progress();
     let subject = Subject {
@@ -315,7 +318,7 @@ async fn step_workload<'p>(
     let mut step = decide(&subject, &memory.phase, last.as_ref(), &progress, &gates);
 
     // restart mode: the cron schedule, gated like a rollout.
-    if policy.mode == Mode::Restart {
+    if policy.mode == Mode::Restart && gates.requested.is_none() {
         let after = last
             .as_ref()
             .map_or(memory.restart_after, |l| l.time.max(memory.restart_after));
@@ -378,6 +381,7 @@ async fn step_workload<'p>(
                     containers: target,
                     time: now,
                     reason: reason.clone(),
+                    request: gates.requested.clone(),
                 };
                 match actor.patch(workload, policy, &record).await {
                     Ok(()) => {
@@ -387,10 +391,10 @@ async fn step_workload<'p>(
                             .rollout(if partial { "partial" } else { "patched" });
                         *rolling.entry(policy.name.as_str()).or_default() += 1;
                         info!(workload = %workload.key, reason = %reason, "rollout: patched the pod template");
-                        actor
-                            .event(workload, reason, RolledHow::of(policy, partial))
-                            .await;
+                        let how = RolledHow::of(policy, partial, gates.requested.is_some());
+                        actor.event(workload, reason, how).await;
                         memory.warm = WarmOrders::default();
+                        memory.served = gates.requested.clone();
                     }
                     Err(e) => {
                         shared.metrics.rollout("failed");
@@ -441,6 +445,29 @@ async fn step_workload<'p>(
         None
     };
     (step.note, warm_bytes)
+}
+
+/// The workload's last-rollout record; an unreadable one is ignored (logged if `log`).
+fn last_rollout(workload: &Workload, log: bool) -> Option<LastRollout> {
+    match LastRollout::from_workload(workload)? {
+        Ok(last) => Some(last),
+        Err(e) => {
+            if log {
+                warn!(workload = %workload.key, error = %e, "unreadable last-rollout annotation: ignored");
+            }
+            None
+        }
+    }
+}
+
+/// An open `warmroll-coordinator rollout` request on the workload.
+fn rollout_request(workload: &Workload, memory: Option<&Memory>) -> Option<String> {
+    let last = last_rollout(workload, false);
+    drift::open_request(
+        workload,
+        last.as_ref(),
+        memory.and_then(|m| m.served.as_deref()),
+    )
 }
 
 fn elapsed(since: Timestamp, now: Timestamp) -> Duration {

@@ -42,7 +42,7 @@ use crate::report::Report;
 use crate::run::Context;
 use crate::workload::Workload;
 
-pub use command::{ReportArgs, ReportError, report_command};
+pub use command::{ReportArgs, ReportError, fetch_report, report_command};
 use metrics::EngineMetrics;
 pub use once::report_once;
 
