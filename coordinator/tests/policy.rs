@@ -1192,15 +1192,21 @@ async fn a_warm_up_superseded_by_a_newer_push_is_cancelled_and_the_newer_digest_
     let old = images.push_random("app", "latest", 8 << 20).await.unwrap();
     bed.registry.set_bandwidth(Some(256 * 1024));
     let repo = first.repository.clone();
-    wait_for("both nodes downloading the superseded digest", || {
-        let orders = warm_orders(&bed, &repo);
+    let unfinished = |bed: &Bed| {
+        let orders = warm_orders(bed, &repo);
         orders.len() == 2
-            && orders.iter().all(|(_, _, s)| {
-                matches!(s, WarmState::InProgress { bytes_done, .. } if *bytes_done > 0)
-            })
+            && orders
+                .iter()
+                .all(|(_, _, s)| !matches!(s, WarmState::Finished(_)))
+    };
+    wait_for("both nodes ordered to pull the superseded digest", || {
+        unfinished(&bed)
     })
     .await
     .unwrap();
+    // 8 MiB at 256 KiB/s for two: half a minute. A few seconds in, both still pull.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(unfinished(&bed), "{:?}", warm_orders(&bed, &repo));
     let superseded: Vec<(String, String)> = warm_orders(&bed, &repo)
         .into_iter()
         .map(|(n, o, _)| (n, o))
