@@ -1278,6 +1278,84 @@ async fn a_warm_up_superseded_by_a_newer_push_is_cancelled_and_the_newer_digest_
     drop(bed.agents);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_workload_that_leaves_its_policy_mid_warm_up_has_its_pull_cancelled_and_is_not_rolled() {
+    let bed = Bed::start(1).await.unwrap();
+    let images = ImageBuilder::new(&bed.registry).unwrap();
+    let first = images.push("left", "latest").await.unwrap();
+    bed.cluster
+        .api()
+        .insert(&daemon_set("shop", "left", "fast", &first.reference))
+        .unwrap();
+    bed.cluster
+        .wait_rolled_out::<DaemonSet>("shop", "left", Duration::from_secs(60))
+        .await
+        .unwrap();
+    bed.wait_agents_see("shop", "left", 1, &first.manifest_digest)
+        .await
+        .unwrap();
+    let config = bed.rollout_config("fast", "timeout: 120s");
+    let (engine, _shutdown) = bed.engine(&config).unwrap();
+    wait_state(&engine, "shop", "left", "in-sync")
+        .await
+        .unwrap();
+
+    let big = images.push_random("left", "latest", 8 << 20).await.unwrap();
+    bed.registry.set_bandwidth(Some(256 * 1024));
+    let repo = first.repository.clone();
+    wait_for("the warm order out", || {
+        warm_orders(&bed, &repo)
+            .iter()
+            .any(|(_, _, s)| !matches!(s, WarmState::Finished(_)))
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The label goes: no policy tracks the DaemonSet any more.
+    kube::Api::<DaemonSet>::namespaced(bed.cluster.client(), "shop")
+        .patch(
+            "left",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"labels": {"warmroll.io/policy": null}}})),
+        )
+        .await
+        .unwrap();
+    wait_for("the order cancelled on the agent", || {
+        let orders = warm_orders(&bed, &repo);
+        !orders.is_empty()
+            && orders.iter().all(|(_, _, s)| {
+                matches!(
+                    s,
+                    WarmState::Finished(WarmOutcome::Failed {
+                        kind: FailureKind::Cancelled,
+                        ..
+                    })
+                )
+            })
+    })
+    .await
+    .unwrap();
+    bed.registry.set_bandwidth(None);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let node = bed.cluster.nodes()[0].name().to_owned();
+    let pulled = bed
+        .cluster
+        .node(&node)
+        .unwrap()
+        .containerd()
+        .image_status(&format!("{}@{}", big.repository, big.manifest_digest))
+        .await
+        .unwrap();
+    assert!(pulled.is_none(), "the cancelled pull went on: {pulled:?}");
+    bed.assert_holds(&node, &first.reference, &first.manifest_digest)
+        .await;
+    assert!(
+        last_rollout_of::<DaemonSet>(&bed, "left").is_none(),
+        "an untracked workload was rolled"
+    );
+    drop(bed.agents);
+}
+
 /// The coordinator's ServiceAccount, as the API server names it.
 fn coordinator_user() -> String {
     service_account_user("warmroll", "warmroll-coordinator")
