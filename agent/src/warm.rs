@@ -4,7 +4,9 @@
 //! [`Warmer::warm`] bounds concurrent pulls with a semaphore, merges identical concurrent
 //! requests (same reference and expected digest) into one pull, retries transient runtime
 //! errors with backoff inside the deadline, and refuses to pull when the image filesystem
-//! has less free space than the configured floor.
+//! has less free space than the configured floor. A pull nobody waits for any more (every
+//! merged request was dropped: its order was cancelled or timed out) is stopped: the CRI
+//! call is dropped, so the runtime stops downloading and never moves the tag to it.
 //!
 //! After a pull that downloaded, it writes the image filesystem back to disk (`syncfs`)
 //! before it reports the warm-up done. The fresh layers are dirty in the page cache
@@ -275,6 +277,49 @@ type Key = (ImageRef, Option<Digest>);
 struct InFlight {
     outcome: SharedOutcome,
     progress: watch::Receiver<Option<PullProgress>>,
+    /// Tells this pull from a later one of the same key.
+    serial: u64,
+    /// Requests waiting for the outcome; the pull stops when the last one goes.
+    waiters: usize,
+    task: tokio::task::AbortHandle,
+    started: Instant,
+}
+
+/// One request's hold on a pull in flight: dropping it (the request finished, timed out,
+/// or its order was cancelled) lets go; the last one to let go of an unfinished pull
+/// stops it.
+struct Waiter<C> {
+    inner: Arc<Inner<C>>,
+    key: Key,
+    serial: u64,
+}
+
+impl<C> Drop for Waiter<C> {
+    fn drop(&mut self) {
+        let mut inflight = self
+            .inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let Some(entry) = inflight
+            .get_mut(&self.key)
+            .filter(|e| e.serial == self.serial)
+        else {
+            // The pull finished (and left the map) already.
+            return;
+        };
+        entry.waiters = entry.waiters.saturating_sub(1);
+        if entry.waiters > 0 {
+            return;
+        }
+        if let Some(stopped) = inflight.remove(&self.key) {
+            stopped.task.abort();
+            self.inner
+                .metrics
+                .pull_finished("cancelled", stopped.started.elapsed());
+            info!(image = %self.key.0, "nobody waits for this pull any more: stopped");
+        }
+    }
 }
 
 struct Inner<C> {
@@ -285,6 +330,7 @@ struct Inner<C> {
     config: WarmConfig,
     metrics: Metrics,
     inflight: Mutex<HashMap<Key, InFlight>>,
+    next_serial: std::sync::atomic::AtomicU64,
     /// Writes the image filesystem back ([`sync_filesystem`]; tests put a slow one here).
     flush: fn(&Path) -> Result<(), FlushError>,
 }
@@ -342,6 +388,7 @@ impl<C: Cri> Warmer<C> {
                 config,
                 metrics,
                 inflight: Mutex::new(HashMap::new()),
+                next_serial: std::sync::atomic::AtomicU64::new(0),
                 flush: sync_filesystem,
             }),
         }
@@ -350,6 +397,8 @@ impl<C: Cri> Warmer<C> {
     /// Pull `image` (by its tag) and check the node's tag resolves to `expected`.
     /// A request identical to one in flight (same image and expected digest) waits for
     /// that pull instead of starting another; each caller's own `deadline` still applies.
+    /// Dropping the returned [`Warming`] before it finishes withdraws the request; the
+    /// pull stops when no request waits for it.
     pub fn warm(
         &self,
         image: &ImageRef,
@@ -358,20 +407,30 @@ impl<C: Cri> Warmer<C> {
         deadline: Instant,
     ) -> Warming {
         let key: Key = (image.clone(), expected.cloned());
-        let (shared, progress) = {
+        let (shared, progress, waiter) = {
             let mut inflight = self
                 .inner
                 .inflight
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            match inflight.get(&key) {
+            match inflight.get_mut(&key) {
                 Some(s) => {
                     info!(image = %image, "identical warm-up in flight; waiting for it");
-                    (s.outcome.clone(), s.progress.clone())
+                    s.waiters += 1;
+                    let waiter = Waiter {
+                        inner: self.inner.clone(),
+                        key: key.clone(),
+                        serial: s.serial,
+                    };
+                    (s.outcome.clone(), s.progress.clone(), waiter)
                 }
                 None => {
                     let inner = self.inner.clone();
                     let task_key = key.clone();
+                    let serial = self
+                        .inner
+                        .next_serial
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let (progress_tx, progress) = watch::channel(None);
                     let handle = tokio::spawn(async move {
                         let started = Instant::now();
@@ -389,13 +448,13 @@ impl<C: Cri> Warmer<C> {
                             Err(e) => e.outcome(),
                         };
                         inner.metrics.pull_finished(label, started.elapsed());
-                        inner
-                            .inflight
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .remove(&task_key);
+                        let mut inflight = inner.inflight.lock().unwrap_or_else(|e| e.into_inner());
+                        if inflight.get(&task_key).is_some_and(|e| e.serial == serial) {
+                            inflight.remove(&task_key);
+                        }
                         outcome
                     });
+                    let task = handle.abort_handle();
                     let failed_image = image.clone();
                     let shared = handle
                         .map(move |joined| {
@@ -409,18 +468,29 @@ impl<C: Cri> Warmer<C> {
                         .boxed()
                         .shared();
                     inflight.insert(
-                        key,
+                        key.clone(),
                         InFlight {
                             outcome: shared.clone(),
                             progress: progress.clone(),
+                            serial,
+                            waiters: 1,
+                            task,
+                            started: Instant::now(),
                         },
                     );
-                    (shared, progress)
+                    let waiter = Waiter {
+                        inner: self.inner.clone(),
+                        key,
+                        serial,
+                    };
+                    (shared, progress, waiter)
                 }
             }
         };
         let image = image.clone();
         let outcome = async move {
+            // Held until the outcome is in (or this request is dropped).
+            let _waiter = waiter;
             let started = Instant::now();
             // The pull task ends by its own deadline with the precise error; the grace
             // only matters to a merged caller whose deadline is earlier than the pull's.
@@ -1164,6 +1234,54 @@ mod tests {
                 2,
                 "at most 2 at once"
             );
+        }
+
+        #[tokio::test]
+        async fn a_pull_nobody_waits_for_stops_and_one_still_wanted_goes_on() {
+            let fake = node();
+            fake.edit(|s| s.pull_delay = Duration::from_millis(400));
+            let (w, metrics) = warmer(&fake, 2, 0);
+            // Two orders merged into one pull; one is withdrawn, the other still gets it.
+            let kept = w.warm(&image(), Some(&digest(NEW)), None, soon(10));
+            let withdrawn = w.warm(&image(), Some(&digest(NEW)), None, soon(10));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(withdrawn);
+            let warmed = kept.await.unwrap();
+            assert_eq!(warmed.digest, Some(digest(NEW)));
+            assert_eq!(fake.pulls.load(Ordering::SeqCst), 1);
+
+            // Back to the old image; a pull whose only order goes is stopped: the tag
+            // never moves and the runtime call is dropped mid-way.
+            let fake = node();
+            fake.edit(|s| s.pull_delay = Duration::from_millis(400));
+            let (w, metrics_2) = warmer(&fake, 2, 0);
+            let alone = tokio::spawn({
+                let w = w.clone();
+                async move { w.warm(&image(), Some(&digest(NEW)), None, soon(10)).await }
+            });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(fake.pulls.load(Ordering::SeqCst), 1, "the pull started");
+            alone.abort();
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            let status = fake.image_status(TAG).await.unwrap().unwrap();
+            assert_eq!(status.id, "sha256:old", "the stopped pull moved the tag");
+            assert_eq!(
+                fake.active_pulls.load(Ordering::SeqCst),
+                1,
+                "the runtime call was dropped before it returned"
+            );
+            assert!(
+                metrics_2
+                    .encode()
+                    .contains("warmroll_agent_pulls_total{outcome=\"cancelled\"} 1"),
+                "{}",
+                metrics_2.encode()
+            );
+            assert!(!metrics.encode().contains("cancelled"));
+            // A new order for the same image pulls afresh.
+            let again = w.warm(&image(), Some(&digest(NEW)), None, soon(10)).await;
+            assert_eq!(again.unwrap().digest, Some(digest(NEW)));
+            assert_eq!(fake.pulls.load(Ordering::SeqCst), 2);
         }
 
         #[tokio::test]

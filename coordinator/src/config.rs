@@ -156,6 +156,65 @@ pub struct WarmPolicy {
     pub timeout: Duration,
     pub on_timeout: OnTimeout,
     pub targets: WarmTargets,
+    /// Warm waves: how many target nodes pull one rollout's images at once.
+    pub max_parallel_nodes: ParallelNodes,
+}
+
+/// `warm.maxParallelNodes`: how many target nodes of one rollout have warm orders out at
+/// once; the next nodes get theirs as earlier ones finish (warm or failed).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ParallelNodes {
+    /// Every target node at once (the default).
+    Unlimited,
+    /// At most this many nodes (at least 1).
+    Count(usize),
+    /// At most this share of the target nodes, in percent (above 0, at most 100),
+    /// rounded up: never less than one node.
+    Percent(f64),
+}
+
+impl ParallelNodes {
+    /// The cap for a rollout with `targets` target nodes.
+    pub fn of(self, targets: usize) -> usize {
+        match self {
+            ParallelNodes::Unlimited => targets.max(1),
+            ParallelNodes::Count(n) => n.max(1),
+            ParallelNodes::Percent(p) => {
+                // Exact enough: node counts are far below f64's integer range.
+                let share = (targets as f64 * p / 100.0).ceil();
+                (share as usize).clamp(1, targets.max(1))
+            }
+        }
+    }
+
+    fn parse(raw: RawCount) -> Result<ParallelNodes, String> {
+        let text = match raw {
+            RawCount::Number(0) => {
+                return Err("must be at least 1 (leave it out for no limit)".to_owned());
+            }
+            RawCount::Number(n) => {
+                return usize::try_from(n)
+                    .map(ParallelNodes::Count)
+                    .map_err(|_| format!("{n} is too large"));
+            }
+            RawCount::Text(text) => text,
+        };
+        let trimmed = text.trim();
+        if let Some(number) = trimmed.strip_suffix('%') {
+            return match number.trim().parse::<f64>() {
+                Ok(p) if p > 0.0 && p <= 100.0 => Ok(ParallelNodes::Percent(p)),
+                _ => Err(format!(
+                    "{text:?}: a percentage must be above 0% and at most 100%"
+                )),
+            };
+        }
+        match trimmed.parse::<u64>() {
+            Ok(n) => ParallelNodes::parse(RawCount::Number(n)),
+            Err(_) => Err(format!(
+                "{text:?} is neither a number of nodes (2) nor a percentage (\"10%\")"
+            )),
+        }
+    }
 }
 
 /// One policy.
@@ -428,6 +487,15 @@ struct RawWarm {
     timeout: Option<String>,
     on_timeout: Option<OnTimeout>,
     targets: Option<WarmTargets>,
+    max_parallel_nodes: Option<RawCount>,
+}
+
+/// A count written as a number or a string (`2`, `"10%"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawCount {
+    Number(u64),
+    Text(String),
 }
 
 type Checked<T> = Result<T, (String, String)>;
@@ -615,6 +683,11 @@ impl RawPolicy {
             timeout: duration("warm.timeout", raw_warm.timeout, Duration::from_secs(600))?,
             on_timeout: raw_warm.on_timeout.unwrap_or(OnTimeout::Hold),
             targets: raw_warm.targets.unwrap_or_default(),
+            max_parallel_nodes: match raw_warm.max_parallel_nodes {
+                None => ParallelNodes::Unlimited,
+                Some(raw) => ParallelNodes::parse(raw)
+                    .map_err(|r| (format!("{field}.warm.maxParallelNodes"), r))?,
+            },
         };
         if warm.timeout.is_zero() {
             return invalid(format!("{field}.warm.timeout"), "must be more than 0s");

@@ -400,6 +400,10 @@ pub struct WarmProgress {
     pub warm: BTreeSet<String>,
     /// Target nodes whose warm-up failed, with why.
     pub failed: BTreeMap<String, String>,
+    /// Warm waves: target nodes whose orders wait for a free slot.
+    pub queued: BTreeSet<String>,
+    /// When the latest orders went out; the gate's timeout counts from the last wave.
+    pub last_sent: Option<Timestamp>,
 }
 
 /// Facts outside the workload that gate a rollout.
@@ -659,7 +663,9 @@ pub fn decide(
             .iter()
             .filter(|n| warm.failed.contains_key(*n))
             .count();
-    let timed_out = elapsed(started, now) >= policy.warm.timeout;
+    // Waves: the timeout runs from the last wave, once no node waits for its order.
+    let timed_out = warm.queued.is_empty()
+        && elapsed(warm.last_sent.map_or(started, |t| t.max(started)), now) >= policy.warm.timeout;
     let reached = share >= policy.warm.threshold && (done == total || policy.warm.threshold < 1.0);
     let summary = format!("{warm_count}/{total} target nodes warm");
     let failures = if warm.failed.is_empty() {

@@ -31,7 +31,7 @@ use warmroll_coordinator::report::Report;
 use warmroll_coordinator::run::Context;
 use warmroll_coordinator::steer;
 use warmroll_coordinator::workload::WorkloadKey;
-use warmroll_proto::fleet::{NodeName, WarmOutcome};
+use warmroll_proto::fleet::{FailureKind, NodeName, WarmOutcome};
 use warmroll_tests::cluster::{Cluster, ClusterOptions};
 use warmroll_tests::image::ImageBuilder;
 use warmroll_tests::kubeapi::RecordedRequest;
@@ -1033,6 +1033,338 @@ async fn schedulable_targets_warm_every_node_a_new_pod_may_land_on_and_skip_cord
         "{report:#?}"
     );
     drop(shutdown);
+}
+
+/// The warm orders for `repository` (`host/repo`) on every node, as the agents reported
+/// them: node, order and state.
+fn warm_orders(bed: &Bed, repository: &str) -> Vec<(String, String, WarmState)> {
+    let mut out = Vec::new();
+    for node in bed.cluster.nodes() {
+        let Some(info) = NodeName::parse(node.name())
+            .ok()
+            .and_then(|n| bed.view().node(&n))
+        else {
+            continue;
+        };
+        for (order, image, state) in info.warms {
+            if image.name() == repository {
+                out.push((node.name().to_owned(), order.to_string(), state));
+            }
+        }
+    }
+    out
+}
+
+/// The most intervals that overlap at one instant (half-open, ends before starts).
+fn max_overlap(intervals: &[(Instant, Instant)]) -> usize {
+    let mut edges: Vec<(Instant, i32)> = intervals
+        .iter()
+        .flat_map(|(start, end)| [(*start, 1), (*end, -1)])
+        .collect();
+    edges.sort();
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, step) in edges {
+        now += step;
+        most = most.max(now);
+    }
+    usize::try_from(most).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn warm_waves_keep_at_most_two_nodes_pulling_and_still_roll_once_all_are_warm() {
+    let bed = Bed::start(5).await.unwrap();
+    let images = ImageBuilder::new(&bed.registry).unwrap();
+    let first = images.push("tool", "latest").await.unwrap();
+    bed.cluster
+        .api()
+        .insert(&daemon_set("shop", "tool", "waves", &first.reference))
+        .unwrap();
+    bed.cluster
+        .wait_rolled_out::<DaemonSet>("shop", "tool", Duration::from_secs(90))
+        .await
+        .unwrap();
+    bed.wait_agents_see("shop", "tool", 5, &first.manifest_digest)
+        .await
+        .unwrap();
+    let config = bed.rollout_config("waves", "timeout: 60s, maxParallelNodes: 2");
+    let (engine, _shutdown) = bed.engine(&config).unwrap();
+    wait_state(&engine, "shop", "tool", "in-sync")
+        .await
+        .unwrap();
+
+    // 5 x 384 KiB over a 256 KiB/s link: uncapped, all five would pull for seconds at once.
+    let second = images
+        .push_random("tool", "latest", 384 * 1024)
+        .await
+        .unwrap();
+    bed.registry.set_bandwidth(Some(256 * 1024));
+    let repo = first.repository.clone();
+    // Each node's pull as its agent reports it: from the order's finish back by the
+    // pull's own duration. Observed every 20 ms.
+    let mut finished: BTreeMap<String, (Instant, Duration)> = BTreeMap::new();
+    let mut most_unfinished = 0;
+    let mut patched_with = None;
+    wait_for("the rollout patch", || {
+        let orders = warm_orders(&bed, &repo);
+        let unfinished: Vec<&String> = orders
+            .iter()
+            .filter(|(_, _, s)| !matches!(s, WarmState::Finished(_)))
+            .map(|(n, _, _)| n)
+            .collect();
+        most_unfinished = most_unfinished.max(unfinished.len());
+        for (node, _, state) in &orders {
+            if let WarmState::Finished(outcome) = state {
+                let WarmOutcome::Succeeded { duration, .. } = outcome else {
+                    panic!("{node}: {outcome:?}");
+                };
+                finished
+                    .entry(node.clone())
+                    .or_insert((Instant::now(), *duration));
+            }
+        }
+        let patched = !bed.patches_of("shop", "daemonsets", "tool").is_empty();
+        if patched && patched_with.is_none() {
+            patched_with = Some(finished.len());
+        }
+        patched
+    })
+    .await
+    .unwrap();
+    bed.registry.set_bandwidth(None);
+
+    assert_eq!(
+        patched_with,
+        Some(5),
+        "patched before every node was warm: {finished:?}"
+    );
+    assert!(
+        most_unfinished <= 2,
+        "{most_unfinished} nodes had orders out at once"
+    );
+    // Pull intervals from the agents' durations, less 100 ms at each end for the 20 ms
+    // sampling and the report's trip.
+    let margin = Duration::from_millis(100);
+    let pulls: Vec<(Instant, Instant)> = finished
+        .values()
+        .map(|(end, took)| (*end - *took + margin, *end - margin))
+        .collect();
+    let overlap = max_overlap(&pulls);
+    assert_eq!(
+        overlap, 2,
+        "at most two pulls overlap, and two did (the cap, not the link, spaced them): {finished:?}"
+    );
+    let orders = warm_orders(&bed, &repo);
+    assert_eq!(orders.len(), 5, "one order per node: {orders:?}");
+
+    let record = last_rollout_of::<DaemonSet>(&bed, "tool").unwrap();
+    assert_eq!(record["containers"]["main"], second.manifest_digest);
+    assert!(
+        record["reason"]
+            .as_str()
+            .unwrap()
+            .contains("5/5 target nodes warm"),
+        "{record}"
+    );
+    bed.cluster
+        .wait_rolled_out::<DaemonSet>("shop", "tool", Duration::from_secs(90))
+        .await
+        .unwrap();
+    bed.wait_agents_see("shop", "tool", 5, &second.manifest_digest)
+        .await
+        .unwrap();
+    wait_state(&engine, "shop", "tool", "converged")
+        .await
+        .unwrap();
+    assert_eq!(bed.patches_of("shop", "daemonsets", "tool").len(), 1);
+    drop(bed.agents);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_warm_up_superseded_by_a_newer_push_is_cancelled_and_the_newer_digest_rolls_once() {
+    let bed = Bed::start(2).await.unwrap();
+    let images = ImageBuilder::new(&bed.registry).unwrap();
+    let first = images.push("app", "latest").await.unwrap();
+    bed.cluster
+        .api()
+        .insert(&daemon_set("shop", "app", "fast", &first.reference))
+        .unwrap();
+    bed.cluster
+        .wait_rolled_out::<DaemonSet>("shop", "app", Duration::from_secs(60))
+        .await
+        .unwrap();
+    bed.wait_agents_see("shop", "app", 2, &first.manifest_digest)
+        .await
+        .unwrap();
+    let config = bed.rollout_config("fast", "timeout: 120s");
+    let (engine, _shutdown) = bed.engine(&config).unwrap();
+    wait_state(&engine, "shop", "app", "in-sync").await.unwrap();
+
+    // A big push over a slow link: its pulls are still downloading when the tag moves.
+    let old = images.push_random("app", "latest", 8 << 20).await.unwrap();
+    bed.registry.set_bandwidth(Some(256 * 1024));
+    let repo = first.repository.clone();
+    let unfinished = |bed: &Bed| {
+        let orders = warm_orders(bed, &repo);
+        orders.len() == 2
+            && orders
+                .iter()
+                .all(|(_, _, s)| !matches!(s, WarmState::Finished(_)))
+    };
+    wait_for("both nodes ordered to pull the superseded digest", || {
+        unfinished(&bed)
+    })
+    .await
+    .unwrap();
+    // 8 MiB at 256 KiB/s for two: half a minute. A few seconds in, both still pull.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(unfinished(&bed), "{:?}", warm_orders(&bed, &repo));
+    let superseded: Vec<(String, String)> = warm_orders(&bed, &repo)
+        .into_iter()
+        .map(|(n, o, _)| (n, o))
+        .collect();
+    let new = images.push("app", "latest").await.unwrap();
+
+    // The agents answer the cancel: the old orders end as cancelled.
+    wait_for("the superseded orders cancelled on both agents", || {
+        let orders = warm_orders(&bed, &repo);
+        superseded.iter().all(|(node, order)| {
+            orders.iter().any(|(n, o, s)| {
+                n == node
+                    && o == order
+                    && matches!(
+                        s,
+                        WarmState::Finished(WarmOutcome::Failed {
+                            kind: FailureKind::Cancelled,
+                            ..
+                        })
+                    )
+            })
+        })
+    })
+    .await
+    .unwrap();
+    // The newer digest is warmed (over the same slow link, which the stopped pulls
+    // no longer fill) and rolled.
+    wait_for("the rollout patch", || {
+        !bed.patches_of("shop", "daemonsets", "app").is_empty()
+    })
+    .await
+    .unwrap();
+    let record = last_rollout_of::<DaemonSet>(&bed, "app").unwrap();
+    assert_eq!(record["containers"]["main"], new.manifest_digest);
+    bed.cluster
+        .wait_rolled_out::<DaemonSet>("shop", "app", Duration::from_secs(60))
+        .await
+        .unwrap();
+    bed.wait_agents_see("shop", "app", 2, &new.manifest_digest)
+        .await
+        .unwrap();
+    wait_state(&engine, "shop", "app", "converged")
+        .await
+        .unwrap();
+
+    // The old pulls stopped: with the link open again a pull still running would
+    // finish in well under a second, create the old digest's image and move the tag
+    // back to it. Neither happens.
+    bed.registry.set_bandwidth(None);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for node in bed.cluster.nodes() {
+        let old_image = bed
+            .cluster
+            .node(node.name())
+            .unwrap()
+            .containerd()
+            .image_status(&format!("{}@{}", old.repository, old.manifest_digest))
+            .await
+            .unwrap();
+        assert!(
+            old_image.is_none(),
+            "{}: the superseded pull went on to the end: {old_image:?}",
+            node.name()
+        );
+        bed.assert_holds(node.name(), &first.reference, &new.manifest_digest)
+            .await;
+    }
+    assert_eq!(bed.patches_of("shop", "daemonsets", "app").len(), 1);
+    drop(bed.agents);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_workload_that_leaves_its_policy_mid_warm_up_has_its_pull_cancelled_and_is_not_rolled() {
+    let bed = Bed::start(1).await.unwrap();
+    let images = ImageBuilder::new(&bed.registry).unwrap();
+    let first = images.push("left", "latest").await.unwrap();
+    bed.cluster
+        .api()
+        .insert(&daemon_set("shop", "left", "fast", &first.reference))
+        .unwrap();
+    bed.cluster
+        .wait_rolled_out::<DaemonSet>("shop", "left", Duration::from_secs(60))
+        .await
+        .unwrap();
+    bed.wait_agents_see("shop", "left", 1, &first.manifest_digest)
+        .await
+        .unwrap();
+    let config = bed.rollout_config("fast", "timeout: 120s");
+    let (engine, _shutdown) = bed.engine(&config).unwrap();
+    wait_state(&engine, "shop", "left", "in-sync")
+        .await
+        .unwrap();
+
+    let big = images.push_random("left", "latest", 8 << 20).await.unwrap();
+    bed.registry.set_bandwidth(Some(256 * 1024));
+    let repo = first.repository.clone();
+    wait_for("the warm order out", || {
+        warm_orders(&bed, &repo)
+            .iter()
+            .any(|(_, _, s)| !matches!(s, WarmState::Finished(_)))
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The label goes: no policy tracks the DaemonSet any more.
+    kube::Api::<DaemonSet>::namespaced(bed.cluster.client(), "shop")
+        .patch(
+            "left",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"labels": {"warmroll.io/policy": null}}})),
+        )
+        .await
+        .unwrap();
+    wait_for("the order cancelled on the agent", || {
+        let orders = warm_orders(&bed, &repo);
+        !orders.is_empty()
+            && orders.iter().all(|(_, _, s)| {
+                matches!(
+                    s,
+                    WarmState::Finished(WarmOutcome::Failed {
+                        kind: FailureKind::Cancelled,
+                        ..
+                    })
+                )
+            })
+    })
+    .await
+    .unwrap();
+    bed.registry.set_bandwidth(None);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let node = bed.cluster.nodes()[0].name().to_owned();
+    let pulled = bed
+        .cluster
+        .node(&node)
+        .unwrap()
+        .containerd()
+        .image_status(&format!("{}@{}", big.repository, big.manifest_digest))
+        .await
+        .unwrap();
+    assert!(pulled.is_none(), "the cancelled pull went on: {pulled:?}");
+    bed.assert_holds(&node, &first.reference, &first.manifest_digest)
+        .await;
+    assert!(
+        last_rollout_of::<DaemonSet>(&bed, "left").is_none(),
+        "an untracked workload was rolled"
+    );
+    drop(bed.agents);
 }
 
 /// The coordinator's ServiceAccount, as the API server names it.

@@ -425,3 +425,43 @@ fn configured_credentials_take_both_forms_and_never_show_the_password() {
         assert!(!e.contains("nocolon"), "values stay out of errors: {e}");
     }
 }
+
+#[test]
+fn warm_waves_take_a_node_count_or_a_share_of_the_target_nodes() {
+    let cap = |value: &str| {
+        parse(&format!(
+            "policies:\n  p:\n    mode: rollout\n    warm: {{maxParallelNodes: {value}}}\n"
+        ))
+        .map(|c| c.policies["p"].warm.max_parallel_nodes)
+    };
+    let default = parse("policies:\n  p:\n    mode: rollout\n").unwrap();
+    assert_eq!(
+        default.policies["p"].warm.max_parallel_nodes,
+        ParallelNodes::Unlimited
+    );
+    assert_eq!(ParallelNodes::Unlimited.of(5000), 5000);
+    assert_eq!(cap("2").unwrap(), ParallelNodes::Count(2));
+    assert_eq!(cap("'3'").unwrap(), ParallelNodes::Count(3));
+    assert_eq!(cap("'10%'").unwrap(), ParallelNodes::Percent(10.0));
+    assert_eq!(cap("'0.5%'").unwrap().of(5000), 25);
+    // Rounded up, never below one node, never above the targets.
+    assert_eq!(ParallelNodes::Percent(10.0).of(5000), 500);
+    assert_eq!(ParallelNodes::Percent(10.0).of(5), 1);
+    assert_eq!(ParallelNodes::Percent(50.0).of(5), 3);
+    assert_eq!(ParallelNodes::Percent(100.0).of(0), 1);
+    assert_eq!(ParallelNodes::Count(2).of(5), 2);
+    for (value, says) in [
+        ("0", "must be at least 1"),
+        ("'0%'", "above 0%"),
+        ("'150%'", "at most 100%"),
+        ("'many'", "neither a number of nodes"),
+    ] {
+        let e = cap(value).unwrap_err().to_string();
+        assert!(
+            e.contains("policies.p.warm.maxParallelNodes"),
+            "{value}: {e}"
+        );
+        assert!(e.contains(says), "{value}: {e}");
+    }
+    assert!(cap("-1").is_err(), "a negative count is refused");
+}

@@ -255,6 +255,7 @@ fn warm_on(nodes: &[&str]) -> WarmProgress {
     WarmProgress {
         warm: nodes.iter().map(|n| (*n).to_owned()).collect(),
         failed: BTreeMap::new(),
+        ..WarmProgress::default()
     }
 }
 
@@ -616,7 +617,7 @@ fn restart_schedule() {
 fn all_warm(case: &Case) -> WarmProgress {
     WarmProgress {
         warm: case.nodes.clone(),
-        failed: BTreeMap::new(),
+        ..WarmProgress::default()
     }
 }
 
@@ -776,4 +777,35 @@ fn a_request_is_open_until_a_rollout_served_it() {
     w.annotations
         .insert(ROLLOUT_REQUEST_ANNOTATION.into(), "t0".into());
     assert_eq!(open_request(&w, Some(&last), Some("t1")), Some("t0".into()));
+}
+
+#[test]
+fn with_warm_waves_the_gate_times_out_from_the_last_wave() {
+    let case = drifting("    warm: {timeout: 60s, onTimeout: hold, maxParallelNodes: 1}\n");
+    let phase = warming(&case);
+    // n1 warm; n2 still waits for its order long after the first wave's timeout.
+    let mut progress = warm_on(&["n1"]);
+    progress.queued.insert("n2".into());
+    progress.last_sent = Some(ts(0));
+    let step = case.step(&phase, &progress, &gates(500));
+    assert_eq!(step.state, State::Warming, "{step:?}");
+    // n2's order went out at 500 s: the timeout counts from there.
+    progress.queued.clear();
+    progress.last_sent = Some(ts(500));
+    assert_eq!(
+        case.step(&phase, &progress, &gates(559)).state,
+        State::Warming
+    );
+    let timed = case.step(&phase, &progress, &gates(560));
+    assert!(
+        matches!(&timed.state, State::Held(r) if r.contains("timed out")),
+        "{timed:?}"
+    );
+    // Everyone warm: the gate opens whatever the clock says.
+    let mut all = warm_on(&["n1", "n2"]);
+    all.last_sent = Some(ts(500));
+    assert!(matches!(
+        case.step(&phase, &all, &gates(501)).action,
+        Action::Patch { .. }
+    ));
 }

@@ -1,23 +1,24 @@
 //! The engine's writes: warm orders to agents, the one merge patch per rollout, and the
 //! Kubernetes Event on the workload.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
+use jiff::Timestamp;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use serde_json::json;
-use tracing::{info, instrument, warn};
+use tracing::{debug, info, instrument, warn};
 use warmroll_proto::fleet::{Credentials, NodeName, WarmOutcome};
 use warmroll_proto::image::{Digest, ImageRef};
 
 use crate::config::{Mode, Policy};
-use crate::drift::{LastRollout, WarmProgress};
+use crate::drift::{LastRollout, Phase, WarmProgress};
 use crate::fleet::view::WarmBytes;
 use crate::fleet::{FleetView, WarmRequest, WarmState, WarmTicket};
 use crate::registry::Keyring;
-use crate::workload::{LAST_ROLLOUT_ANNOTATION, Workload, merge_patch};
+use crate::workload::{LAST_ROLLOUT_ANNOTATION, Workload, WorkloadKey, merge_patch};
 
 /// Why a write failed.
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +32,13 @@ pub enum ActError {
     },
 }
 
-/// The warm orders of one rollout, per node.
+/// How long after its own timeout an order whose agent never answered (it went away)
+/// counts as failed, so that it does not hold a wave's slot for ever.
+const UNANSWERED_GRACE: Duration = Duration::from_secs(30);
+
+/// The warm orders of one rollout, per node. With warm waves
+/// (`warm.maxParallelNodes`) only so many nodes have orders out at once; the others wait
+/// in `queued` and [`Actor::advance`] sends theirs as earlier ones finish.
 #[derive(Debug, Default)]
 pub(crate) struct WarmOrders {
     tickets: BTreeMap<String, Vec<WarmTicket>>,
@@ -39,6 +46,55 @@ pub(crate) struct WarmOrders {
     unsent: BTreeMap<String, String>,
     /// Dry-run: nodes counted warm without an order.
     pretended: BTreeSet<String>,
+    /// Nodes waiting for a free slot, in the order they get theirs.
+    queued: VecDeque<String>,
+    /// What every node is ordered to pull (the same for each node).
+    requests: Vec<WarmRequest>,
+    /// How many nodes may have orders out at once.
+    parallel: usize,
+    /// When each node's orders went out.
+    sent_at: BTreeMap<String, Timestamp>,
+}
+
+/// Why outstanding warm orders are cancelled (the `reason` label of
+/// `warmroll_warm_orders_cancelled_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CancelReason {
+    /// A newer digest replaced the one being warmed.
+    Superseded,
+    /// The rollout is held.
+    Held,
+    /// The workload left every policy (or was deleted).
+    Untracked,
+}
+
+impl CancelReason {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            CancelReason::Superseded => "superseded",
+            CancelReason::Held => "held",
+            CancelReason::Untracked => "untracked",
+        }
+    }
+
+    /// Whether moving from `before` to `after` abandons a warm-up whose orders are out:
+    /// a warm-up replaced by another target (stabilising or warming a newer digest) or
+    /// held. Rolling keeps them (the pods pull that image next); a target that merely
+    /// vanished (a registry lookup failed, the drift went away) keeps them too.
+    pub(crate) fn of(before: &Phase, after: &Phase) -> Option<CancelReason> {
+        let Phase::Warming { target, .. } = before else {
+            return None;
+        };
+        match after {
+            Phase::Warming { target: t, .. } | Phase::Stabilising { target: t, .. }
+                if t != target =>
+            {
+                Some(CancelReason::Superseded)
+            }
+            Phase::Held { .. } => Some(CancelReason::Held),
+            _ => None,
+        }
+    }
 }
 
 impl WarmOrders {
@@ -62,12 +118,30 @@ impl WarmOrders {
             })
     }
 
-    /// Which nodes hold the new images, and which failed.
-    pub(crate) fn progress(&self) -> WarmProgress {
+    /// Orders waiting for a free slot (queued nodes times images).
+    pub(crate) fn queued_orders(&self) -> usize {
+        self.queued.len().saturating_mul(self.requests.len())
+    }
+
+    /// Nodes whose orders are out and unfinished at `now` (an order unanswered well past
+    /// its timeout counts as finished: failed).
+    fn outstanding(&self, now: Timestamp) -> usize {
+        let progress = self.progress(now);
+        self.tickets
+            .keys()
+            .filter(|n| !progress.warm.contains(*n) && !progress.failed.contains_key(*n))
+            .count()
+    }
+
+    /// Which nodes hold the new images, which failed, which still wait for their order.
+    pub(crate) fn progress(&self, now: Timestamp) -> WarmProgress {
         let mut progress = WarmProgress {
             warm: self.pretended.clone(),
             failed: self.unsent.clone(),
+            queued: self.queued.iter().cloned().collect(),
+            last_sent: self.sent_at.values().max().copied(),
         };
+        let timeout = self.requests.first().map(|r| r.timeout);
         for (node, tickets) in &self.tickets {
             let mut all_done = true;
             for ticket in tickets {
@@ -79,7 +153,21 @@ impl WarmOrders {
                             .insert(node.clone(), format!("{kind}: {message}"));
                         all_done = false;
                     }
-                    WarmState::Pending | WarmState::InProgress { .. } => all_done = false,
+                    WarmState::Pending | WarmState::InProgress { .. } => {
+                        all_done = false;
+                        let sent = self.sent_at.get(node);
+                        if let (Some(sent), Some(timeout)) = (sent, timeout)
+                            && unanswered(*sent, timeout, now)
+                        {
+                            progress.failed.insert(
+                                node.clone(),
+                                format!(
+                                    "no answer from the agent within {:?} of the order",
+                                    timeout + UNANSWERED_GRACE
+                                ),
+                            );
+                        }
+                    }
                 }
             }
             if all_done && !progress.failed.contains_key(node) {
@@ -88,6 +176,18 @@ impl WarmOrders {
         }
         progress
     }
+}
+
+/// An order sent at `sent` with `timeout` whose agent has not answered by `now`, well
+/// past the agent's own deadline.
+fn unanswered(sent: Timestamp, timeout: Duration, now: Timestamp) -> bool {
+    let waited = Duration::try_from(now.duration_since(sent)).unwrap_or(Duration::ZERO);
+    waited > timeout + UNANSWERED_GRACE
+}
+
+/// How many more nodes get their orders now: free slots under the cap, as many as wait.
+fn wave_size(parallel: usize, outstanding: usize, queued: usize) -> usize {
+    parallel.saturating_sub(outstanding).min(queued)
 }
 
 /// Does the engine's writes.
@@ -112,10 +212,12 @@ impl Actor {
         }
     }
 
-    /// Orders every node in `nodes` to pull each image of `target` by tag (the tag must
-    /// then resolve to the digest). Credentials (the workload's pull secrets first, then
-    /// the configured ones) go only to these nodes.
+    /// Orders the nodes in `nodes` to pull each image of `target` by tag (the tag must
+    /// then resolve to the digest): at most `parallel` nodes at once, the others as
+    /// [`Actor::advance`] finds slots free. Credentials (the workload's pull secrets
+    /// first, then the configured ones) go only to these nodes.
     #[instrument(skip_all, fields(workload = %workload.key))]
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn warm(
         &self,
         workload: &Workload,
@@ -123,8 +225,9 @@ impl Actor {
         target: &BTreeMap<String, Digest>,
         nodes: &BTreeSet<String>,
         timeout: Duration,
+        parallel: usize,
+        now: Timestamp,
     ) -> WarmOrders {
-        let mut orders = WarmOrders::default();
         let images: Vec<(ImageRef, Digest)> = target
             .iter()
             .filter_map(|(container, digest)| {
@@ -132,34 +235,70 @@ impl Actor {
                 Some((ImageRef::parse(&spec.image).ok()?, digest.clone()))
             })
             .collect();
-        for node in nodes {
-            let name = match NodeName::parse(node) {
+        let mut requests = Vec::new();
+        for (image, digest) in &images {
+            let found = pull_secrets.lookup(image);
+            let found = if found.is_empty() {
+                self.keyring.lookup(image)
+            } else {
+                found
+            };
+            let credentials = found.first().map(|c| Credentials::Basic {
+                username: c.username().to_owned(),
+                password: c.password().to_owned(),
+            });
+            requests.push(WarmRequest {
+                image: image.clone(),
+                expected: Some(digest.clone()),
+                credentials,
+                timeout,
+            });
+        }
+        let mut orders = WarmOrders {
+            queued: nodes.iter().cloned().collect(),
+            requests,
+            parallel: parallel.max(1),
+            ..WarmOrders::default()
+        };
+        let sent = self.advance(&mut orders, now).await;
+        info!(
+            nodes = nodes.len(),
+            sent,
+            queued = orders.queued.len(),
+            images = images.len(),
+            unsent = orders.unsent.len(),
+            "warm orders sent"
+        );
+        orders
+    }
+
+    /// Warm waves: sends the orders of queued nodes while fewer than the cap have
+    /// orders out and unfinished. Returns how many nodes got theirs.
+    pub(crate) async fn advance(&self, orders: &mut WarmOrders, now: Timestamp) -> usize {
+        if orders.queued.is_empty() {
+            return 0;
+        }
+        let count = wave_size(
+            orders.parallel,
+            orders.outstanding(now),
+            orders.queued.len(),
+        );
+        let mut sent = 0;
+        for _ in 0..count {
+            let Some(node) = orders.queued.pop_front() else {
+                break;
+            };
+            sent += 1;
+            let name = match NodeName::parse(&node) {
                 Ok(name) => name,
                 Err(e) => {
-                    orders
-                        .unsent
-                        .insert(node.clone(), format!("bad node name: {e}"));
+                    orders.unsent.insert(node, format!("bad node name: {e}"));
                     continue;
                 }
             };
-            for (image, digest) in &images {
-                let found = pull_secrets.lookup(image);
-                let found = if found.is_empty() {
-                    self.keyring.lookup(image)
-                } else {
-                    found
-                };
-                let credentials = found.first().map(|c| Credentials::Basic {
-                    username: c.username().to_owned(),
-                    password: c.password().to_owned(),
-                });
-                let request = WarmRequest {
-                    image: image.clone(),
-                    expected: Some(digest.clone()),
-                    credentials,
-                    timeout,
-                };
-                match self.fleet.send_order(&name, request).await {
+            orders.sent_at.insert(node.clone(), now);
+            for request in &orders.requests {
+                match self.fleet.send_order(&name, request.clone()).await {
                     Ok(ticket) => orders.tickets.entry(node.clone()).or_default().push(ticket),
                     Err(e) => {
                         orders.unsent.insert(node.clone(), e.to_string());
@@ -167,13 +306,42 @@ impl Actor {
                 }
             }
         }
-        info!(
-            nodes = nodes.len(),
-            images = images.len(),
-            unsent = orders.unsent.len(),
-            "warm orders sent"
-        );
-        orders
+        sent
+    }
+
+    /// Cancels the orders still out (the agents stop the pulls no other order waits
+    /// for) and drops the queued ones. Returns how many orders were cancelled.
+    pub(crate) async fn cancel(
+        &self,
+        orders: &mut WarmOrders,
+        reason: CancelReason,
+        workload: &WorkloadKey,
+    ) -> usize {
+        let queued = orders.queued_orders();
+        orders.queued.clear();
+        let mut cancelled = 0;
+        for ticket in orders.tickets.values().flatten() {
+            if matches!(ticket.state(), WarmState::Finished(_)) {
+                continue;
+            }
+            match self.fleet.cancel_order(&ticket.node, &ticket.order).await {
+                Ok(()) => cancelled += 1,
+                // Gone with its node, or its agent is away: nothing left to stop there.
+                Err(e) => {
+                    debug!(workload = %workload, node = %ticket.node, order = %ticket.order, error = %e, "warm order not cancelled")
+                }
+            }
+        }
+        if cancelled > 0 || queued > 0 {
+            info!(
+                workload = %workload,
+                reason = reason.label(),
+                cancelled,
+                queued_dropped = queued,
+                "outstanding warm orders cancelled"
+            );
+        }
+        cancelled
     }
 
     /// The rollout: one merge patch setting the pod-template annotation and recording
@@ -270,6 +438,196 @@ impl RolledHow {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::workload::builders::mk_workload;
+    use tokio::sync::mpsc;
+    use warmroll_proto::fleet::{
+        CoordinatorMessage, Hello, OrderId, PROTOCOL_VERSION, Runtime, WarmResult,
+    };
+    use warmroll_proto::image::Platform;
+    use warmroll_proto::v1;
+
+    fn ts(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + secs).unwrap()
+    }
+
+    #[test]
+    fn waves_fill_free_slots_and_unanswered_orders_give_theirs_up() {
+        assert_eq!(wave_size(2, 0, 5), 2);
+        assert_eq!(wave_size(2, 1, 5), 1);
+        assert_eq!(wave_size(2, 2, 5), 0);
+        assert_eq!(wave_size(2, 0, 1), 1);
+        assert_eq!(wave_size(usize::MAX, 0, 5000), 5000);
+        let timeout = Duration::from_secs(60);
+        assert!(!unanswered(ts(0), timeout, ts(90)));
+        assert!(unanswered(ts(0), timeout, ts(91)));
+        assert!(!unanswered(ts(10), timeout, ts(0)), "a clock step back");
+    }
+
+    #[test]
+    fn only_a_replaced_or_held_warm_up_is_cancelled() {
+        let digest =
+            |c: char| Digest::parse(&format!("sha256:{}", c.to_string().repeat(64))).unwrap();
+        let target = |c: char| BTreeMap::from([("app".to_owned(), digest(c))]);
+        let warming = |c: char| Phase::Warming {
+            target: target(c),
+            started: ts(0),
+            nodes: BTreeSet::new(),
+        };
+        let of = CancelReason::of;
+        assert_eq!(of(&warming('a'), &warming('a')), None);
+        assert_eq!(
+            of(&warming('a'), &warming('b')),
+            Some(CancelReason::Superseded)
+        );
+        let stabilising = Phase::Stabilising {
+            target: target('b'),
+            since: ts(5),
+        };
+        assert_eq!(
+            of(&warming('a'), &stabilising),
+            Some(CancelReason::Superseded)
+        );
+        let held = Phase::Held {
+            target: target('a'),
+            reason: "timed out".into(),
+        };
+        assert_eq!(of(&warming('a'), &held), Some(CancelReason::Held));
+        let rolling = Phase::Rolling {
+            target: target('a'),
+            patched: ts(9),
+            partial: true,
+        };
+        assert_eq!(of(&warming('a'), &rolling), None, "the pods pull it next");
+        assert_eq!(of(&warming('a'), &Phase::Idle), None);
+        assert_eq!(of(&Phase::Idle, &warming('a')), None);
+        assert_eq!(of(&held, &warming('b')), None, "nothing is out while held");
+    }
+
+    /// A connected node in `view`; its outbound messages arrive on the receiver.
+    fn node(
+        view: &FleetView,
+        name: &str,
+    ) -> (
+        crate::fleet::view::SessionId,
+        mpsc::Receiver<crate::fleet::view::Outbound>,
+    ) {
+        let hello = Hello {
+            node: NodeName::parse(name).unwrap(),
+            platform: Platform {
+                os: "linux".into(),
+                architecture: "amd64".into(),
+                variant: None,
+            },
+            runtime: Runtime {
+                name: "containerd".into(),
+                version: "1.7".into(),
+            },
+            agent_version: "0".into(),
+            protocol_version: PROTOCOL_VERSION,
+        };
+        let (tx, rx) = mpsc::channel(16);
+        (view.connect(hello, true, tx), rx)
+    }
+
+    fn sent(rx: &mut mpsc::Receiver<crate::fleet::view::Outbound>) -> Vec<CoordinatorMessage> {
+        let mut out = Vec::new();
+        while let Ok(message) = rx.try_recv() {
+            let message: v1::CoordinatorMessage = (*message).unwrap();
+            out.push(CoordinatorMessage::try_from(message).unwrap());
+        }
+        out
+    }
+
+    fn order_of(messages: &[CoordinatorMessage]) -> OrderId {
+        match messages {
+            [CoordinatorMessage::WarmOrder(o)] => o.id.clone(),
+            other => panic!("expected one warm order, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_wave_of_two_of_five_nodes_then_one_more_per_finished_node_and_cancel_stops_the_rest()
+    {
+        let view = FleetView::new(Duration::from_secs(60));
+        let names = ["n1", "n2", "n3", "n4", "n5"];
+        let mut nodes: Vec<_> = names.iter().map(|n| node(&view, n)).collect();
+        let client =
+            kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap()))
+                .unwrap();
+        let actor = Actor::new(client, view.clone(), Keyring::default());
+        let workload = mk_workload("shop", "web", &[("app", "reg.example/app:latest")]);
+        let digest = Digest::parse(&format!("sha256:{}", "a".repeat(64))).unwrap();
+        let target = BTreeMap::from([("app".to_owned(), digest)]);
+        let targets: BTreeSet<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let timeout = Duration::from_secs(60);
+        let mut orders = actor
+            .warm(
+                &workload,
+                &Keyring::default(),
+                &target,
+                &targets,
+                timeout,
+                2,
+                ts(0),
+            )
+            .await;
+        let got: Vec<usize> = nodes.iter_mut().map(|(_, rx)| sent(rx).len()).collect();
+        assert_eq!(got, [1, 1, 0, 0, 0], "the first wave: two nodes");
+        assert_eq!(orders.queued_orders(), 3);
+        let progress = orders.progress(ts(1));
+        assert_eq!(progress.queued.len(), 3);
+        assert_eq!(progress.last_sent, Some(ts(0)));
+        assert_eq!(actor.advance(&mut orders, ts(1)).await, 0, "no slot free");
+
+        // n1 warms: n3 gets its order, and only n3.
+        let n1_order = orders.tickets["n1"][0].order.clone();
+        view.record_result(
+            &NodeName::parse("n1").unwrap(),
+            nodes[0].0,
+            WarmResult {
+                order: n1_order,
+                outcome: WarmOutcome::Succeeded {
+                    duration: Duration::from_secs(1),
+                    downloaded: true,
+                    digest: None,
+                    image_id: "sha256:img".into(),
+                },
+            },
+        );
+        assert_eq!(actor.advance(&mut orders, ts(2)).await, 1);
+        let got: Vec<usize> = nodes.iter_mut().map(|(_, rx)| sent(rx).len()).collect();
+        assert_eq!(got, [0, 0, 1, 0, 0]);
+        let progress = orders.progress(ts(2));
+        assert!(progress.warm.contains("n1"));
+        assert_eq!(progress.last_sent, Some(ts(2)));
+
+        // n2's agent never answers: well past its timeout it counts failed, and its
+        // slot goes to the next node.
+        assert_eq!(actor.advance(&mut orders, ts(80)).await, 0);
+        assert_eq!(actor.advance(&mut orders, ts(91)).await, 1);
+        let progress = orders.progress(ts(91));
+        assert!(
+            progress.failed["n2"].contains("no answer from the agent"),
+            "{progress:?}"
+        );
+        let n4 = order_of(&sent(&mut nodes[3].1));
+
+        // Superseded: the orders still out are cancelled (n2, n3, n4), n5 never gets one.
+        let cancelled = actor
+            .cancel(&mut orders, CancelReason::Superseded, &workload.key)
+            .await;
+        assert_eq!(cancelled, 3);
+        assert_eq!(orders.queued_orders(), 0);
+        let cancels: Vec<Vec<CoordinatorMessage>> =
+            nodes.iter_mut().map(|(_, rx)| sent(rx)).collect();
+        assert!(cancels[0].is_empty(), "n1 finished: nothing to cancel");
+        assert_eq!(cancels[3], [CoordinatorMessage::CancelWarm(n4)]);
+        assert!(matches!(
+            cancels[1][..],
+            [CoordinatorMessage::CancelWarm(_)]
+        ));
+        assert!(cancels[4].is_empty(), "n5 was still queued");
+    }
 
     fn policy(yaml: &str) -> Policy {
         Config::parse(&format!("policies:\n  p:\n{yaml}"), "t")

@@ -11,7 +11,7 @@ use tracing::{info, warn};
 use warmroll_proto::fleet::{Container, NodeName};
 use warmroll_proto::image::ImageRef;
 
-use super::act::{Actor, RolledHow, WarmOrders};
+use super::act::{Actor, CancelReason, RolledHow, WarmOrders};
 use super::secrets::PullSecrets;
 use super::watch::Watches;
 use super::watch_health::WatchHealth;
@@ -248,7 +248,27 @@ async fn step(
             containers,
         });
     }
-    state.workloads.retain(|k, _| seen.contains(k));
+    // Workloads no policy tracks any more: their outstanding warm orders are cancelled.
+    let gone: Vec<WorkloadKey> = state
+        .workloads
+        .keys()
+        .filter(|k| !seen.contains(*k))
+        .cloned()
+        .collect();
+    for key in gone {
+        if let Some(mut memory) = state.workloads.remove(&key) {
+            let reason = CancelReason::Untracked;
+            let cancelled = actor.cancel(&mut memory.warm, reason, &key).await;
+            shared.metrics.warm_cancelled(reason.label(), cancelled);
+        }
+    }
+    shared.metrics.warm_queued(
+        state
+            .workloads
+            .values()
+            .map(|m| m.warm.queued_orders())
+            .sum(),
+    );
 
     let report = Report::new(now, leader, reports);
     // Time to detect: a push a webhook announced now shows as drift.
@@ -308,7 +328,7 @@ async fn step_workload<'p>(
         slot_free,
         requested,
     };
-    let progress = memory.warm.progress();
+    let progress = memory.warm.progress(now);
     let subject = Subject {
         workload,
         policy,
@@ -344,6 +364,13 @@ async fn step_workload<'p>(
         }
     }
 
+    // A warm-up superseded by a newer digest, or held: cancel its orders still out.
+    if let Some(reason) = CancelReason::of(&memory.phase, &step.phase) {
+        let cancelled = actor.cancel(&mut memory.warm, reason, &workload.key).await;
+        shared.metrics.warm_cancelled(reason.label(), cancelled);
+        memory.warm = WarmOrders::default();
+    }
+
     let dry_run = policy.dry_run;
     match &step.action {
         Action::None => {}
@@ -353,8 +380,17 @@ async fn step_workload<'p>(
                 info!(workload = %workload.key, nodes = ?nodes, target = ?target, "dry-run: would send warm orders");
                 memory.warm = WarmOrders::pretend(nodes);
             } else {
+                let parallel = policy.warm.max_parallel_nodes.of(nodes.len());
                 memory.warm = actor
-                    .warm(workload, keyring, &target, nodes, policy.warm.timeout)
+                    .warm(
+                        workload,
+                        keyring,
+                        &target,
+                        nodes,
+                        policy.warm.timeout,
+                        parallel,
+                        now,
+                    )
                     .await;
             }
         }
@@ -420,6 +456,10 @@ async fn step_workload<'p>(
         warn!(workload = %workload.key, reason = %reason, "rollout held");
     }
     memory.phase = step.phase;
+    // Warm waves: the next nodes get their orders as earlier ones finish.
+    if leader && matches!(memory.phase, Phase::Warming { .. }) {
+        actor.advance(&mut memory.warm, now).await;
+    }
 
     // Drifting containers take the workload's rollout state; a converged rollout marks
     // its in-sync containers.

@@ -29,6 +29,13 @@ pub struct EngineMetrics {
     time_to_warm: Histogram,
     rollout_duration: Histogram,
     rollouts: Family<ResultLabel, Counter>,
+    warm_queued: Gauge,
+    warm_cancelled: Family<ReasonLabel, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
 }
 
 impl EngineMetrics {
@@ -41,6 +48,8 @@ impl EngineMetrics {
             time_to_warm: seconds(),
             rollout_duration: seconds(),
             rollouts: Family::default(),
+            warm_queued: Gauge::default(),
+            warm_cancelled: Family::default(),
         };
         registry.register(
             "warmroll_tracked_workloads",
@@ -72,6 +81,16 @@ impl EngineMetrics {
             "Rollout decisions by result (patched, partial, held, dry_run, failed)",
             metrics.rollouts.clone(),
         );
+        registry.register(
+            "warmroll_warm_orders_queued",
+            "Warm orders waiting for a free slot under their policy's warm.maxParallelNodes",
+            metrics.warm_queued.clone(),
+        );
+        registry.register(
+            "warmroll_warm_orders_cancelled",
+            "Warm orders cancelled on the agents by reason (superseded, held, untracked)",
+            metrics.warm_cancelled.clone(),
+        );
         metrics
     }
 
@@ -97,6 +116,21 @@ impl EngineMetrics {
 
     pub fn converged(&self, seconds: f64) {
         self.rollout_duration.observe(seconds);
+    }
+
+    /// Warm orders waiting in warm waves, over all workloads.
+    pub fn warm_queued(&self, orders: usize) {
+        self.warm_queued
+            .set(i64::try_from(orders).unwrap_or(i64::MAX));
+    }
+
+    /// `orders` warm orders were cancelled for `reason`.
+    pub fn warm_cancelled(&self, reason: &str, orders: usize) {
+        self.warm_cancelled
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc_by(u64::try_from(orders).unwrap_or(u64::MAX));
     }
 
     pub fn rollout(&self, result: &str) {
@@ -148,6 +182,8 @@ mod tests {
         metrics.warmed(3.0);
         metrics.converged(10.0);
         metrics.rollout("patched");
+        metrics.warm_queued(6);
+        metrics.warm_cancelled("superseded", 2);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         for line in [
@@ -159,6 +195,8 @@ mod tests {
             "warmroll_time_to_warm_seconds_sum 3.0",
             "warmroll_rollout_duration_seconds_count 1",
             "warmroll_rollouts_total{result=\"patched\"} 1",
+            "warmroll_warm_orders_queued 6",
+            "warmroll_warm_orders_cancelled_total{reason=\"superseded\"} 2",
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }
