@@ -11,14 +11,14 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client};
 use serde_json::json;
 use tracing::{info, instrument, warn};
-use warmroll_proto::fleet::{Credentials, NodeName, WarmOutcome};
+use warmroll_proto::fleet::{NodeName, WarmOutcome};
 use warmroll_proto::image::{Digest, ImageRef};
 
 use crate::config::{Mode, Policy};
 use crate::drift::{LastRollout, WarmProgress};
 use crate::fleet::view::WarmBytes;
 use crate::fleet::{FleetView, WarmRequest, WarmState, WarmTicket};
-use crate::registry::Keyring;
+use crate::registry::{Credentials, Keyring};
 use crate::workload::{Kind, LAST_ROLLOUT_ANNOTATION, Workload};
 
 /// Why a write failed.
@@ -151,10 +151,7 @@ impl Actor {
                 } else {
                     found
                 };
-                let credentials = found.first().map(|c| Credentials::Basic {
-                    username: c.username().to_owned(),
-                    password: c.password().to_owned(),
-                });
+                let credentials = Credentials::for_warm_order(&found).map(Credentials::to_wire);
                 let request = WarmRequest {
                     image: image.clone(),
                     expected: Some(digest.clone()),
