@@ -521,3 +521,46 @@ async fn a_translated_kube_autorollout_configuration_resolves_the_same_images() 
         .unwrap_err();
     assert!(matches!(err, RegistryError::NotFound { .. }), "{err}");
 }
+
+/// A registry entry's own CA (from its Secret or ConfigMap, mounted as a file) makes its
+/// TLS registry trusted; without it the same entry fails on the certificate.
+#[tokio::test]
+async fn a_registry_entry_brings_its_own_ca() {
+    let registry = Registry::start(RegistryOptions::plain().tls().token(USER, TOKEN_PASSWORD))
+        .await
+        .unwrap();
+    let pushed = ImageBuilder::new(&registry)
+        .unwrap()
+        .push("team/app", "main")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = secret_dir(
+        dir.path(),
+        "creds",
+        &[(
+            ".dockerconfigjson",
+            &docker_config(
+                registry.host(),
+                serde_json::json!({ "identitytoken": registry.identity_token().unwrap() }),
+            ),
+        )],
+    );
+    let ca = dir.path().join("ca.crt");
+    std::fs::write(&ca, registry.ca_pem().unwrap()).unwrap();
+    let entry = format!(
+        "registry:\n  registries:\n    - hostnamePattern: \"{}\"\n      secretDir: {secret}\n",
+        registry.host()
+    );
+    let image = ImageRef::parse(&pushed.reference).unwrap();
+    let with_ca = format!("{entry}      caFile: {}\n", ca.display());
+    let resolution = resolve(&with_ca, &image).await.unwrap();
+    assert_eq!(digest_of(resolution), pushed.manifest_digest);
+
+    let err = resolve(&entry, &image).await.unwrap_err();
+    assert!(
+        matches!(err, RegistryError::Network { .. }),
+        "untrusted certificate: {err}"
+    );
+    assert!(err.to_string().contains(registry.host()), "{err}");
+}
