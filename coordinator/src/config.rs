@@ -92,7 +92,8 @@ pub struct ConfiguredRegistry {
     pub username: Option<String>,
     /// A CA bundle (PEM) to trust.
     pub ca_file: Option<PathBuf>,
-    /// Try JFrog Artifactory's repository-path form when a manifest is not found.
+    /// Try JFrog Artifactory's repository-path form when a manifest is not found (or
+    /// refused).
     pub artifactory_fallback: bool,
 }
 

@@ -25,7 +25,7 @@ use warmroll_coordinator::registry::{Credentials, Keyring, RegistryError, Resolu
 use warmroll_proto::fleet::{NodeName, WarmOutcome};
 use warmroll_proto::image::ImageRef;
 use warmroll_tests::image::{ImageBuilder, Pushed};
-use warmroll_tests::registry::{Registry, RegistryOptions};
+use warmroll_tests::registry::{Fault, FaultRule, Registry, RegistryOptions};
 
 const USER: &str = "ci";
 const TOKEN_PASSWORD: &str = "s3cret-token-pw";
@@ -514,6 +514,15 @@ async fn a_translated_kube_autorollout_configuration_resolves_the_same_images() 
             && r.status == 200),
         "the fallback asked the repository-path form"
     );
+
+    // An Artifactory that refuses the plain path (401, where kube-autorollout falls
+    // back) is asked in the repository-path form too.
+    basic.inject(FaultRule::new(Fault::Status(401)).path("/v2/docker-local/app/manifests/main"));
+    let resolution = resolve(&translated(true), &artifactory_image)
+        .await
+        .unwrap();
+    assert_eq!(digest_of(resolution), artifactory_only.manifest_digest);
+    basic.clear_faults();
 
     // Without the fallback the Artifactory image is not found: the fallback found it.
     let err = resolve(&translated(false), &artifactory_image)

@@ -236,8 +236,8 @@ impl Resolver {
         }))
     }
 
-    /// The tag at the registry; not found there, in Artifactory's repository-path form
-    /// when the registry is configured for that fallback.
+    /// The tag at the registry; not found (or refused) there, in Artifactory's
+    /// repository-path form when the registry is configured for that fallback.
     async fn fetch(
         &self,
         image: &ImageRef,
@@ -255,10 +255,18 @@ impl Resolver {
             .iter()
             .any(|pattern| credentials::pattern_matches(pattern, image));
         match standard {
-            Err(RegistryError::NotFound { .. }) if fallback => {
-                tracing::debug!("not found; trying Artifactory's repository-path form");
-                self.fetch_at(image, tag, credentials, used, Layout::ArtifactoryPath)
+            // Not found, or refused as Artifactory refuses unknown paths (a 401 is where
+            // kube-autorollout falls back).
+            Err(e @ (RegistryError::NotFound { .. } | RegistryError::Auth { .. })) if fallback => {
+                tracing::debug!(error = %e, "trying Artifactory's repository-path form");
+                match self
+                    .fetch_at(image, tag, credentials, used, Layout::ArtifactoryPath)
                     .await
+                {
+                    // Not there either: the first answer says more.
+                    Err(RegistryError::NotFound { .. }) => Err(e),
+                    other => other,
+                }
             }
             other => other,
         }
