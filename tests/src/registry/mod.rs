@@ -115,7 +115,8 @@ impl RegistryOptions {
     /// Token auth: the registry answers `401` with
     /// `WWW-Authenticate: Bearer realm="<scheme>://<host>/token",service=...,scope=...`,
     /// and the test bed's token endpoint hands out signed JWTs to this one user (GET with
-    /// basic credentials, or the OAuth2 POST form with `grant_type=password`).
+    /// basic credentials, the OAuth2 POST form with `grant_type=password`, or with
+    /// `grant_type=refresh_token` and [`Registry::identity_token`]).
     pub fn token(mut self, user: &str, password: &str) -> Self {
         self.auth = Auth::Token {
             user: user.to_string(),
