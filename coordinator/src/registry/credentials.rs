@@ -1,7 +1,8 @@
 //! Registry credentials: Kubernetes `imagePullSecrets` (`.dockerconfigjson`,
 //! `.dockercfg`), a mounted Docker `config.json`, and configured registries (hostname
-//! glob to a secret), looked up for an image the way kubelet's `credentialprovider`
-//! keyring does:
+//! glob to a mounted secret), each a username and password, an identity token (OAuth2
+//! refresh token) or a bearer token, looked up for an image the way kubelet's
+//! `credentialprovider` keyring does:
 //!
 //! - keys lose their scheme; `/v1/` and `/v2/` path prefixes mean "the host"
 //!   (`https://index.docker.io/v1/` is the key `index.docker.io`);
@@ -11,7 +12,7 @@
 //! - more specific keys come first (keys sorted in reverse);
 //! - with no match, a Docker Hub image takes the `index.docker.io` entry.
 //!
-//! Passwords never reach `Debug` or a log line.
+//! Passwords and tokens never reach `Debug` or a log line.
 
 use std::collections::BTreeMap;
 use std::fmt;
