@@ -51,6 +51,11 @@ fn auth_config(credentials: &Credentials) -> AuthConfig {
             registry_token: token.clone(),
             ..Default::default()
         },
+        // containerd passes it to the token server as an OAuth2 refresh token.
+        Credentials::IdentityToken(token) => AuthConfig {
+            identity_token: token.clone(),
+            ..Default::default()
+        },
     }
 }
 
@@ -920,6 +925,9 @@ mod tests {
             ("ci", "hunter2")
         );
         assert_eq!(auth_config(&token).registry_token, "tok-secret");
+        let identity = Credentials::IdentityToken("refresh-secret".into());
+        assert!(!format!("{identity:?}").contains("refresh-secret"));
+        assert_eq!(auth_config(&identity).identity_token, "refresh-secret");
     }
 
     #[test]

@@ -391,3 +391,51 @@ async fn watch_mode_serves_health_and_metrics_and_survives_a_runtime_restart() {
     );
     drop(child);
 }
+
+/// An identity token (Docker's `identitytoken`, an OAuth2 refresh token) in a warm
+/// order: containerd trades it at the registry's token server and pulls; a wrong one is
+/// an auth failure that names no secret.
+#[tokio::test]
+async fn identity_tokens_pull_through_the_token_server() {
+    let registry = Registry::start(RegistryOptions::plain().token("ci", "s3cret-token"))
+        .await
+        .unwrap();
+    let sandbox_registry = Registry::start(RegistryOptions::plain()).await.unwrap();
+    let containerd = Containerd::start_with_registry(&sandbox_registry)
+        .await
+        .unwrap();
+    containerd.trust_registry(&registry).unwrap();
+    let pushed = ImageBuilder::new(&registry)
+        .unwrap()
+        .push("team/app", "main")
+        .await
+        .unwrap();
+    let image = ImageRef::parse(&pushed.reference).unwrap();
+    let (cri, metrics) = client(&containerd).await;
+    let w = warmer(&cri, &metrics, 0);
+
+    let wrong = Some(Credentials::IdentityToken("wrong-refresh-4711".into()));
+    let err = w.warm(&image, None, wrong, soon(60)).await.unwrap_err();
+    assert!(matches!(err, WarmError::Auth { .. }), "{err}");
+    assert!(!err.to_string().contains("4711"), "no secret in {err}");
+
+    let identity = registry.identity_token().unwrap().to_owned();
+    let warmed = w
+        .warm(
+            &image,
+            Some(&digest(&pushed.manifest_digest)),
+            Some(Credentials::IdentityToken(identity)),
+            soon(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(warmed.digest, Some(digest(&pushed.manifest_digest)));
+    assert!(
+        registry
+            .requests()
+            .iter()
+            .any(|r| r.method == "POST" && r.path == "/token" && r.status == 200),
+        "containerd traded the identity token: {:?}",
+        registry.requests()
+    );
+}

@@ -128,8 +128,14 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CliError>
 async fn resolve(args: ResolveArgs, out: &mut (dyn Write + Send)) -> Result<(), CliError> {
     let image = ImageRef::parse(&args.image)?;
     let mut keyring = Keyring::new();
-    if let Some(path) = &args.docker_config {
-        keyring.add_docker_config_path(path)?;
+    match &args.docker_config {
+        Some(path) => keyring.add_docker_config_path(path)?,
+        // As the coordinator: the home's Docker config, when there is one.
+        None => {
+            if let Some(file) = crate::registry::default_docker_config(|n| std::env::var(n).ok()) {
+                keyring.add_docker_config_if_present(&file)?;
+            }
+        }
     }
     let mut ca_bundles_pem = Vec::new();
     for path in &args.ca_files {

@@ -74,6 +74,28 @@ pub struct RegistrySettings {
     pub docker_config: Option<PathBuf>,
     /// Credentials written in the configuration (usually as `${ENV}` references).
     pub credentials: Vec<ConfiguredCredential>,
+    /// Registries by hostname pattern, each with its own mounted Secret and CA
+    /// (kube-autorollout's `registries[]`).
+    pub registries: Vec<ConfiguredRegistry>,
+}
+
+/// `registry.registries[i]`: the registries a hostname pattern matches, their
+/// credentials from a mounted Secret, their CA, and the Artifactory fallback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfiguredRegistry {
+    /// Host glob (`*.corp.example`, `reg:5000`, `host/path`), as credential keys.
+    pub hostname_pattern: String,
+    /// Directory a Secret is mounted at (a Docker config, a token, or basic auth).
+    pub secret_dir: Option<PathBuf>,
+    /// The Secret's key holding the token (default `token`).
+    pub token_key: Option<String>,
+    /// The username for the token, when the Secret has no `username` key.
+    pub username: Option<String>,
+    /// A CA bundle (PEM) to trust.
+    pub ca_file: Option<PathBuf>,
+    /// Try JFrog Artifactory's repository-path form when a manifest is not found (or
+    /// refused).
+    pub artifactory_fallback: bool,
 }
 
 /// A credential for the registries a key matches (`host`, `host/path`, `*.host`, as
@@ -383,6 +405,44 @@ struct RawRegistry {
     ca_files: Option<Vec<PathBuf>>,
     docker_config: Option<PathBuf>,
     credentials: Option<Vec<RawCredential>>,
+    registries: Option<Vec<RawConfiguredRegistry>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawConfiguredRegistry {
+    hostname_pattern: Option<String>,
+    secret_dir: Option<PathBuf>,
+    token_key: Option<String>,
+    username: Option<String>,
+    ca_file: Option<PathBuf>,
+    artifactory_fallback: Option<bool>,
+}
+
+impl RawConfiguredRegistry {
+    fn check(self, field: &str) -> Checked<ConfiguredRegistry> {
+        let pattern = self.hostname_pattern.unwrap_or_default();
+        if pattern.trim().is_empty() || pattern.contains(char::is_whitespace) {
+            return invalid(
+                format!("{field}.hostnamePattern"),
+                format!("{pattern:?} is not a host glob (e.g. \"*.corp.example\")"),
+            );
+        }
+        if self.secret_dir.is_none() && (self.token_key.is_some() || self.username.is_some()) {
+            return invalid(
+                field.to_owned(),
+                "tokenKey and username need secretDir (the mounted Secret)",
+            );
+        }
+        Ok(ConfiguredRegistry {
+            hostname_pattern: pattern,
+            secret_dir: self.secret_dir,
+            token_key: self.token_key.filter(|k| !k.is_empty()),
+            username: self.username.filter(|u| !u.is_empty()),
+            ca_file: self.ca_file,
+            artifactory_fallback: self.artifactory_fallback.unwrap_or(false),
+        })
+    }
 }
 
 /// `registry.credentials[i]` as written: `username` and `password`, or `userPass`
@@ -394,6 +454,8 @@ struct RawCredential {
     username: Option<String>,
     password: Option<String>,
     user_pass: Option<String>,
+    token: Option<String>,
+    identity_token: Option<String>,
 }
 
 impl std::fmt::Debug for RawCredential {
@@ -413,14 +475,19 @@ impl RawCredential {
                 "missing: the registry host (or glob) it is for",
             );
         };
-        let credentials = match (self.username, self.password, self.user_pass) {
-            (Some(user), Some(password), None) if !user.is_empty() => {
-                crate::registry::Credentials::new(user, password)
+        use crate::registry::Credentials;
+        let credentials = match (
+            self.username,
+            self.password,
+            self.user_pass,
+            self.token,
+            self.identity_token,
+        ) {
+            (Some(user), Some(password), None, None, None) if !user.is_empty() => {
+                Credentials::new(user, password)
             }
-            (None, None, Some(pair)) => match pair.split_once(':') {
-                Some((user, password)) if !user.is_empty() => {
-                    crate::registry::Credentials::new(user, password)
-                }
+            (None, None, Some(pair), None, None) => match pair.split_once(':') {
+                Some((user, password)) if !user.is_empty() => Credentials::new(user, password),
                 _ => {
                     return invalid(
                         format!("{field}.userPass"),
@@ -428,10 +495,22 @@ impl RawCredential {
                     );
                 }
             },
+            // kube-autorollout's token: with a username a password (personal access
+            // token), without one a bearer token sent as it is.
+            (user, None, None, Some(token), None) if !token.is_empty() => {
+                match user.filter(|u| !u.is_empty()) {
+                    Some(user) => Credentials::new(user, token),
+                    None => Credentials::registry_token(token),
+                }
+            }
+            (user, None, None, None, Some(token)) if !token.is_empty() => {
+                Credentials::identity_token(user.unwrap_or_default(), token)
+            }
             _ => {
                 return invalid(
                     field.to_owned(),
-                    "needs username and password, or userPass, and not both",
+                    "needs one of: username and password; userPass; token (username \
+                     optional); identityToken (username optional); and no empty value",
                 );
             }
         };
@@ -521,11 +600,21 @@ impl RawConfig {
         {
             credentials.push(raw.check(&format!("registry.credentials[{i}]"))?);
         }
+        let mut registries = Vec::new();
+        for (i, raw) in registry
+            .registries
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
+            registries.push(raw.check(&format!("registry.registries[{i}]"))?);
+        }
         let registry = RegistrySettings {
             insecure_registries: registry.insecure_registries.unwrap_or_default(),
             ca_files: registry.ca_files.unwrap_or_default(),
             docker_config: registry.docker_config,
             credentials,
+            registries,
         };
         for (i, host) in registry.insecure_registries.iter().enumerate() {
             if host.is_empty() || host.contains('/') || host.contains(char::is_whitespace) {

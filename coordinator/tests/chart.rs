@@ -669,3 +669,73 @@ fn own_rbac_credentials_keys_ca_secrets_and_extra_volumes() {
             .any(|m| m.name == "node-certs")
     );
 }
+
+#[test]
+fn registries_by_hostname_pattern_mount_their_secrets_and_cas() {
+    let set = Some(chart_dir().join("ci/kube-autorollout-values.yaml"));
+    let rendered = Rendered::of(&set);
+    let deploy: Deployment = rendered.one("Deployment");
+    let pod = deploy.spec.template.spec.unwrap();
+    let volume = |name: &str| {
+        pod.volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == name)
+            .unwrap_or_else(|| panic!("volume {name}"))
+            .clone()
+    };
+    assert_eq!(
+        volume("registry-0").secret.unwrap().secret_name.as_deref(),
+        Some("ghcr-io-registry-creds")
+    );
+    let ca = volume("registry-2-ca").secret.unwrap();
+    assert_eq!(ca.secret_name.as_deref(), Some("custom-ca-01-secret"));
+    assert_eq!(ca.items.as_ref().unwrap()[0].key, "ca-01.crt");
+    assert_eq!(ca.items.unwrap()[0].path, "ca.crt");
+    let ca = volume("registry-3-ca").config_map.unwrap();
+    assert_eq!(ca.name, "corp-ca");
+    assert_eq!(ca.items.unwrap()[0].key, "ca.crt");
+    let mounts = container(&pod, "coordinator")
+        .volume_mounts
+        .clone()
+        .unwrap();
+    for (name, path) in [
+        ("registry-0", "/etc/warmroll/registries/0"),
+        ("registry-3", "/etc/warmroll/registries/3"),
+        ("registry-3-ca", "/etc/warmroll/registries/3-ca"),
+    ] {
+        assert!(
+            mounts
+                .iter()
+                .any(|m| m.name == name && m.mount_path == path && m.read_only == Some(true)),
+            "{name} at {path}: {mounts:?}"
+        );
+    }
+
+    let cm: ConfigMap = rendered.one("ConfigMap");
+    let data = cm.data.unwrap();
+    let config =
+        warmroll_coordinator::config::Config::parse(&data["config.yaml"], "rendered ConfigMap")
+            .unwrap();
+    assert_eq!(config.policy_label, "kube-autorollout/enabled");
+    let registries = &config.registry.registries;
+    assert_eq!(registries.len(), 4);
+    assert_eq!(registries[2].hostname_pattern, "*.artifactory.example.com");
+    assert_eq!(
+        registries[2].secret_dir.as_deref(),
+        Some(std::path::Path::new("/etc/warmroll/registries/2"))
+    );
+    assert_eq!(registries[2].token_key.as_deref(), Some("IDENTITY_TOKEN"));
+    assert_eq!(registries[2].username.as_deref(), Some("ci-bot"));
+    assert_eq!(
+        registries[2].ca_file.as_deref(),
+        Some(std::path::Path::new("/etc/warmroll/registries/2-ca/ca.crt"))
+    );
+    assert!(!registries[2].artifactory_fallback);
+    assert!(registries[3].artifactory_fallback);
+    assert_eq!(registries[0].ca_file, None);
+
+    let err =
+        template_with(&None, &["coordinator.registryAuth.registries[0].secret=s"]).unwrap_err();
+    assert!(err.contains("hostnamePattern is required"), "{err}");
+}

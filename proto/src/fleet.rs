@@ -370,8 +370,10 @@ pub enum Credentials {
         username: String,
         password: String,
     },
-    /// A registry bearer token.
+    /// A registry bearer token, sent as it is.
     Token(String),
+    /// An identity token: an OAuth2 refresh token for the registry's token server.
+    IdentityToken(String),
 }
 
 impl fmt::Debug for Credentials {
@@ -383,6 +385,7 @@ impl fmt::Debug for Credentials {
                 .field("password", &"<redacted>")
                 .finish(),
             Credentials::Token(_) => f.write_str("Token(<redacted>)"),
+            Credentials::IdentityToken(_) => f.write_str("IdentityToken(<redacted>)"),
         }
     }
 }
@@ -610,6 +613,11 @@ impl TryFrom<v1::Credentials> for Credentials {
                 password: text("basic.password", b.password, TEXT_MAX)?,
             }),
             Kind::Token(t) => Ok(Credentials::Token(required("token", t, 64 * 1024)?)),
+            Kind::IdentityToken(t) => Ok(Credentials::IdentityToken(required(
+                "identity_token",
+                t,
+                64 * 1024,
+            )?)),
         }
     }
 }
@@ -816,6 +824,7 @@ impl From<Credentials> for v1::Credentials {
                 Kind::Basic(v1::BasicAuth { username, password })
             }
             Credentials::Token(t) => Kind::Token(t),
+            Credentials::IdentityToken(t) => Kind::IdentityToken(t),
         };
         v1::Credentials { kind: Some(kind) }
     }

@@ -34,6 +34,7 @@ pub mod v1 {
             match self {
                 credentials::Kind::Basic(b) => f.debug_tuple("Basic").field(b).finish(),
                 credentials::Kind::Token(_) => f.write_str("Token(<redacted>)"),
+                credentials::Kind::IdentityToken(_) => f.write_str("IdentityToken(<redacted>)"),
             }
         }
     }

@@ -465,3 +465,64 @@ fn warm_waves_take_a_node_count_or_a_share_of_the_target_nodes() {
     }
     assert!(cap("-1").is_err(), "a negative count is refused");
 }
+
+#[test]
+fn configured_tokens_and_registries_by_hostname_pattern() {
+    use crate::registry::Credentials;
+    let config = parse(
+        "registry:\n  credentials:\n    - registry: a.io\n      token: bearer-1\n    - registry: b.io\n      username: octo\n      token: pat-2\n    - registry: c.io\n      identityToken: refresh-3\n  registries:\n    - hostnamePattern: '*.jfrog.example'\n      secretDir: /etc/warmroll/registries/0\n      tokenKey: IDENTITY_TOKEN\n      caFile: /etc/warmroll/registries/0-ca/ca.crt\n      artifactoryFallback: true\n    - hostnamePattern: ghcr.io\n      secretDir: /etc/warmroll/registries/1\n      username: octo\n    - hostnamePattern: plain.example\n",
+    )
+    .unwrap();
+    let creds = &config.registry.credentials;
+    assert_eq!(
+        creds[0].credentials,
+        Credentials::registry_token("bearer-1")
+    );
+    assert_eq!(creds[1].credentials, Credentials::new("octo", "pat-2"));
+    assert_eq!(
+        creds[2].credentials,
+        Credentials::identity_token("", "refresh-3")
+    );
+    let shown = format!("{config:?}");
+    for secret in ["bearer-1", "pat-2", "refresh-3"] {
+        assert!(!shown.contains(secret), "{shown}");
+    }
+    let registries = &config.registry.registries;
+    assert_eq!(registries.len(), 3);
+    assert_eq!(registries[0].hostname_pattern, "*.jfrog.example");
+    assert_eq!(registries[0].token_key.as_deref(), Some("IDENTITY_TOKEN"));
+    assert!(registries[0].artifactory_fallback);
+    assert_eq!(
+        registries[0].ca_file.as_deref(),
+        Some(Path::new("/etc/warmroll/registries/0-ca/ca.crt"))
+    );
+    assert_eq!(registries[1].username.as_deref(), Some("octo"));
+    assert!(!registries[1].artifactory_fallback);
+    assert_eq!(registries[2].secret_dir, None);
+
+    for (text, field) in [
+        (
+            "registry:\n  credentials:\n    - registry: r\n      token: ''\n",
+            "registry.credentials[0]:",
+        ),
+        (
+            "registry:\n  credentials:\n    - registry: r\n      password: p\n      token: t\n",
+            "registry.credentials[0]:",
+        ),
+        (
+            "registry:\n  registries:\n    - secretDir: /x\n",
+            "registry.registries[0].hostnamePattern:",
+        ),
+        (
+            "registry:\n  registries:\n    - hostnamePattern: r.io\n      tokenKey: T\n",
+            "registry.registries[0]:",
+        ),
+        (
+            "registry:\n  registries:\n    - hostnamePattern: r.io\n      hostname: x\n",
+            "hostname",
+        ),
+    ] {
+        let e = error(text);
+        assert!(e.contains(field), "{e}");
+    }
+}

@@ -10,14 +10,14 @@ use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use serde_json::json;
 use tracing::{debug, info, instrument, warn};
-use warmroll_proto::fleet::{Credentials, NodeName, WarmOutcome};
+use warmroll_proto::fleet::{NodeName, WarmOutcome};
 use warmroll_proto::image::{Digest, ImageRef};
 
 use crate::config::{Mode, Policy};
 use crate::drift::{LastRollout, Phase, WarmProgress};
 use crate::fleet::view::WarmBytes;
 use crate::fleet::{FleetView, WarmRequest, WarmState, WarmTicket};
-use crate::registry::Keyring;
+use crate::registry::{Credentials, Keyring};
 use crate::workload::{LAST_ROLLOUT_ANNOTATION, Workload, WorkloadKey, merge_patch};
 
 /// Why a write failed.
@@ -243,10 +243,7 @@ impl Actor {
             } else {
                 found
             };
-            let credentials = found.first().map(|c| Credentials::Basic {
-                username: c.username().to_owned(),
-                password: c.password().to_owned(),
-            });
+            let credentials = Credentials::for_warm_order(&found).map(Credentials::to_wire);
             requests.push(WarmRequest {
                 image: image.clone(),
                 expected: Some(digest.clone()),

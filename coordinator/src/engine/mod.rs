@@ -37,7 +37,9 @@ use warmroll_proto::image::ImageRef;
 
 use crate::config::{Config, Policy};
 use crate::drift::{ContainerDrift, Lookup, Running, container_drift, tracked_containers};
-use crate::registry::{Keyring, RegistryError, Resolution, Resolver, ResolverConfig};
+use crate::registry::{
+    Keyring, RegistryError, Resolution, Resolver, ResolverConfig, default_docker_config,
+};
 use crate::report::Report;
 use crate::run::Context;
 use crate::workload::Workload;
@@ -108,8 +110,16 @@ impl Shared {
 /// Builds the resolver and keyring from the configuration's registry settings.
 pub fn resolver_for(config: &Config) -> Result<(Resolver, Keyring), EngineError> {
     let mut keyring = Keyring::new();
-    if let Some(path) = &config.registry.docker_config {
-        keyring.add_docker_config_path(path)?;
+    match &config.registry.docker_config {
+        Some(path) => keyring.add_docker_config_path(path)?,
+        // As docker, skopeo and krar: the home's Docker config, when there is one.
+        None => {
+            if let Some(file) = default_docker_config(|name| std::env::var(name).ok())
+                && keyring.add_docker_config_if_present(&file)?
+            {
+                tracing::info!(path = %file.display(), "using the default Docker config's registry credentials");
+            }
+        }
     }
     for configured in &config.registry.credentials {
         keyring.add(
@@ -118,8 +128,20 @@ pub fn resolver_for(config: &Config) -> Result<(Resolver, Keyring), EngineError>
             &format!("configured credentials for {}", configured.registry),
         );
     }
+    let mut ca_files = config.registry.ca_files.clone();
+    for registry in &config.registry.registries {
+        if let Some(dir) = &registry.secret_dir {
+            keyring.add_registry_dir(
+                &registry.hostname_pattern,
+                dir,
+                registry.token_key.as_deref(),
+                registry.username.as_deref(),
+            )?;
+        }
+        ca_files.extend(registry.ca_file.clone());
+    }
     let mut ca_bundles_pem = Vec::new();
-    for path in &config.registry.ca_files {
+    for path in &ca_files {
         let pem = std::fs::read(path).map_err(|source| EngineError::ReadCaFile {
             path: path.clone(),
             source,
@@ -130,6 +152,13 @@ pub fn resolver_for(config: &Config) -> Result<(Resolver, Keyring), EngineError>
         ResolverConfig {
             insecure_registries: config.registry.insecure_registries.clone(),
             ca_bundles_pem,
+            artifactory_fallback: config
+                .registry
+                .registries
+                .iter()
+                .filter(|r| r.artifactory_fallback)
+                .map(|r| r.hostname_pattern.clone())
+                .collect(),
             // The engine decides when to ask (per policy poll interval, or a webhook).
             min_interval: Duration::from_millis(500),
             ..ResolverConfig::default()

@@ -1,7 +1,8 @@
 //! Registry credentials: Kubernetes `imagePullSecrets` (`.dockerconfigjson`,
 //! `.dockercfg`), a mounted Docker `config.json`, and configured registries (hostname
-//! glob to a secret), looked up for an image the way kubelet's `credentialprovider`
-//! keyring does:
+//! glob to a mounted secret), each a username and password, an identity token (OAuth2
+//! refresh token) or a bearer token, looked up for an image the way kubelet's
+//! `credentialprovider` keyring does:
 //!
 //! - keys lose their scheme; `/v1/` and `/v2/` path prefixes mean "the host"
 //!   (`https://index.docker.io/v1/` is the key `index.docker.io`);
@@ -11,11 +12,11 @@
 //! - more specific keys come first (keys sorted in reverse);
 //! - with no match, a Docker Hub image takes the `index.docker.io` entry.
 //!
-//! Passwords never reach `Debug` or a log line.
+//! Passwords and tokens never reach `Debug` or a log line.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::Secret;
@@ -27,48 +28,139 @@ use super::error::RegistryError;
 
 const DOCKER_CONFIG_JSON_KEY: &str = ".dockerconfigjson";
 const DOCKERCFG_KEY: &str = ".dockercfg";
-const BASIC_AUTH_TYPE: &str = "kubernetes.io/basic-auth";
+const DOCKER_CONFIG_FILE: &str = "config.json";
+const TOKEN_KEY: &str = "token";
+const USERNAME_KEY: &str = "username";
+const PASSWORD_KEY: &str = "password";
 const DEFAULT_REGISTRY_HOST: &str = "index.docker.io";
 
-/// A username and password for one registry. `Debug` redacts the password.
+/// What a credential proves itself with.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) enum AuthSecret {
+    /// A password (or a personal access token used as one): Basic auth, or the token
+    /// server's GET with Basic credentials.
+    Password(String),
+    /// Docker's `identitytoken`: an OAuth2 refresh token the token server trades for an
+    /// access token (`grant_type=refresh_token`).
+    IdentityToken(String),
+    /// Docker's `registrytoken` (and a token without a username): sent as
+    /// `Authorization: Bearer` as it is.
+    RegistryToken(String),
+}
+
+/// Credentials for one registry: a username and password, an identity (refresh) token,
+/// or a bearer token. `Debug` redacts the secret.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
     username: String,
-    password: String,
+    secret: AuthSecret,
 }
 
 impl Credentials {
     pub fn new(username: impl Into<String>, password: impl Into<String>) -> Self {
         Credentials {
             username: username.into(),
-            password: password.into(),
+            secret: AuthSecret::Password(password.into()),
         }
     }
 
+    /// An identity token (OAuth2 refresh token); `username` may be empty.
+    pub fn identity_token(username: impl Into<String>, token: impl Into<String>) -> Self {
+        Credentials {
+            username: username.into(),
+            secret: AuthSecret::IdentityToken(token.into()),
+        }
+    }
+
+    /// A bearer token sent to the registry as it is.
+    pub fn registry_token(token: impl Into<String>) -> Self {
+        Credentials {
+            username: String::new(),
+            secret: AuthSecret::RegistryToken(token.into()),
+        }
+    }
+
+    /// The username; empty for a bearer token (and possibly an identity token).
     pub fn username(&self) -> &str {
         &self.username
     }
 
-    pub(crate) fn password(&self) -> &str {
-        &self.password
+    pub(crate) fn secret(&self) -> &AuthSecret {
+        &self.secret
     }
 
-    /// A stable identity for cache keys that reveals nothing of the password.
+    /// What kind of credential this is, for messages: never the secret.
+    pub(crate) fn describe(&self) -> String {
+        match &self.secret {
+            AuthSecret::Password(_) => format!("user {:?}", self.username),
+            AuthSecret::IdentityToken(_) if self.username.is_empty() => {
+                "an identity token".to_owned()
+            }
+            AuthSecret::IdentityToken(_) => {
+                format!("an identity token of user {:?}", self.username)
+            }
+            AuthSecret::RegistryToken(_) => "a registry token".to_owned(),
+        }
+    }
+
+    /// The form a warm order carries to the node's runtime (CRI `AuthConfig`): a
+    /// password as Basic, an identity token as such (containerd trades it at the token
+    /// server), a bearer token as CRI's `registry_token`.
+    pub fn to_wire(&self) -> warmroll_proto::fleet::Credentials {
+        use warmroll_proto::fleet::Credentials as Wire;
+        match &self.secret {
+            AuthSecret::Password(password) => Wire::Basic {
+                username: self.username.clone(),
+                password: password.clone(),
+            },
+            AuthSecret::IdentityToken(token) => Wire::IdentityToken(token.clone()),
+            AuthSecret::RegistryToken(token) => Wire::Token(token.clone()),
+        }
+    }
+
+    /// Which of the credentials matching an image a warm order carries: the first that
+    /// the node's runtime can pull with. containerd (1.6, 1.7) ignores CRI's
+    /// `registry_token`, so a bearer token is sent only when nothing else matches.
+    pub fn for_warm_order<'a>(found: &[&'a Credentials]) -> Option<&'a Credentials> {
+        found
+            .iter()
+            .find(|c| !matches!(c.secret, AuthSecret::RegistryToken(_)))
+            .or(found.first())
+            .copied()
+    }
+
+    /// A stable identity for cache keys that reveals nothing of the secret.
     pub(crate) fn identity(&self) -> String {
+        let (kind, secret) = match &self.secret {
+            AuthSecret::Password(s) => ("password", s),
+            AuthSecret::IdentityToken(s) => ("identity-token", s),
+            AuthSecret::RegistryToken(s) => ("registry-token", s),
+        };
         let mut hash = Sha256::new();
+        hash.update(kind.as_bytes());
+        hash.update([0]);
         hash.update(self.username.as_bytes());
         hash.update([0]);
-        hash.update(self.password.as_bytes());
+        hash.update(secret.as_bytes());
         let hex = hex::encode(hash.finalize());
-        format!("{}:{}", self.username, hex.get(..16).unwrap_or_default())
+        format!(
+            "{}:{kind}:{}",
+            self.username,
+            hex.get(..16).unwrap_or_default()
+        )
     }
 }
 
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.secret {
+            AuthSecret::Password(_) => "password",
+            AuthSecret::IdentityToken(_) => "identity token",
+            AuthSecret::RegistryToken(_) => "registry token",
+        };
         f.debug_struct("Credentials")
             .field("username", &self.username)
-            .field("password", &"<redacted>")
+            .field(kind, &"<redacted>")
             .finish()
     }
 }
@@ -101,11 +193,33 @@ struct DockerConfigEntry {
     password: Option<String>,
     #[serde(default)]
     auth: Option<String>,
+    #[serde(default)]
+    identitytoken: Option<String>,
+    #[serde(default)]
+    registrytoken: Option<String>,
 }
 
 impl DockerConfigEntry {
-    /// kubelet: a non-empty `auth` (base64 `user:password`) wins over the fields.
+    /// A `registrytoken` (bearer as is) wins, then an `identitytoken` (with the user of
+    /// `auth`/`username`, as `docker login` stores it), then kubelet's rule: a non-empty
+    /// `auth` (base64 `user:password`) wins over the fields.
     fn credentials(&self) -> Result<Option<Credentials>, String> {
+        let non_empty = |v: &Option<String>| v.clone().filter(|t| !t.is_empty());
+        if let Some(token) = non_empty(&self.registrytoken) {
+            return Ok(Some(Credentials::registry_token(token)));
+        }
+        let basic = self.basic()?;
+        if let Some(token) = non_empty(&self.identitytoken) {
+            let user = basic
+                .map(|(user, _)| user)
+                .or_else(|| non_empty(&self.username))
+                .unwrap_or_default();
+            return Ok(Some(Credentials::identity_token(user, token)));
+        }
+        Ok(basic.map(|(user, password)| Credentials::new(user, password)))
+    }
+
+    fn basic(&self) -> Result<Option<(String, String)>, String> {
         if let Some(auth) = self.auth.as_deref().filter(|a| !a.is_empty()) {
             let decoded = base64::engine::general_purpose::STANDARD
                 .decode(auth.trim())
@@ -115,13 +229,13 @@ impl DockerConfigEntry {
             let (user, password) = decoded
                 .split_once(':')
                 .ok_or_else(|| "\"auth\" is not user:password".to_owned())?;
-            return Ok(Some(Credentials::new(user, password)));
+            return Ok(Some((user.to_owned(), password.to_owned())));
         }
         match (&self.username, &self.password) {
             (Some(user), Some(password)) if !user.is_empty() => {
-                Ok(Some(Credentials::new(user.clone(), password.clone())))
+                Ok(Some((user.clone(), password.clone())))
             }
-            // An entry with only an email or identity token carries nothing we use.
+            // An entry with only an email carries nothing we use.
             _ => Ok(None),
         }
     }
@@ -196,35 +310,93 @@ impl Keyring {
         }
     }
 
-    /// Adds a configured registry: every credential in `secret` (a basic-auth secret,
-    /// or a Docker config secret) is used for hosts matching `host_glob`.
+    /// Adds a configured registry (`registry.registries[]`): the credentials its secret
+    /// holds are used for hosts matching `host_glob`. `data` is the secret's keys, by
+    /// what they hold:
+    /// - `.dockerconfigjson`, `.dockercfg` or `config.json`: every entry of that Docker
+    ///   config (a pull secret, krar's generic Secret);
+    /// - `token_key` (default `token`), with `username` from the secret or `username`:
+    ///   kube-autorollout's Opaque secret. With a username the token is a password (a
+    ///   personal access token, traded at the token server); without, a bearer token
+    ///   sent as it is;
+    /// - `username` and `password`: a `kubernetes.io/basic-auth` secret.
     pub fn add_registry_secret(
         &mut self,
         host_glob: &str,
-        secret: &Secret,
+        origin: &str,
+        data: &BTreeMap<String, Vec<u8>>,
+        token_key: Option<&str>,
+        username: Option<&str>,
     ) -> Result<(), RegistryError> {
-        let origin = secret_name(secret);
-        if secret.type_.as_deref() == Some(BASIC_AUTH_TYPE) {
-            let field = |name: &str| {
-                secret
-                    .data
-                    .as_ref()
-                    .and_then(|d| d.get(name))
-                    .map(|v| String::from_utf8(v.0.clone()))
-                    .transpose()
-                    .map_err(|_| credentials_error(&origin, format!("{name} is not UTF-8")))?
-                    .ok_or_else(|| credentials_error(&origin, format!("has no {name}")))
-            };
-            let credentials = Credentials::new(field("username")?, field("password")?);
-            self.add(host_glob, credentials, &origin);
-            return Ok(());
-        }
+        let text = |key: &str| {
+            data.get(key)
+                .map(|v| {
+                    String::from_utf8(v.clone())
+                        .map(|t| t.trim_end_matches(['\n', '\r']).to_owned())
+                        .map_err(|_| credentials_error(origin, format!("{key} is not UTF-8")))
+                })
+                .transpose()
+        };
         let mut inner = Keyring::new();
-        inner.add_pull_secret(secret)?;
+        if let Some(json) = data
+            .get(DOCKER_CONFIG_JSON_KEY)
+            .or_else(|| data.get(DOCKER_CONFIG_FILE))
+        {
+            inner.add_docker_config_json(origin, json)?;
+        } else if let Some(cfg) = data.get(DOCKERCFG_KEY) {
+            inner.add_dockercfg(origin, cfg)?;
+        } else if let Some(token) = text(token_key.unwrap_or(TOKEN_KEY))? {
+            let user = match username {
+                Some(user) => Some(user.to_owned()),
+                None => text(USERNAME_KEY)?,
+            };
+            let credentials = match user.filter(|u| !u.is_empty()) {
+                Some(user) => Credentials::new(user, token),
+                None => Credentials::registry_token(token),
+            };
+            inner.add(host_glob, credentials, origin);
+        } else if let (Some(user), Some(password)) = (text(USERNAME_KEY)?, text(PASSWORD_KEY)?) {
+            inner.add(host_glob, Credentials::new(user, password), origin);
+        } else {
+            let expected = format!(
+                "{DOCKER_CONFIG_JSON_KEY}, {DOCKERCFG_KEY}, {DOCKER_CONFIG_FILE}, {}, or {USERNAME_KEY} and {PASSWORD_KEY}",
+                token_key.unwrap_or(TOKEN_KEY)
+            );
+            return Err(credentials_error(
+                origin,
+                format!("holds none of the keys {expected}"),
+            ));
+        }
         for entry in inner.entries {
-            self.add(host_glob, entry.credentials, &origin);
+            self.add(host_glob, entry.credentials, origin);
         }
         Ok(())
+    }
+
+    /// [`Keyring::add_registry_secret`] for a Secret mounted as a directory (one file per
+    /// key; kubelet's `..data` entries are skipped).
+    pub fn add_registry_dir(
+        &mut self,
+        host_glob: &str,
+        dir: &Path,
+        token_key: Option<&str>,
+        username: Option<&str>,
+    ) -> Result<(), RegistryError> {
+        let origin = format!("secret directory {}", dir.display());
+        let mut data = BTreeMap::new();
+        let entries = std::fs::read_dir(dir).map_err(|e| credentials_error(&origin, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| credentials_error(&origin, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if name.starts_with("..") || !path.is_file() {
+                continue;
+            }
+            let bytes = std::fs::read(&path)
+                .map_err(|e| credentials_error(&origin, format!("{name}: {e}")))?;
+            data.insert(name, bytes);
+        }
+        self.add_registry_secret(host_glob, &origin, &data, token_key, username)
     }
 
     /// Reads a Docker `config.json`: `path` is the file, or a directory holding
@@ -238,6 +410,17 @@ impl Keyring {
         let origin = file.display().to_string();
         let json = std::fs::read(&file).map_err(|e| credentials_error(&origin, e))?;
         self.add_docker_config_json(&origin, &json)
+    }
+
+    /// Reads the Docker config of the process's home when present: `file` missing is no
+    /// credentials (`Ok(false)`), unreadable or malformed an error naming it.
+    pub fn add_docker_config_if_present(&mut self, file: &Path) -> Result<bool, RegistryError> {
+        let origin = file.display().to_string();
+        match std::fs::read(file) {
+            Ok(json) => self.add_docker_config_json(&origin, &json).map(|()| true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(credentials_error(&origin, e)),
+        }
     }
 
     /// The credentials to try for `image`, most specific first; empty means anonymous.
@@ -268,6 +451,17 @@ impl Keyring {
     }
 }
 
+/// The Docker config docker, skopeo and krar read when none is named:
+/// `$DOCKER_CONFIG/config.json`, else `$HOME/.docker/config.json`; `None` without either
+/// variable.
+pub fn default_docker_config(env: impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    let set = |name: &str| env(name).filter(|v| !v.is_empty());
+    if let Some(dir) = set("DOCKER_CONFIG") {
+        return Some(PathBuf::from(dir).join(DOCKER_CONFIG_FILE));
+    }
+    set("HOME").map(|home| PathBuf::from(home).join(".docker").join(DOCKER_CONFIG_FILE))
+}
+
 fn credentials_error(origin: &str, reason: impl fmt::Display) -> RegistryError {
     RegistryError::Credentials {
         origin: origin.to_owned(),
@@ -281,6 +475,13 @@ fn secret_name(secret: &Secret) -> String {
         secret.metadata.namespace.as_deref().unwrap_or_default(),
         secret.metadata.name.as_deref().unwrap_or_default()
     )
+}
+
+/// Whether a registry key or glob (`*.corp.io`, `reg:5000/team`) covers `image`, as a
+/// keyring entry under it would.
+pub(crate) fn pattern_matches(pattern: &str, image: &ImageRef) -> bool {
+    let target = format!("{}/{}", image.registry(), image.repository());
+    key_matches(&normalise_key(pattern), &target)
 }
 
 fn is_default_registry(image: &ImageRef) -> bool {
@@ -461,7 +662,7 @@ mod tests {
         let c = k.lookup(&image("nginx"));
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].username(), "u1");
-        assert_eq!(c[0].password(), "pa:ss");
+        assert_eq!(c[0], &Credentials::new("u1", "pa:ss"));
         assert_eq!(users(&k, "reg.io:5000/app"), ["u2"]);
         assert!(users(&k, "only-email.io/app").is_empty());
 
@@ -501,19 +702,172 @@ mod tests {
         assert_eq!(matches.len(), 1);
         assert_eq!(matches[0].1, "secret apps/pull");
 
-        let mut basic = secret("username", "bu", Some(BASIC_AUTH_TYPE));
-        basic
-            .data
-            .as_mut()
-            .unwrap()
-            .insert("password".into(), ByteString(b"bp".to_vec()));
+        let data = |pairs: &[(&str, &str)]| -> BTreeMap<String, Vec<u8>> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.as_bytes().to_vec()))
+                .collect()
+        };
         let mut k = Keyring::new();
-        k.add_registry_secret("*.corp.io", &basic).unwrap();
-        k.add_registry_secret("other.io", &secret(DOCKER_CONFIG_JSON_KEY, &json, None))
+        let basic = data(&[("username", "bu"), ("password", "bp")]);
+        k.add_registry_secret("*.corp.io", "basic", &basic, None, None)
+            .unwrap();
+        let docker = data(&[(".dockerconfigjson", &json)]);
+        k.add_registry_secret("other.io", "docker", &docker, None, None)
+            .unwrap();
+        let krar = data(&[("config.json", &json)]);
+        k.add_registry_secret("krar.io", "krar", &krar, None, None)
+            .unwrap();
+        // kube-autorollout's Opaque secret: a token, with a username or without.
+        let pat = data(&[("username", "octo\n"), ("token", "ghp_x\n")]);
+        k.add_registry_secret("ghcr.io", "pat", &pat, None, None)
+            .unwrap();
+        let bearer = data(&[("IDENTITY_TOKEN", "jfrog-tok")]);
+        k.add_registry_secret("*.jfrog.io", "jfrog", &bearer, Some("IDENTITY_TOKEN"), None)
             .unwrap();
         assert_eq!(users(&k, "eu.corp.io/app"), ["bu"]);
         assert_eq!(users(&k, "other.io/app"), ["ps"]);
+        assert_eq!(users(&k, "krar.io/app"), ["ps"]);
         assert!(users(&k, "reg.io/app").is_empty());
+        let ghcr = k.lookup(&image("ghcr.io/org/app"));
+        assert_eq!(ghcr[0], &Credentials::new("octo", "ghp_x"));
+        let jfrog = k.lookup(&image("acme.jfrog.io/team/app"));
+        assert_eq!(jfrog[0], &Credentials::registry_token("jfrog-tok"));
+
+        let err = k
+            .add_registry_secret(
+                "x.io",
+                "secret ns/empty",
+                &data(&[("other", "v")]),
+                None,
+                None,
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("secret ns/empty"), "{err}");
+        assert!(err.to_string().contains("token"), "{err}");
+    }
+
+    #[test]
+    fn registry_secret_directories_skip_kubelets_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "t0k\n").unwrap();
+        std::fs::create_dir(dir.path().join("..2026_12_07")).unwrap();
+        std::fs::write(dir.path().join("..data"), "ignored").unwrap();
+        let mut k = Keyring::new();
+        k.add_registry_dir("reg.io", dir.path(), None, Some("robot"))
+            .unwrap();
+        assert_eq!(
+            k.lookup(&image("reg.io/app"))[0],
+            &Credentials::new("robot", "t0k")
+        );
+        let err = k
+            .add_registry_dir("reg.io", &dir.path().join("missing"), None, None)
+            .unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn identity_and_registry_tokens_in_docker_configs() {
+        let json = format!(
+            r#"{{"auths":{{
+               "id.io":{{"auth":"{}","identitytoken":"refresh-1"}},
+               "bare-id.io":{{"identitytoken":"refresh-2"}},
+               "reg.io":{{"registrytoken":"bearer-3","auth":"{}"}}}}}}"#,
+            b64("alice:"),
+            b64("bob:pw")
+        );
+        let mut k = Keyring::new();
+        k.add_docker_config_json("config.json", json.as_bytes())
+            .unwrap();
+        assert_eq!(
+            k.lookup(&image("id.io/app"))[0],
+            &Credentials::identity_token("alice", "refresh-1")
+        );
+        assert_eq!(
+            k.lookup(&image("bare-id.io/app"))[0],
+            &Credentials::identity_token("", "refresh-2")
+        );
+        assert_eq!(
+            k.lookup(&image("reg.io/app"))[0],
+            &Credentials::registry_token("bearer-3")
+        );
+        use warmroll_proto::fleet::Credentials as Wire;
+        assert_eq!(
+            Credentials::identity_token("alice", "refresh-1").to_wire(),
+            Wire::IdentityToken("refresh-1".into())
+        );
+        assert_eq!(
+            Credentials::registry_token("bearer-3").to_wire(),
+            Wire::Token("bearer-3".into())
+        );
+        assert_eq!(
+            Credentials::new("bob", "pw").to_wire(),
+            Wire::Basic {
+                username: "bob".into(),
+                password: "pw".into()
+            }
+        );
+        for c in [
+            Credentials::identity_token("alice", "refresh-1"),
+            Credentials::registry_token("bearer-3"),
+        ] {
+            for text in [format!("{c:?}"), c.identity(), c.describe()] {
+                assert!(
+                    !text.contains("refresh-1") && !text.contains("bearer-3"),
+                    "{text}"
+                );
+            }
+        }
+        assert_ne!(
+            Credentials::registry_token("same").identity(),
+            Credentials::new("", "same").identity()
+        );
+        let (bearer, basic) = (Credentials::registry_token("b"), Credentials::new("u", "p"));
+        assert_eq!(
+            Credentials::for_warm_order(&[&bearer, &basic]),
+            Some(&basic)
+        );
+        assert_eq!(Credentials::for_warm_order(&[&bearer]), Some(&bearer));
+        assert_eq!(Credentials::for_warm_order(&[]), None);
+    }
+
+    #[test]
+    fn the_default_docker_config_is_dockers() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        assert_eq!(
+            default_docker_config(env(&[("DOCKER_CONFIG", "/cfg"), ("HOME", "/home/u")])),
+            Some(PathBuf::from("/cfg/config.json"))
+        );
+        assert_eq!(
+            default_docker_config(env(&[("DOCKER_CONFIG", ""), ("HOME", "/home/u")])),
+            Some(PathBuf::from("/home/u/.docker/config.json"))
+        );
+        assert_eq!(default_docker_config(env(&[])), None);
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut k = Keyring::new();
+        let file = dir.path().join("config.json");
+        assert!(!k.add_docker_config_if_present(&file).unwrap());
+        std::fs::write(
+            &file,
+            r#"{"auths":{"reg.io":{"username":"u","password":"p"}}}"#,
+        )
+        .unwrap();
+        assert!(k.add_docker_config_if_present(&file).unwrap());
+        assert_eq!(users(&k, "reg.io/app"), ["u"]);
+        // A directory where the file should be is unreadable: named, not skipped.
+        let err = k.add_docker_config_if_present(dir.path()).unwrap_err();
+        assert!(
+            err.to_string().contains(&dir.path().display().to_string()),
+            "{err}"
+        );
     }
 
     #[test]

@@ -48,7 +48,7 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use tokio::time::Instant;
 use warmroll_proto::image::{Digest, DigestAlgorithm, ImageRef, Tracking};
 
-pub use credentials::{Credentials, Keyring};
+pub use credentials::{Credentials, Keyring, default_docker_config};
 pub use error::RegistryError;
 pub use manifest::{Child, Resolution, Resolved, digest_matches};
 pub use polite::{HostHealth, Politeness};
@@ -56,7 +56,7 @@ pub use polite::{HostHealth, Politeness};
 use cache::{ManifestCache, SingleFlight};
 use manifest::{ParsedManifest, is_index_media_type, is_known_media_type, media_type_of};
 use polite::HostState;
-use transport::{Transport, TransportConfig, truncate};
+use transport::{Layout, Transport, TransportConfig, truncate};
 
 const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
 
@@ -67,6 +67,9 @@ pub struct ResolverConfig {
     pub insecure_registries: Vec<String>,
     /// Extra trusted CA bundles (PEM), on top of the system roots.
     pub ca_bundles_pem: Vec<Vec<u8>>,
+    /// Registry keys or globs (as credential keys) whose manifests not found at
+    /// `host/repository` are tried in JFrog Artifactory's repository-path form.
+    pub artifactory_fallback: Vec<String>,
     pub connect_timeout: Duration,
     /// Limit for a whole request (headers and body).
     pub request_timeout: Duration,
@@ -84,6 +87,7 @@ impl Default for ResolverConfig {
         ResolverConfig {
             insecure_registries: Vec::new(),
             ca_bundles_pem: Vec::new(),
+            artifactory_fallback: Vec::new(),
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             min_interval: Duration::from_secs(30),
@@ -219,10 +223,7 @@ impl Resolver {
         }
         let mut last = None;
         for (credentials, origin) in candidates {
-            let used = format!(
-                "credentials of user {:?} from {origin}",
-                credentials.username()
-            );
+            let used = format!("credentials of {} from {origin}", credentials.describe());
             match self.fetch(image, tag, Some(credentials), &used).await {
                 Err(e @ RegistryError::Auth { .. }) => last = Some(e),
                 other => return other,
@@ -235,6 +236,8 @@ impl Resolver {
         }))
     }
 
+    /// The tag at the registry; not found (or refused) there, in Artifactory's
+    /// repository-path form when the registry is configured for that fallback.
     async fn fetch(
         &self,
         image: &ImageRef,
@@ -242,8 +245,43 @@ impl Resolver {
         credentials: Option<&Credentials>,
         used: &str,
     ) -> Result<Resolved, RegistryError> {
+        let standard = self
+            .fetch_at(image, tag, credentials, used, Layout::Standard)
+            .await;
+        let fallback = self
+            .inner
+            .config
+            .artifactory_fallback
+            .iter()
+            .any(|pattern| credentials::pattern_matches(pattern, image));
+        match standard {
+            // Not found, or refused as Artifactory refuses unknown paths (a 401 is where
+            // kube-autorollout falls back).
+            Err(e @ (RegistryError::NotFound { .. } | RegistryError::Auth { .. })) if fallback => {
+                tracing::debug!(error = %e, "trying Artifactory's repository-path form");
+                match self
+                    .fetch_at(image, tag, credentials, used, Layout::ArtifactoryPath)
+                    .await
+                {
+                    // Not there either: the first answer says more.
+                    Err(RegistryError::NotFound { .. }) => Err(e),
+                    other => other,
+                }
+            }
+            other => other,
+        }
+    }
+
+    async fn fetch_at(
+        &self,
+        image: &ImageRef,
+        tag: &str,
+        credentials: Option<&Credentials>,
+        used: &str,
+        layout: Layout,
+    ) -> Result<Resolved, RegistryError> {
         let head = self
-            .exchange(Method::HEAD, image, tag, credentials, used)
+            .exchange(Method::HEAD, image, tag, credentials, used, layout)
             .await?;
         let header_media_type = content_type(head.headers());
         let header_digest = head
@@ -266,7 +304,7 @@ impl Resolver {
                         }
                     }
                     _ => {
-                        self.manifest_by_digest(image, &digest, credentials, used)
+                        self.manifest_by_digest(image, &digest, credentials, used, layout)
                             .await?
                     }
                 };
@@ -277,7 +315,7 @@ impl Resolver {
                     "no Docker-Content-Digest on HEAD; fetching the manifest to hash it"
                 );
                 let get = self
-                    .exchange(Method::GET, image, tag, credentials, used)
+                    .exchange(Method::GET, image, tag, credentials, used, layout)
                     .await?;
                 let media_type = content_type(get.headers());
                 let body = self.read_body(image, get).await?;
@@ -305,12 +343,20 @@ impl Resolver {
         digest: &Digest,
         credentials: Option<&Credentials>,
         used: &str,
+        layout: Layout,
     ) -> Result<ParsedManifest, RegistryError> {
         if let Some(parsed) = self.inner.manifests.get(digest) {
             return Ok(parsed);
         }
         let get = self
-            .exchange(Method::GET, image, &digest.to_string(), credentials, used)
+            .exchange(
+                Method::GET,
+                image,
+                &digest.to_string(),
+                credentials,
+                used,
+                layout,
+            )
             .await?;
         let media_type = content_type(get.headers());
         let body = self.read_body(image, get).await?;
@@ -411,6 +457,7 @@ impl Resolver {
         reference: &str,
         credentials: Option<&Credentials>,
         used: &str,
+        layout: Layout,
     ) -> Result<reqwest::Response, RegistryError> {
         let host = image.api_host();
         let state = self.host_state(host);
@@ -428,7 +475,7 @@ impl Resolver {
             let result = self
                 .inner
                 .transport
-                .send(method.clone(), image, reference, &auth)
+                .send(method.clone(), image, reference, &auth, layout)
                 .await;
             let now = Instant::now();
             let response = match result {

@@ -17,7 +17,7 @@ use reqwest::Method;
 use tokio::time::Instant;
 use warmroll_proto::image::ImageRef;
 
-use super::credentials::Credentials;
+use super::credentials::{AuthSecret, Credentials};
 use super::error::RegistryError;
 use super::manifest::ACCEPT;
 
@@ -174,29 +174,19 @@ impl Transport {
                 return Ok(cached.header.clone());
             }
         }
-        let reference = Reference::with_tag(
-            image.api_host().to_owned(),
-            image.repository().to_owned(),
-            image.tag().unwrap_or("latest").to_owned(),
-        );
-        let registry_auth = match credentials {
-            Some(c) => RegistryAuth::Basic(c.username().to_owned(), c.password().to_owned()),
-            None => RegistryAuth::Anonymous,
-        };
-        let (header, lifetime) = match self
-            .oci
-            .auth(&reference, &registry_auth, RegistryOperation::Pull)
-            .await
-        {
-            Ok(Some(token)) => {
-                let lifetime = token_lifetime(&token, SystemTime::now());
-                (AuthHeader::Bearer(token), lifetime)
+        let (header, lifetime) = match credentials.map(|c| (c, c.secret())) {
+            // Sent as it is: nothing to learn or cache.
+            Some((_, AuthSecret::RegistryToken(token))) => {
+                return Ok(AuthHeader::Bearer(token.clone()));
             }
-            Ok(None) => (
-                credentials.map_or(AuthHeader::Anonymous, |c| AuthHeader::Basic(c.clone())),
-                NON_TOKEN_LIFETIME,
-            ),
-            Err(e) => return Err(oci_error(image, e)),
+            Some((c, AuthSecret::IdentityToken(token))) => {
+                self.refresh_token_grant(image, c, token).await?
+            }
+            Some((c, AuthSecret::Password(password))) => {
+                let basic = RegistryAuth::Basic(c.username().to_owned(), password.clone());
+                self.oci_auth(image, &basic, Some(c)).await?
+            }
+            None => self.oci_auth(image, &RegistryAuth::Anonymous, None).await?,
         };
         tracing::debug!(registry = image.api_host(), auth = ?header, ?lifetime, "registry authorization");
         let mut cache = self.auth.lock().unwrap_or_else(PoisonError::into_inner);
@@ -210,6 +200,136 @@ impl Transport {
         Ok(header)
     }
 
+    /// oci-client's token flow with anonymous or Basic credentials.
+    async fn oci_auth(
+        &self,
+        image: &ImageRef,
+        registry_auth: &RegistryAuth,
+        credentials: Option<&Credentials>,
+    ) -> Result<(AuthHeader, Duration), RegistryError> {
+        let reference = Reference::with_tag(
+            image.api_host().to_owned(),
+            image.repository().to_owned(),
+            image.tag().unwrap_or("latest").to_owned(),
+        );
+        match self
+            .oci
+            .auth(&reference, registry_auth, RegistryOperation::Pull)
+            .await
+        {
+            Ok(Some(token)) => {
+                let lifetime = token_lifetime(&token, SystemTime::now());
+                Ok((AuthHeader::Bearer(token), lifetime))
+            }
+            Ok(None) => Ok((
+                credentials.map_or(AuthHeader::Anonymous, |c| AuthHeader::Basic(c.clone())),
+                NON_TOKEN_LIFETIME,
+            )),
+            Err(e) => Err(oci_error(image, e)),
+        }
+    }
+
+    /// Docker's identity-token flow (oci-client has none): the `/v2/` challenge names
+    /// the token server, which trades the refresh token for an access token (OAuth2
+    /// `grant_type=refresh_token`, as docker and containerd send it). A registry without
+    /// a token server gets the token as the password of Basic auth, when there is a
+    /// username (Artifactory takes identity tokens so).
+    async fn refresh_token_grant(
+        &self,
+        image: &ImageRef,
+        credentials: &Credentials,
+        refresh_token: &str,
+    ) -> Result<(AuthHeader, Duration), RegistryError> {
+        let host = image.api_host();
+        let auth_error = |reason: String| RegistryError::Auth {
+            registry: host.to_owned(),
+            image: image.to_string(),
+            reason,
+        };
+        let ping = self
+            .http
+            .get(format!("{}://{host}/v2/", self.scheme(host)))
+            .send()
+            .await
+            .map_err(|e| network_error(image, &e))?;
+        let challenge = ping
+            .headers()
+            .get(reqwest::header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_bearer_challenge);
+        let Some(challenge) = challenge else {
+            if ping.status().is_success() {
+                return Ok((AuthHeader::Anonymous, NON_TOKEN_LIFETIME));
+            }
+            if credentials.username().is_empty() {
+                return Err(auth_error(
+                    "the registry names no token server to trade the identity token at, and \
+                     the credential has no username for Basic auth"
+                        .to_owned(),
+                ));
+            }
+            let basic = Credentials::new(credentials.username(), refresh_token);
+            return Ok((AuthHeader::Basic(basic), NON_TOKEN_LIFETIME));
+        };
+        let scope = format!("repository:{}:pull", image.repository());
+        // Built at once: the serializer is not `Send` and must not live across an await.
+        let body = {
+            let mut form = form_urlencoded::Serializer::new(String::new());
+            form.append_pair("grant_type", "refresh_token")
+                .append_pair("client_id", "warmroll")
+                .append_pair("scope", &scope)
+                .append_pair("refresh_token", refresh_token);
+            if let Some(service) = &challenge.service {
+                form.append_pair("service", service);
+            }
+            form.finish()
+        };
+        let response = self
+            .http
+            .post(&challenge.realm)
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| network_error(image, &e))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(auth_error(format!(
+                "the token server refused the identity token (HTTP {})",
+                status.as_u16()
+            )));
+        }
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| network_error(image, &e))?;
+        let answer: TokenAnswer =
+            serde_json::from_slice(&body).map_err(|e| RegistryError::BadResponse {
+                registry: host.to_owned(),
+                image: image.to_string(),
+                reason: format!("token server sent no usable token: {e}"),
+            })?;
+        let Some(token) = answer
+            .access_token
+            .or(answer.token)
+            .filter(|t| !t.is_empty())
+        else {
+            return Err(RegistryError::BadResponse {
+                registry: host.to_owned(),
+                image: image.to_string(),
+                reason: "token server sent no usable token: no access_token".to_owned(),
+            });
+        };
+        let lifetime = match answer.expires_in {
+            Some(secs) => Duration::from_secs(secs).saturating_sub(TOKEN_MARGIN),
+            None => token_lifetime(&token, SystemTime::now()),
+        };
+        Ok((AuthHeader::Bearer(token), lifetime))
+    }
+
     /// One manifest request (`reference` is a tag or a digest).
     pub(crate) async fn send(
         &self,
@@ -217,12 +337,13 @@ impl Transport {
         image: &ImageRef,
         reference: &str,
         auth: &AuthHeader,
+        layout: Layout,
     ) -> Result<reqwest::Response, RegistryError> {
         let host = image.api_host();
         let url = format!(
-            "{}://{host}/v2/{}/manifests/{reference}",
+            "{}://{host}{}",
             self.scheme(host),
-            image.repository()
+            manifest_path(image.repository(), reference, layout)
         );
         let request = self
             .http
@@ -230,10 +351,37 @@ impl Transport {
             .header(reqwest::header::ACCEPT, ACCEPT.join(", "));
         let request = match auth {
             AuthHeader::Anonymous => request,
-            AuthHeader::Basic(c) => request.basic_auth(c.username(), Some(c.password())),
+            AuthHeader::Basic(c) => match c.secret() {
+                AuthSecret::Password(p) | AuthSecret::IdentityToken(p) => {
+                    request.basic_auth(c.username(), Some(p))
+                }
+                AuthSecret::RegistryToken(t) => request.bearer_auth(t),
+            },
             AuthHeader::Bearer(token) => request.bearer_auth(token),
         };
         request.send().await.map_err(|e| network_error(image, &e))
+    }
+}
+
+/// Where a registry serves manifests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// The distribution API: `/v2/<repository>/manifests/<reference>`.
+    Standard,
+    /// JFrog Artifactory's repository-path method, as kube-autorollout's
+    /// `enableJfrogArtifactoryFallback` asks it: the repository's first path segment is
+    /// the Artifactory repository key,
+    /// `/artifactory/api/docker/<key>/v2/<repository>/manifests/<reference>`.
+    ArtifactoryPath,
+}
+
+pub(crate) fn manifest_path(repository: &str, reference: &str, layout: Layout) -> String {
+    match layout {
+        Layout::Standard => format!("/v2/{repository}/manifests/{reference}"),
+        Layout::ArtifactoryPath => {
+            let key = repository.split('/').next().unwrap_or(repository);
+            format!("/artifactory/api/docker/{key}/v2/{repository}/manifests/{reference}")
+        }
     }
 }
 
@@ -257,6 +405,67 @@ pub(crate) fn token_lifetime(token: &str, now: SystemTime) -> Duration {
     Duration::from_secs(exp)
         .saturating_sub(now)
         .saturating_sub(TOKEN_MARGIN)
+}
+
+/// A token server's answer (Docker token spec: `token`, OAuth2: `access_token`).
+#[derive(serde::Deserialize)]
+struct TokenAnswer {
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    access_token: Option<String>,
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct BearerChallenge {
+    pub realm: String,
+    pub service: Option<String>,
+}
+
+/// `Bearer realm="https://r/token",service="reg",scope="..."` (RFC 6750 §3); `None`
+/// for another scheme or without a realm.
+pub(crate) fn parse_bearer_challenge(header: &str) -> Option<BearerChallenge> {
+    let header = header.trim();
+    let (scheme, params) = header.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let mut realm = None;
+    let mut service = None;
+    let mut rest = params.trim();
+    while !rest.is_empty() {
+        let (name, after) = rest.split_once('=')?;
+        let name = name.trim().trim_start_matches(',').trim();
+        let after = after.trim_start();
+        let (value, tail) = match after.strip_prefix('"') {
+            Some(quoted) => {
+                let end = quoted.find('"')?;
+                (
+                    quoted.get(..end)?.to_owned(),
+                    quoted.get(end + 1..).unwrap_or_default(),
+                )
+            }
+            None => match after.find(',') {
+                Some(end) => (
+                    after.get(..end)?.trim().to_owned(),
+                    after.get(end..).unwrap_or_default(),
+                ),
+                None => (after.trim().to_owned(), ""),
+            },
+        };
+        match name.to_ascii_lowercase().as_str() {
+            "realm" => realm = Some(value),
+            "service" => service = Some(value),
+            _ => {}
+        }
+        rest = tail.trim_start().trim_start_matches(',').trim_start();
+    }
+    Some(BearerChallenge {
+        realm: realm.filter(|r| !r.is_empty())?,
+        service,
+    })
 }
 
 /// A reqwest error with its causes ("connection refused", "certificate unknown").
@@ -362,6 +571,48 @@ mod tests {
         assert!(
             !text.contains("pw-123") && !text.contains("tok-456"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn artifactory_repository_path_form() {
+        assert_eq!(
+            manifest_path("docker-local/team/app", "main", Layout::ArtifactoryPath),
+            "/artifactory/api/docker/docker-local/v2/docker-local/team/app/manifests/main"
+        );
+        assert_eq!(
+            manifest_path("app", "v1", Layout::ArtifactoryPath),
+            "/artifactory/api/docker/app/v2/app/manifests/v1"
+        );
+        assert_eq!(
+            manifest_path("team/app", "v1", Layout::Standard),
+            "/v2/team/app/manifests/v1"
+        );
+    }
+
+    #[test]
+    fn bearer_challenges_parse() {
+        assert_eq!(
+            parse_bearer_challenge(
+                r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:a/b:pull,push""#
+            ),
+            Some(BearerChallenge {
+                realm: "https://auth.docker.io/token".into(),
+                service: Some("registry.docker.io".into())
+            })
+        );
+        assert_eq!(
+            parse_bearer_challenge("bearer realm=https://r/t, scope=x"),
+            Some(BearerChallenge {
+                realm: "https://r/t".into(),
+                service: None
+            })
+        );
+        assert_eq!(parse_bearer_challenge(r#"Basic realm="x""#), None);
+        assert_eq!(parse_bearer_challenge(r#"Bearer service="s""#), None);
+        assert_eq!(
+            parse_bearer_challenge(r#"Bearer realm="unterminated"#),
+            None
         );
     }
 

@@ -208,6 +208,7 @@ fn credentials() -> impl Strategy<Value = Credentials> {
         ("[a-z]{1,10}", ".{0,20}")
             .prop_map(|(username, password)| Credentials::Basic { username, password }),
         ".{1,40}".prop_map(Credentials::Token),
+        ".{1,40}".prop_map(Credentials::IdentityToken),
     ]
 }
 
@@ -408,6 +409,9 @@ fn credentials_never_show_in_debug() {
         password: "hunter2".into(),
     };
     let token = Credentials::Token("s3cr3t-token".into());
+    let identity = Credentials::IdentityToken("s3cr3t-refresh".into());
+    assert!(!format!("{identity:?}").contains("s3cr3t-refresh"));
+    assert!(!format!("{:?}", v1::Credentials::from(identity)).contains("s3cr3t-refresh"));
     let order = WarmOrder {
         id: OrderId::parse("o1").unwrap(),
         image: ImageRef::parse("registry.example/app:main").unwrap(),

@@ -115,7 +115,8 @@ impl RegistryOptions {
     /// Token auth: the registry answers `401` with
     /// `WWW-Authenticate: Bearer realm="<scheme>://<host>/token",service=...,scope=...`,
     /// and the test bed's token endpoint hands out signed JWTs to this one user (GET with
-    /// basic credentials, or the OAuth2 POST form with `grant_type=password`).
+    /// basic credentials, the OAuth2 POST form with `grant_type=password`, or with
+    /// `grant_type=refresh_token` and [`Registry::identity_token`]).
     pub fn token(mut self, user: &str, password: &str) -> Self {
         self.auth = Auth::Token {
             user: user.to_string(),
@@ -132,6 +133,7 @@ pub struct Registry {
     tls: bool,
     ca: Option<TestCa>,
     credentials: Option<(String, String)>,
+    identity_token: Option<String>,
     proxy: proxy::Proxy,
     process: RegistryProcess,
     // Dropped last: the registry process must be gone before its storage is removed.
@@ -174,6 +176,7 @@ impl Registry {
         };
 
         let mut token_issuer = None;
+        let mut identity_token = None;
         let auth_yaml = match &options.auth {
             Auth::None => String::new(),
             Auth::Basic { user, password } => {
@@ -196,6 +199,7 @@ impl Registry {
                 let bundle = dir.path().join("token-root.pem");
                 std::fs::write(&bundle, issuer.root_pem())
                     .with_context(|| format!("writing {}", bundle.display()))?;
+                identity_token = Some(issuer.refresh_token().to_owned());
                 token_issuer = Some(issuer);
                 format!(
                     "auth:\n  token:\n    realm: {scheme}://{host}/token\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
@@ -229,6 +233,7 @@ impl Registry {
                     Some((user, password))
                 }
             },
+            identity_token,
             proxy,
             process,
             _dir: dir,
@@ -312,6 +317,12 @@ impl Registry {
         self.credentials
             .as_ref()
             .map(|(u, p)| (u.as_str(), p.as_str()))
+    }
+
+    /// With token auth, the identity token (OAuth2 refresh token) the token endpoint
+    /// takes for its user, as `docker login` stores it in `identitytoken`.
+    pub fn identity_token(&self) -> Option<&str> {
+        self.identity_token.as_deref()
     }
 
     /// Every request the proxy answered (or dropped), oldest first.

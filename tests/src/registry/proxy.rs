@@ -1,4 +1,5 @@
-//! The registry's front proxy: records, injects faults, shapes the link, serves `/token`.
+//! The registry's front proxy: records, injects faults, shapes the link, serves `/token`
+//! and Artifactory's repository-path form of the manifest API.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -381,7 +382,16 @@ async fn forward(shared: &Shared, req: Request<Incoming>) -> Result<Response<Pro
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
-    parts.uri = format!("http://{}{path_and_query}", shared.backend)
+    // JFrog Artifactory's repository-path API (`/artifactory/api/docker/<key>/v2/<name>/
+    // manifests/<tag>`) is served from the repository named by that whole path, which
+    // distribution accepts: an image pushed as `artifactory/api/docker/<key>/v2/<name>`
+    // is found only in that form.
+    let artifactory = if path_and_query.starts_with("/artifactory/") {
+        "/v2"
+    } else {
+        ""
+    };
+    parts.uri = format!("http://{}{artifactory}{path_and_query}", shared.backend)
         .parse()
         .context("building the backend URI")?;
     parts.version = http::Version::HTTP_11;

@@ -25,6 +25,8 @@ pub(super) struct TokenIssuer {
     service: String,
     user: String,
     password: String,
+    /// The one OAuth2 refresh token ("identity token") this server issues and takes.
+    refresh_token: String,
     key: EcdsaKeyPair,
     /// The signing certificate, base64 (standard) DER, for the `x5c` header.
     x5c: String,
@@ -46,11 +48,17 @@ impl TokenIssuer {
             service: service.to_string(),
             user,
             password,
+            refresh_token: hex::encode(rand::random::<[u8; 16]>()),
             key,
             x5c: STANDARD.encode(leaf.cert_der.as_ref()),
             root_pem: ca.cert_pem(),
             rng,
         })
+    }
+
+    /// The refresh token `docker login` would store as `identitytoken`.
+    pub(super) fn refresh_token(&self) -> &str {
+        &self.refresh_token
     }
 
     /// The CA certificate for the registry's `auth.token.rootcertbundle`.
@@ -59,8 +67,9 @@ impl TokenIssuer {
     }
 
     /// Answers `GET /token?service=..&scope=..` (basic credentials) and the OAuth2 form
-    /// `POST /token` (`grant_type=password&username=..&password=..`), as containerd
-    /// tries first.
+    /// `POST /token` (`grant_type=password&username=..&password=..`, as containerd
+    /// tries first, or `grant_type=refresh_token&refresh_token=..` with the identity
+    /// token, as docker and containerd trade one).
     pub(super) async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let (parts, body) = req.into_parts();
         let mut params: Vec<(String, String)> = parts
@@ -82,8 +91,14 @@ impl TokenIssuer {
                         .find(|(k, _)| k == name)
                         .map(|(_, v)| v.clone())
                 };
-                if field("grant_type").as_deref() == Some("password") {
-                    credentials = field("username").zip(field("password"));
+                match field("grant_type").as_deref() {
+                    Some("password") => credentials = field("username").zip(field("password")),
+                    Some("refresh_token") => {
+                        credentials = (field("refresh_token").as_deref()
+                            == Some(self.refresh_token.as_str()))
+                        .then(|| (self.user.clone(), self.password.clone()));
+                    }
+                    _ => {}
                 }
             }
             _ => {
