@@ -261,7 +261,8 @@ impl GitHub {
         let from_url = version
             .package_url
             .split_once('/')
-            .map(|(_, path)| path.rsplit_once(':').map_or(path, |(repo, _)| repo))
+            .map(|(_, path)| path.split('@').next().unwrap_or(path))
+            .map(|path| path.rsplit_once(':').map_or(path, |(repo, _)| repo))
             .filter(|repo| !repo.is_empty())
             .map(str::to_owned);
         let repo = from_url.unwrap_or_else(|| format!("{}/{}", package.owner.login, package.name));
@@ -496,6 +497,16 @@ mod tests {
         });
         assert_eq!(
             pushed_tags(&updated).unwrap(),
+            ["codertocat/hello-world:main"]
+        );
+        // A package URL by digest names the same repository.
+        let by_digest = edited("github-registry-package-published.json", |v| {
+            tag(v, "main");
+            v["registry_package"]["package_version"]["package_url"] =
+                "ghcr.io/Codertocat/hello-world@sha256:3da1996a".into();
+        });
+        assert_eq!(
+            pushed_tags(&by_digest).unwrap(),
             ["codertocat/hello-world:main"]
         );
         // Without a package URL: owner/name.
