@@ -415,6 +415,11 @@ async fn step_workload<'p>(
         shared.metrics.rollout("held");
         warn!(workload = %workload.key, reason = %reason, "rollout held");
     }
+    if leader {
+        shared
+            .notifier
+            .observe(workload, policy, containers, &memory.phase, &step, now);
+    }
     memory.phase = step.phase;
 
     // Drifting containers take the workload's rollout state; a converged rollout marks
