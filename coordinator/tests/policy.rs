@@ -1394,6 +1394,8 @@ policies:
     );
     let second = images.push("app", "latest").await.unwrap();
     let stuck_second = images.push("stuck", "latest").await.unwrap();
+    // Slow registry answers: the warm-up takes seconds after the drift is announced.
+    bed.registry.set_latency(Duration::from_millis(400));
     assert_eq!(notify(&engine, webhook_secret, "app", "latest").await, 202);
 
     // The patch is written while the hanging receiver still holds its first request
@@ -1413,6 +1415,7 @@ policies:
         1,
         "it got one, the rest wait in its queue"
     );
+    bed.registry.set_latency(Duration::ZERO);
 
     bed.cluster
         .wait_rolled_out::<Deployment>("shop", "web", Duration::from_secs(60))
