@@ -590,6 +590,97 @@ mod tests {
         assert!(!authorised("other", &headers, &none, b"Hello, World!"));
     }
 
+    /// The route as registries call it: each vendor's payload with the secret as that
+    /// vendor can present it.
+    #[tokio::test]
+    async fn the_route_takes_each_vendors_secret_form() {
+        use std::sync::{Mutex, RwLock};
+
+        let mut registry = prometheus_client::registry::Registry::default();
+        let shared = Arc::new(Shared {
+            report: RwLock::new(None),
+            pushed: Mutex::new(Vec::new()),
+            nudge: tokio::sync::Notify::new(),
+            webhook_secret: Some("s3cret".into()),
+            metrics: super::super::metrics::EngineMetrics::register(&mut registry),
+            notifier: super::super::notify::Notifier::start(&[], &mut registry).unwrap(),
+        });
+        let post = |headers: &[(&str, String)], query: &[(&str, &str)], body: Vec<u8>| {
+            let mut map = HeaderMap::new();
+            for (k, v) in headers {
+                map.insert(
+                    axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            let query = query
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            handler(State(shared.clone()), Query(query), map, Bytes::from(body))
+        };
+        let taken =
+            || -> Vec<String> { shared.take_pushed().into_iter().map(|(t, _)| t).collect() };
+
+        // GitHub signs the body with the secret.
+        let github = edited("github-registry-package-published.json", |v| {
+            let version = &mut v["registry_package"]["package_version"];
+            version["container_metadata"]["tag"]["name"] = "nightly".into();
+            version["package_url"] = "ghcr.io/Codertocat/hello-world:nightly".into();
+        });
+        let signature = format!("sha256={}", hex::encode(hmac_sha256(b"s3cret", &github)));
+        let (status, _) = post(&[("x-hub-signature-256", signature)], &[], github.clone()).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        assert_eq!(taken(), ["codertocat/hello-world:nightly"]);
+        let forged = format!("sha256={}", hex::encode(hmac_sha256(b"guess", &github)));
+        let (status, _) = post(&[("x-hub-signature-256", forged)], &[], github).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(taken().is_empty());
+
+        // Harbor's auth header, ACR's and Artifactory's custom headers.
+        for (name, tags) in [
+            (
+                "harbor-push-artifact.json",
+                vec!["test-webhook/debian:latest"],
+            ),
+            ("acr-push.json", vec!["hello-world:v1"]),
+            (
+                "jfrog-docker-pushed.json",
+                vec![
+                    "library/ubuntu:latest",
+                    "docker-remote-cache/library/ubuntu:latest",
+                ],
+            ),
+        ] {
+            let bearer = [("authorization", "Bearer s3cret".to_owned())];
+            let (status, text) = post(&bearer, &[], fixture(name)).await;
+            assert_eq!(status, StatusCode::ACCEPTED, "{name}: {text}");
+            assert_eq!(taken(), tags, "{name}");
+            let (status, _) = post(&[], &[], fixture(name)).await;
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{name} without the secret"
+            );
+        }
+        // Quay cannot set headers: the query parameter.
+        let (status, _) = post(
+            &[],
+            &[("secret", "s3cret")],
+            fixture("quay-repository-push.json"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        assert_eq!(taken(), ["dgangaia/test:latest"]);
+        let (status, _) = post(
+            &[],
+            &[("secret", "nope")],
+            fixture("quay-repository-push.json"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+
     #[test]
     fn bad_payloads_say_why() {
         assert!(pushed_tags(b"nope").unwrap_err().contains("not JSON"));
