@@ -14,6 +14,9 @@ use serde::Deserialize;
 use crate::window::RolloutWindow;
 use crate::workload::{Kind, WorkloadKey};
 
+mod notifications;
+pub use notifications::{NotifyEvent, NotifyFormat, NotifyReceiver};
+
 /// The default policy label key.
 pub const DEFAULT_POLICY_LABEL: &str = "warmroll.io/policy";
 /// warmroll's own pod-template annotation key.
@@ -61,6 +64,8 @@ pub struct Config {
     /// namespaces. With only Roles (the chart's `rbac.scope: namespaced`), these are the
     /// namespaces that have them.
     pub namespaces: Vec<String>,
+    /// Outbound notification receivers (`notifications.receivers`).
+    pub notifications: Vec<NotifyReceiver>,
 }
 
 /// How the coordinator reaches registries.
@@ -390,6 +395,7 @@ struct RawConfig {
     webhook: Option<RawWebhook>,
     policies: Option<BTreeMap<String, RawPolicy>>,
     namespaces: Option<Vec<String>>,
+    notifications: Option<notifications::RawNotifications>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -689,6 +695,7 @@ impl RawConfig {
             webhook_secret_file: self.webhook.and_then(|w| w.secret_file),
             policies,
             namespaces,
+            notifications: self.notifications.unwrap_or_default().check()?,
         })
     }
 }

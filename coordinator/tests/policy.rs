@@ -1822,3 +1822,333 @@ async fn a_rollout_request_warms_the_nodes_then_restarts_once_in_report_mode() {
     .unwrap();
     drop(bed.agents);
 }
+
+/// A notification receiver for the tests: answers `status` (200 when 0), or never when
+/// `hang`; keeps every body, and counts the requests it holds unanswered.
+#[derive(Default)]
+struct Hook {
+    status: u16,
+    hang: bool,
+    bodies: std::sync::Mutex<Vec<String>>,
+    holding: std::sync::atomic::AtomicUsize,
+}
+
+impl Hook {
+    fn bodies(&self) -> Vec<String> {
+        self.bodies.lock().unwrap().clone()
+    }
+
+    /// The JSON bodies' `(event, workload name)`, in arrival order.
+    fn events(&self) -> Vec<(String, String)> {
+        self.bodies()
+            .iter()
+            .filter_map(|b| serde_json::from_str::<Value>(b).ok())
+            .map(|v| {
+                (
+                    v["event"].as_str().unwrap_or_default().to_owned(),
+                    v["workload"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Decrements the hook's held count when the request ends (the client gave up).
+struct Holding(std::sync::Arc<Hook>);
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        self.0
+            .holding
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Serves `hook`; returns its URL (with a token in the path, as Slack's carry).
+async fn serve_hook(hook: std::sync::Arc<Hook>) -> String {
+    async fn handle(
+        axum::extract::State(hook): axum::extract::State<std::sync::Arc<Hook>>,
+        body: String,
+    ) -> axum::http::StatusCode {
+        hook.bodies.lock().unwrap().push(body);
+        if hook.hang {
+            hook.holding
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _held = Holding(hook.clone());
+            std::future::pending::<()>().await;
+        }
+        axum::http::StatusCode::from_u16(if hook.status == 0 { 200 } else { hook.status }).unwrap()
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "http://{}/services/T0/B0/url-TOKEN",
+        listener.local_addr().unwrap()
+    );
+    let app = axum::Router::new()
+        .route("/services/T0/B0/url-TOKEN", axum::routing::post(handle))
+        .with_state(hook);
+    tokio::spawn(axum::serve(listener, app).into_future());
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn notifications_reach_receivers_for_every_transition_and_a_hanging_one_delays_nothing() {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    let bed = Bed::start(1).await.unwrap();
+    let images = ImageBuilder::new(&bed.registry).unwrap();
+    let first = images.push("app", "latest").await.unwrap();
+    let stuck_first = images.push("stuck", "latest").await.unwrap();
+    for (name, image) in [("web", &first), ("stuck", &stuck_first)] {
+        bed.cluster
+            .api()
+            .insert(&deployment("shop", name, "notified", &image.reference, 1))
+            .unwrap();
+        bed.cluster
+            .wait_rolled_out::<Deployment>("shop", name, Duration::from_secs(60))
+            .await
+            .unwrap();
+        bed.wait_agents_see("shop", name, 1, &image.manifest_digest)
+            .await
+            .unwrap();
+    }
+
+    let record = Arc::new(Hook::default());
+    let chat = Arc::new(Hook::default());
+    let failing = Arc::new(Hook {
+        status: 500,
+        ..Hook::default()
+    });
+    let hanging = Arc::new(Hook {
+        hang: true,
+        ..Hook::default()
+    });
+    let dir = scratch::temp_dir("policy-notify").unwrap();
+    let secret_file = dir.path().join("secret");
+    let webhook_secret = "webhook-SECRET-5e1d";
+    let registry_password = "registry-PASSWORD-9f1c";
+    std::fs::write(&secret_file, webhook_secret).unwrap();
+    let config = format!(
+        r#"
+registry:
+  insecureRegistries: ["{host}"]
+  credentials:
+    - registry: "{host}"
+      username: warmroll
+      password: {registry_password}
+webhook:
+  secretFile: {secret}
+notifications:
+  receivers:
+    - name: record
+      url: {record}
+    - name: chat
+      url: {chat}
+      format: slack
+      events: [patched]
+    - name: failing
+      url: {failing}
+      maxAttempts: 2
+    - name: hanging
+      url: {hanging}
+      timeout: 120s
+policies:
+  notified:
+    mode: rollout
+    pollInterval: 1s
+    stabilizationWindow: 0s
+    cooldown: 0s
+    warm: {{timeout: 60s, onTimeout: hold}}
+"#,
+        host = bed.registry.host(),
+        secret = secret_file.display(),
+        record = serve_hook(record.clone()).await,
+        chat = serve_hook(chat.clone()).await,
+        failing = serve_hook(failing.clone()).await,
+        hanging = serve_hook(hanging.clone()).await,
+    );
+    let mut metrics = prometheus_client::registry::Registry::default();
+    let (engine, _shutdown) = start_engine(
+        &config,
+        true,
+        bed.cluster.client(),
+        bed.view(),
+        &mut metrics,
+    )
+    .unwrap();
+    wait_state(&engine, "shop", "web", "in-sync").await.unwrap();
+    wait_state(&engine, "shop", "stuck", "in-sync")
+        .await
+        .unwrap();
+    assert!(record.bodies().is_empty(), "in sync: {:?}", record.events());
+
+    // stuck's warm-up fails: its new layers cannot be fetched.
+    bed.registry.inject(
+        warmroll_tests::registry::FaultRule::new(warmroll_tests::registry::Fault::Status(503))
+            .method("GET")
+            .path_prefix("/v2/stuck/blobs/"),
+    );
+    let second = images.push("app", "latest").await.unwrap();
+    let stuck_second = images.push("stuck", "latest").await.unwrap();
+    // Slow registry answers: the warm-up takes seconds after the drift is announced.
+    bed.registry.set_latency(Duration::from_millis(400));
+    assert_eq!(notify(&engine, webhook_secret, "app", "latest").await, 202);
+
+    // The patch is written while the hanging receiver still holds its first request
+    // (and would for 120 s): the engine does not wait on receivers.
+    wait_for("the rollout patch", || {
+        !bed.patches_of("shop", "deployments", "web").is_empty()
+    })
+    .await
+    .unwrap();
+    assert!(
+        hanging.holding.load(Ordering::SeqCst) >= 1,
+        "the hanging receiver holds a request when the patch lands: {:?}",
+        hanging.bodies().len()
+    );
+    assert_eq!(
+        hanging.bodies().len(),
+        1,
+        "it got one, the rest wait in its queue"
+    );
+    bed.registry.set_latency(Duration::ZERO);
+
+    bed.cluster
+        .wait_rolled_out::<Deployment>("shop", "web", Duration::from_secs(60))
+        .await
+        .unwrap();
+    bed.wait_agents_see("shop", "web", 1, &second.manifest_digest)
+        .await
+        .unwrap();
+    let web = |event: &str| (event.to_owned(), "web".to_owned());
+    let stuck = |event: &str| (event.to_owned(), "stuck".to_owned());
+    wait_for("every transition at the recording receiver", || {
+        let got = record.events();
+        [
+            web("drift-found"),
+            web("warm-up-done"),
+            web("patched"),
+            web("converged"),
+            stuck("drift-found"),
+            stuck("warm-up-failed"),
+            stuck("held"),
+        ]
+        .iter()
+        .all(|e| got.contains(e))
+    })
+    .await
+    .unwrap();
+    let got = record.events();
+    let of = |name: &str| -> Vec<String> {
+        got.iter()
+            .filter(|(_, w)| w == name)
+            .map(|(e, _)| e.clone())
+            .collect()
+    };
+    assert_eq!(
+        of("web"),
+        ["drift-found", "warm-up-done", "patched", "converged"],
+        "each once, in order"
+    );
+    assert_eq!(of("stuck"), ["drift-found", "warm-up-failed", "held"]);
+
+    // The JSON body: event, workload, policy, images with the digest, reason, time.
+    let bodies: Vec<Value> = record
+        .bodies()
+        .iter()
+        .map(|b| serde_json::from_str(b).unwrap())
+        .collect();
+    let patched = bodies.iter().find(|b| b["event"] == "patched").unwrap();
+    assert_eq!(
+        patched["workload"],
+        json!({"namespace": "shop", "kind": "Deployment", "name": "web"})
+    );
+    assert_eq!(patched["policy"], "notified");
+    assert_eq!(
+        patched["images"],
+        json!([{"container": "main", "image": first.reference, "digest": second.manifest_digest}])
+    );
+    assert!(
+        patched["reason"]
+            .as_str()
+            .unwrap()
+            .contains("1/1 target nodes warm"),
+        "{patched}"
+    );
+    assert!(
+        patched["time"]
+            .as_str()
+            .unwrap()
+            .parse::<jiff::Timestamp>()
+            .is_ok()
+    );
+    let held = bodies
+        .iter()
+        .find(|b| b["event"] == "held" && b["workload"]["name"] == "stuck")
+        .unwrap();
+    assert_eq!(
+        held["images"][0]["digest"], stuck_second.manifest_digest,
+        "{held}"
+    );
+    assert!(
+        held["reason"].as_str().unwrap().contains("holding"),
+        "{held}"
+    );
+
+    // The filtered Slack receiver got only the patch, as {"text": ...}.
+    wait_for("the chat receiver", || !chat.bodies().is_empty())
+        .await
+        .unwrap();
+    let chat_bodies = chat.bodies();
+    assert_eq!(chat_bodies.len(), 1, "{chat_bodies:?}");
+    let text: Value = serde_json::from_str(&chat_bodies[0]).unwrap();
+    assert!(
+        text["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("warmroll: shop/Deployment/web patched (policy notified)"),
+        "{text}"
+    );
+
+    // The failing receiver was tried twice per notification and counted as failed.
+    wait_for("the failing receiver gives up", || {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &metrics).unwrap();
+        text.contains(
+            "warmroll_notifications_total{receiver=\"failing\",event=\"drift-found\",result=\"failed\"} 2",
+        )
+    })
+    .await
+    .unwrap();
+    assert!(failing.bodies().len() >= 4, "{}", failing.bodies().len());
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &metrics).unwrap();
+    assert!(
+        text.contains(
+            "warmroll_notifications_total{receiver=\"record\",event=\"patched\",result=\"delivered\"} 1"
+        ),
+        "{text}"
+    );
+
+    // No body at any receiver carries the registry password or the webhook secret.
+    for (name, hook) in [
+        ("record", &record),
+        ("chat", &chat),
+        ("failing", &failing),
+        ("hanging", &hanging),
+    ] {
+        for body in hook.bodies() {
+            assert!(
+                !body.contains(registry_password) && !body.contains(webhook_secret),
+                "{name}: {body}"
+            );
+        }
+    }
+    assert_eq!(bed.patches_of("shop", "deployments", "web").len(), 1);
+    assert!(bed.patches_of("shop", "deployments", "stuck").is_empty());
+    drop(bed.agents);
+}

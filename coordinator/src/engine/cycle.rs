@@ -455,6 +455,11 @@ async fn step_workload<'p>(
         shared.metrics.rollout("held");
         warn!(workload = %workload.key, reason = %reason, "rollout held");
     }
+    if leader {
+        shared
+            .notifier
+            .observe(workload, policy, containers, &memory.phase, &step, now);
+    }
     memory.phase = step.phase;
     // Warm waves: the next nodes get their orders as earlier ones finish.
     if leader && matches!(memory.phase, Phase::Warming { .. }) {

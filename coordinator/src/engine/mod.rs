@@ -11,6 +11,7 @@ mod command;
 mod cycle;
 mod metrics;
 mod nodes;
+mod notify;
 mod once;
 mod secrets;
 mod watch;
@@ -73,6 +74,8 @@ pub enum EngineError {
     Registry(#[from] RegistryError),
     #[error("cannot list {what}: {source}")]
     List { what: String, source: kube::Error },
+    #[error(transparent)]
+    Notify(#[from] notify::NotifyError),
 }
 
 /// What the engine's task and its HTTP handlers share.
@@ -83,6 +86,8 @@ pub(crate) struct Shared {
     nudge: Notify,
     webhook_secret: Option<String>,
     metrics: EngineMetrics,
+    /// Outbound notifications on rollout transitions.
+    notifier: notify::Notifier,
 }
 
 impl Shared {
@@ -194,6 +199,7 @@ pub fn spawn(
         nudge: Notify::new(),
         webhook_secret,
         metrics: EngineMetrics::register(metrics),
+        notifier: notify::Notifier::start(&config.notifications, metrics)?,
     });
     let router = Router::new()
         .route("/report", get(report_handler))

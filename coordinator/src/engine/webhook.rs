@@ -1,39 +1,44 @@
 //! `POST /webhooks/registry`: registry push notifications (CNCF distribution's
-//! notification envelope, Docker Hub's webhook payload) that make the engine re-resolve
-//! the pushed tag at once. The shared secret comes as `Authorization: Bearer <secret>`
-//! (distribution's `endpoints[].headers`), an `X-Warmroll-Secret` header, or a
-//! `?secret=` query parameter (Docker Hub cannot set headers).
+//! notification envelope, Docker Hub, Harbor, Quay, GitHub Packages, Azure Container
+//! Registry and JFrog Artifactory payloads) that make the engine re-resolve the pushed
+//! tag at once. The shared secret comes as `Authorization: Bearer <secret>`
+//! (distribution's `endpoints[].headers`, Harbor's auth header, ACR's and Artifactory's
+//! custom headers), an `X-Warmroll-Secret` header, a `?secret=` query parameter (Docker
+//! Hub and Quay cannot set headers), or as the key of GitHub's `X-Hub-Signature-256`
+//! HMAC of the body.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
 use tracing::{info, warn};
 
 use super::Shared;
 
 /// The pushed tags a payload names, as `repository:tag` (Docker Hub's official images
-/// under `library/`). Events that are not pushes of a tag are skipped.
+/// under `library/`). Events that are not pushes of a tag are skipped. The payload's
+/// form is told by its keys: distribution's `events`, Docker Hub's `push_data`,
+/// Harbor's `event_data`, Quay's `updated_tags`, GitHub's `registry_package`, Azure
+/// Container Registry's top-level `action`/`target`, JFrog Artifactory's
+/// `domain`/`event_type`.
 pub fn pushed_tags(body: &[u8]) -> Result<Vec<String>, String> {
     let value: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
-    if value.get("events").is_some() {
+    let has = |key: &str| value.get(key).is_some();
+    if has("events") {
         let envelope: Envelope =
             serde_json::from_value(value).map_err(|e| format!("bad notification envelope: {e}"))?;
         return Ok(envelope
             .events
             .into_iter()
-            .filter(|e| e.action == "push")
-            .filter_map(|e| {
-                let tag = e.target.tag.filter(|t| !t.is_empty())?;
-                Some(format!("{}:{tag}", e.target.repository))
-            })
+            .filter_map(Event::pushed)
             .collect());
     }
-    if value.get("push_data").is_some() {
+    if has("push_data") {
         let hub: DockerHub =
             serde_json::from_value(value).map_err(|e| format!("bad Docker Hub payload: {e}"))?;
         let repo = if hub.repository.repo_name.contains('/') {
@@ -43,26 +48,67 @@ pub fn pushed_tags(body: &[u8]) -> Result<Vec<String>, String> {
         };
         return Ok(vec![format!("{repo}:{}", hub.push_data.tag)]);
     }
-    Err("neither a distribution notification (events) nor a Docker Hub payload (push_data)".into())
+    if has("event_data") {
+        let harbor: Harbor =
+            serde_json::from_value(value).map_err(|e| format!("bad Harbor payload: {e}"))?;
+        return Ok(harbor.pushed());
+    }
+    if has("updated_tags") {
+        let quay: Quay =
+            serde_json::from_value(value).map_err(|e| format!("bad Quay payload: {e}"))?;
+        return Ok(quay.pushed());
+    }
+    if has("registry_package") {
+        let github: GitHub = serde_json::from_value(value)
+            .map_err(|e| format!("bad GitHub registry_package payload: {e}"))?;
+        return Ok(github.pushed().into_iter().collect());
+    }
+    if has("action") && has("target") {
+        let event: Event = serde_json::from_value(value)
+            .map_err(|e| format!("bad Azure Container Registry payload: {e}"))?;
+        return Ok(event.pushed().into_iter().collect());
+    }
+    if has("domain") && has("event_type") {
+        let jfrog: JFrog = serde_json::from_value(value)
+            .map_err(|e| format!("bad JFrog Artifactory payload: {e}"))?;
+        return Ok(jfrog.pushed());
+    }
+    Err(
+        "not a push notification warmroll reads (distribution events, Docker Hub, Harbor, \
+         Quay, GitHub registry_package, Azure Container Registry, JFrog Artifactory)"
+            .into(),
+    )
 }
 
+/// distribution's notification envelope.
 #[derive(Deserialize)]
 struct Envelope {
-    events: Vec<NotificationEvent>,
+    events: Vec<Event>,
 }
 
+/// One distribution event; Azure Container Registry posts one such event alone.
 #[derive(Deserialize)]
-struct NotificationEvent {
+struct Event {
     #[serde(default)]
     action: String,
-    target: NotificationTarget,
+    target: EventTarget,
 }
 
 #[derive(Deserialize)]
-struct NotificationTarget {
+struct EventTarget {
     repository: String,
     #[serde(default)]
     tag: Option<String>,
+}
+
+impl Event {
+    fn pushed(self) -> Option<String> {
+        if self.action != "push" {
+            return None;
+        }
+        let tag = self.target.tag.filter(|t| !t.is_empty())?;
+        Some(format!("{}:{tag}", self.target.repository))
+    }
 }
 
 #[derive(Deserialize)]
@@ -81,8 +127,211 @@ struct HubRepository {
     repo_name: String,
 }
 
-/// Whether the request carries the secret (compared in constant time).
-fn authorised(secret: &str, headers: &HeaderMap, query: &HashMap<String, String>) -> bool {
+/// Harbor's default payload (`PUSH_ARTIFACT` names the pushed tags in `resources`).
+#[derive(Deserialize)]
+struct Harbor {
+    #[serde(rename = "type")]
+    kind: String,
+    event_data: HarborData,
+}
+
+#[derive(Deserialize)]
+struct HarborData {
+    #[serde(default)]
+    resources: Vec<HarborResource>,
+    repository: HarborRepository,
+}
+
+#[derive(Deserialize)]
+struct HarborResource {
+    #[serde(default)]
+    tag: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct HarborRepository {
+    repo_full_name: String,
+}
+
+impl Harbor {
+    fn pushed(self) -> Vec<String> {
+        if self.kind != "PUSH_ARTIFACT" {
+            return Vec::new();
+        }
+        let repo = self.event_data.repository.repo_full_name;
+        self.event_data
+            .resources
+            .into_iter()
+            .filter_map(|r| r.tag.filter(|t| !t.is_empty()))
+            .map(|tag| format!("{repo}:{tag}"))
+            .collect()
+    }
+}
+
+/// Quay's repository push notification: `updated_tags` is a list of tags (a map of tag
+/// to image id in older Quay releases).
+#[derive(Deserialize)]
+struct Quay {
+    repository: String,
+    updated_tags: QuayTags,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum QuayTags {
+    List(Vec<String>),
+    Map(BTreeMap<String, serde_json::Value>),
+}
+
+impl Quay {
+    fn pushed(self) -> Vec<String> {
+        let tags: Vec<String> = match self.updated_tags {
+            QuayTags::List(tags) => tags,
+            QuayTags::Map(tags) => tags.into_keys().collect(),
+        };
+        tags.into_iter()
+            .filter(|t| !t.is_empty())
+            .map(|tag| format!("{}:{tag}", self.repository))
+            .collect()
+    }
+}
+
+/// GitHub's `registry_package` event: a container package version published or updated,
+/// its tag in `container_metadata.tag.name`, its image in `package_url`
+/// (`ghcr.io/owner/name:tag`).
+#[derive(Deserialize)]
+struct GitHub {
+    action: String,
+    registry_package: GitHubPackage,
+}
+
+#[derive(Deserialize)]
+struct GitHubPackage {
+    name: String,
+    #[serde(default)]
+    package_type: String,
+    #[serde(default)]
+    ecosystem: String,
+    owner: GitHubOwner,
+    package_version: Option<GitHubVersion>,
+}
+
+#[derive(Deserialize)]
+struct GitHubOwner {
+    login: String,
+}
+
+#[derive(Deserialize)]
+struct GitHubVersion {
+    #[serde(default)]
+    package_url: String,
+    container_metadata: Option<GitHubContainer>,
+}
+
+#[derive(Deserialize)]
+struct GitHubContainer {
+    tag: Option<GitHubTag>,
+}
+
+#[derive(Deserialize)]
+struct GitHubTag {
+    #[serde(default)]
+    name: String,
+}
+
+impl GitHub {
+    fn pushed(self) -> Option<String> {
+        if !matches!(self.action.as_str(), "published" | "updated") {
+            return None;
+        }
+        let package = self.registry_package;
+        let container = ["container", "docker"].iter().any(|k| {
+            package.package_type.eq_ignore_ascii_case(k)
+                || package.ecosystem.eq_ignore_ascii_case(k)
+        });
+        if !container {
+            return None;
+        }
+        let version = package.package_version?;
+        let tag = version.container_metadata?.tag?.name;
+        if tag.is_empty() {
+            return None;
+        }
+        // `ghcr.io/owner/name:tag` without host and tag; else owner/name.
+        let from_url = version
+            .package_url
+            .split_once('/')
+            .map(|(_, path)| path.split('@').next().unwrap_or(path))
+            .map(|path| path.rsplit_once(':').map_or(path, |(repo, _)| repo))
+            .filter(|repo| !repo.is_empty())
+            .map(str::to_owned);
+        let repo = from_url.unwrap_or_else(|| format!("{}/{}", package.owner.login, package.name));
+        // GHCR names are lower-case in image references.
+        Some(format!("{}:{tag}", repo.to_ascii_lowercase()))
+    }
+}
+
+/// JFrog Artifactory's webhook (`domain: docker`, `event_type: pushed`). Its image may be
+/// referenced with the repository key as the first path component (the repository-path
+/// method) or without it (subdomain and port methods): both are announced.
+#[derive(Deserialize)]
+struct JFrog {
+    domain: String,
+    event_type: String,
+    data: Option<JFrogData>,
+}
+
+#[derive(Deserialize)]
+struct JFrogData {
+    #[serde(default)]
+    repo_key: String,
+    image_name: String,
+    tag: String,
+}
+
+impl JFrog {
+    fn pushed(self) -> Vec<String> {
+        let Some(data) = self
+            .data
+            .filter(|_| self.domain == "docker" && self.event_type == "pushed")
+        else {
+            return Vec::new();
+        };
+        if data.tag.is_empty() || data.image_name.is_empty() {
+            return Vec::new();
+        }
+        let mut tags = vec![format!("{}:{}", data.image_name, data.tag)];
+        if !data.repo_key.is_empty() {
+            tags.push(format!(
+                "{}/{}:{}",
+                data.repo_key, data.image_name, data.tag
+            ));
+        }
+        tags
+    }
+}
+
+/// Whether the request carries the secret (compared in constant time), or GitHub's
+/// `X-Hub-Signature-256` of the body made with it.
+fn authorised(
+    secret: &str,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+    body: &[u8],
+) -> bool {
+    let signature = headers
+        .get("x-hub-signature-256")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().strip_prefix("sha256="));
+    if let Some(signature) = signature {
+        let expected = hex::encode(hmac_sha256(secret.as_bytes(), body));
+        if constant_time_eq(
+            signature.to_ascii_lowercase().as_bytes(),
+            expected.as_bytes(),
+        ) {
+            return true;
+        }
+    }
     let offered = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -94,6 +343,29 @@ fn authorised(secret: &str, headers: &HeaderMap, query: &HashMap<String, String>
         })
         .or_else(|| query.get("secret").map(String::as_str));
     offered.is_some_and(|o| constant_time_eq(o.trim().as_bytes(), secret.as_bytes()))
+}
+
+/// HMAC-SHA256 (RFC 2104), as GitHub signs webhook deliveries.
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    const BLOCK: usize = 64;
+    let hashed = Sha256::digest(key);
+    let key = if key.len() > BLOCK {
+        hashed.as_slice()
+    } else {
+        key
+    };
+    let mut block = [0u8; BLOCK];
+    for (b, k) in block.iter_mut().zip(key) {
+        *b = *k;
+    }
+    let mut inner = Sha256::new();
+    inner.update(block.map(|b| b ^ 0x36));
+    inner.update(message);
+    let inner = inner.finalize();
+    let mut outer = Sha256::new();
+    outer.update(block.map(|b| b ^ 0x5c));
+    outer.update(inner);
+    outer.finalize().into()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -109,7 +381,7 @@ pub(crate) async fn handler(
     let Some(secret) = shared.webhook_secret.as_deref() else {
         return (StatusCode::NOT_FOUND, "webhook not configured\n".into());
     };
-    if !authorised(secret, &headers, &query) {
+    if !authorised(secret, &headers, &query, &body) {
         warn!("registry webhook: missing or wrong secret");
         return (StatusCode::UNAUTHORIZED, "missing or wrong secret\n".into());
     }
@@ -153,10 +425,270 @@ mod tests {
         assert_eq!(pushed_tags(official).unwrap(), ["library/nginx:1.25"]);
     }
 
+    /// A vendor's documented example payload (`coordinator/tests/fixtures/webhooks`).
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = format!(
+            "{}/tests/fixtures/webhooks/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    fn edited(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+        let mut value: serde_json::Value = serde_json::from_slice(&fixture(name)).unwrap();
+        edit(&mut value);
+        serde_json::to_vec(&value).unwrap()
+    }
+
+    #[test]
+    fn harbor_push_artifact() {
+        let body = fixture("harbor-push-artifact.json");
+        assert_eq!(pushed_tags(&body).unwrap(), ["test-webhook/debian:latest"]);
+        // Other event types and digest-only pushes name no tag.
+        let pull = edited("harbor-push-artifact.json", |v| {
+            v["type"] = "PULL_ARTIFACT".into()
+        });
+        assert!(pushed_tags(&pull).unwrap().is_empty());
+        let untagged = edited("harbor-push-artifact.json", |v| {
+            v["event_data"]["resources"][0]["tag"] = "".into();
+        });
+        assert!(pushed_tags(&untagged).unwrap().is_empty());
+        let broken = edited("harbor-push-artifact.json", |v| {
+            v["event_data"]["repository"] = serde_json::json!({});
+        });
+        assert!(pushed_tags(&broken).unwrap_err().contains("Harbor"));
+    }
+
+    #[test]
+    fn quay_repository_push_lists_and_maps_of_tags() {
+        let body = fixture("quay-repository-push.json");
+        assert_eq!(pushed_tags(&body).unwrap(), ["dgangaia/test:latest"]);
+        let legacy = fixture("quay-repository-push-legacy.json");
+        assert_eq!(pushed_tags(&legacy).unwrap(), ["devtable/ubuntu:latest"]);
+        let two = edited("quay-repository-push.json", |v| {
+            v["updated_tags"] = serde_json::json!(["latest", "v2"]);
+        });
+        assert_eq!(
+            pushed_tags(&two).unwrap(),
+            ["dgangaia/test:latest", "dgangaia/test:v2"]
+        );
+    }
+
+    #[test]
+    fn github_registry_package() {
+        // The documented example publishes by digest only (its tag name is empty).
+        let body = fixture("github-registry-package-published.json");
+        assert!(pushed_tags(&body).unwrap().is_empty());
+        let tag = |v: &mut serde_json::Value, tag: &str| {
+            let version = &mut v["registry_package"]["package_version"];
+            version["container_metadata"]["tag"]["name"] = tag.into();
+            version["package_url"] = format!("ghcr.io/Codertocat/hello-world:{tag}").into();
+        };
+        let tagged = edited("github-registry-package-published.json", |v| {
+            tag(v, "nightly")
+        });
+        assert_eq!(
+            pushed_tags(&tagged).unwrap(),
+            ["codertocat/hello-world:nightly"]
+        );
+        let updated = edited("github-registry-package-published.json", |v| {
+            tag(v, "main");
+            v["action"] = "updated".into();
+        });
+        assert_eq!(
+            pushed_tags(&updated).unwrap(),
+            ["codertocat/hello-world:main"]
+        );
+        // A package URL by digest names the same repository.
+        let by_digest = edited("github-registry-package-published.json", |v| {
+            tag(v, "main");
+            v["registry_package"]["package_version"]["package_url"] =
+                "ghcr.io/Codertocat/hello-world@sha256:3da1996a".into();
+        });
+        assert_eq!(
+            pushed_tags(&by_digest).unwrap(),
+            ["codertocat/hello-world:main"]
+        );
+        // Without a package URL: owner/name.
+        let no_url = edited("github-registry-package-published.json", |v| {
+            tag(v, "main");
+            v["registry_package"]["package_version"]["package_url"] = "".into();
+        });
+        assert_eq!(
+            pushed_tags(&no_url).unwrap(),
+            ["codertocat/hello-world-npm:main"]
+        );
+        let npm = edited("github-registry-package-published.json", |v| {
+            tag(v, "main");
+            v["registry_package"]["ecosystem"] = "npm".into();
+        });
+        assert!(pushed_tags(&npm).unwrap().is_empty());
+        let other_action = edited("github-registry-package-published.json", |v| {
+            tag(v, "main");
+            v["action"] = "deleted".into();
+        });
+        assert!(pushed_tags(&other_action).unwrap().is_empty());
+    }
+
+    #[test]
+    fn azure_container_registry_push() {
+        let body = fixture("acr-push.json");
+        assert_eq!(pushed_tags(&body).unwrap(), ["hello-world:v1"]);
+        // ACR's ping (sent by `az acr webhook ping`) names nothing.
+        let ping = edited("acr-push.json", |v| v["action"] = "ping".into());
+        assert!(pushed_tags(&ping).unwrap().is_empty());
+        let broken = edited("acr-push.json", |v| v["target"] = serde_json::json!({}));
+        assert!(pushed_tags(&broken).unwrap_err().contains("Azure"));
+    }
+
+    #[test]
+    fn jfrog_docker_pushed() {
+        let body = fixture("jfrog-docker-pushed.json");
+        assert_eq!(
+            pushed_tags(&body).unwrap(),
+            [
+                "library/ubuntu:latest",
+                "docker-remote-cache/library/ubuntu:latest"
+            ]
+        );
+        let deleted = edited("jfrog-docker-pushed.json", |v| {
+            v["event_type"] = "deleted".into()
+        });
+        assert!(pushed_tags(&deleted).unwrap().is_empty());
+        let artifact = edited("jfrog-docker-pushed.json", |v| {
+            v["domain"] = "artifact".into()
+        });
+        assert!(pushed_tags(&artifact).unwrap().is_empty());
+    }
+
+    #[test]
+    fn hmac_matches_rfc_4231_and_githubs_example() {
+        assert_eq!(
+            hex::encode(hmac_sha256(b"Jefe", b"what do ya want for nothing?")),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        // RFC 4231 test case 6: a key longer than the block is hashed first.
+        assert_eq!(
+            hex::encode(hmac_sha256(
+                &[0xaa; 131],
+                b"Test Using Larger Than Block-Size Key - Hash Key First"
+            )),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+        // GitHub's "Validating webhook deliveries" example.
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-hub-signature-256",
+            "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
+                .parse()
+                .unwrap(),
+        );
+        let none = HashMap::new();
+        let secret = "It's a Secret to Everybody";
+        assert!(authorised(secret, &headers, &none, b"Hello, World!"));
+        assert!(!authorised(secret, &headers, &none, b"Hello, World?"));
+        assert!(!authorised("other", &headers, &none, b"Hello, World!"));
+    }
+
+    /// The route as registries call it: each vendor's payload with the secret as that
+    /// vendor can present it.
+    #[tokio::test]
+    async fn the_route_takes_each_vendors_secret_form() {
+        use std::sync::{Mutex, RwLock};
+
+        let mut registry = prometheus_client::registry::Registry::default();
+        let shared = Arc::new(Shared {
+            report: RwLock::new(None),
+            pushed: Mutex::new(Vec::new()),
+            nudge: tokio::sync::Notify::new(),
+            webhook_secret: Some("s3cret".into()),
+            metrics: super::super::metrics::EngineMetrics::register(&mut registry),
+            notifier: super::super::notify::Notifier::start(&[], &mut registry).unwrap(),
+        });
+        let post = |headers: &[(&str, String)], query: &[(&str, &str)], body: Vec<u8>| {
+            let mut map = HeaderMap::new();
+            for (k, v) in headers {
+                map.insert(
+                    axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            let query = query
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            handler(State(shared.clone()), Query(query), map, Bytes::from(body))
+        };
+        let taken =
+            || -> Vec<String> { shared.take_pushed().into_iter().map(|(t, _)| t).collect() };
+
+        // GitHub signs the body with the secret.
+        let github = edited("github-registry-package-published.json", |v| {
+            let version = &mut v["registry_package"]["package_version"];
+            version["container_metadata"]["tag"]["name"] = "nightly".into();
+            version["package_url"] = "ghcr.io/Codertocat/hello-world:nightly".into();
+        });
+        let signature = format!("sha256={}", hex::encode(hmac_sha256(b"s3cret", &github)));
+        let (status, _) = post(&[("x-hub-signature-256", signature)], &[], github.clone()).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        assert_eq!(taken(), ["codertocat/hello-world:nightly"]);
+        let forged = format!("sha256={}", hex::encode(hmac_sha256(b"guess", &github)));
+        let (status, _) = post(&[("x-hub-signature-256", forged)], &[], github).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(taken().is_empty());
+
+        // Harbor's auth header, ACR's and Artifactory's custom headers.
+        for (name, tags) in [
+            (
+                "harbor-push-artifact.json",
+                vec!["test-webhook/debian:latest"],
+            ),
+            ("acr-push.json", vec!["hello-world:v1"]),
+            (
+                "jfrog-docker-pushed.json",
+                vec![
+                    "library/ubuntu:latest",
+                    "docker-remote-cache/library/ubuntu:latest",
+                ],
+            ),
+        ] {
+            let bearer = [("authorization", "Bearer s3cret".to_owned())];
+            let (status, text) = post(&bearer, &[], fixture(name)).await;
+            assert_eq!(status, StatusCode::ACCEPTED, "{name}: {text}");
+            assert_eq!(taken(), tags, "{name}");
+            let (status, _) = post(&[], &[], fixture(name)).await;
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{name} without the secret"
+            );
+        }
+        // Quay cannot set headers: the query parameter.
+        let (status, _) = post(
+            &[],
+            &[("secret", "s3cret")],
+            fixture("quay-repository-push.json"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        assert_eq!(taken(), ["dgangaia/test:latest"]);
+        let (status, _) = post(
+            &[],
+            &[("secret", "nope")],
+            fixture("quay-repository-push.json"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+
     #[test]
     fn bad_payloads_say_why() {
         assert!(pushed_tags(b"nope").unwrap_err().contains("not JSON"));
-        assert!(pushed_tags(b"{}").unwrap_err().contains("neither"));
+        assert!(
+            pushed_tags(b"{}")
+                .unwrap_err()
+                .contains("not a push notification")
+        );
         assert!(
             pushed_tags(br#"{"events":[{"x":1}]}"#)
                 .unwrap_err()
@@ -168,15 +700,15 @@ mod tests {
     fn secret_checks() {
         let mut headers = HeaderMap::new();
         let none = HashMap::new();
-        assert!(!authorised("s3", &headers, &none));
+        assert!(!authorised("s3", &headers, &none, b""));
         headers.insert("authorization", "Bearer s3".parse().unwrap());
-        assert!(authorised("s3", &headers, &none));
-        assert!(!authorised("s4", &headers, &none));
+        assert!(authorised("s3", &headers, &none, b""));
+        assert!(!authorised("s4", &headers, &none, b""));
         let query: HashMap<String, String> = [("secret".to_owned(), "s4".to_owned())].into();
-        assert!(authorised("s4", &HeaderMap::new(), &query));
+        assert!(authorised("s4", &HeaderMap::new(), &query, b""));
         let mut headers = HeaderMap::new();
         headers.insert("x-warmroll-secret", "s5".parse().unwrap());
-        assert!(authorised("s5", &headers, &none));
+        assert!(authorised("s5", &headers, &none, b""));
         assert!(!constant_time_eq(b"ab", b"abc"));
     }
 }
