@@ -18,7 +18,7 @@ use warmroll_agent::warm::{WarmConfig, WarmError, Warmer};
 use warmroll_proto::fleet::Credentials;
 use warmroll_proto::image::{Digest, ImageRef};
 use warmroll_tests::containerd::{ContainerSpec, Containerd, ImagePull, PodSpec};
-use warmroll_tests::image::ImageBuilder;
+use warmroll_tests::image::{ImageBuilder, Pushed};
 use warmroll_tests::registry::{Registry, RegistryOptions};
 
 async fn client(containerd: &Containerd) -> (Arc<CriClient>, Metrics) {
@@ -247,13 +247,20 @@ async fn warm_moves_the_tag_so_if_not_present_pods_run_the_new_build() {
     containerd.stop_pod(&pod).await.unwrap();
 }
 
-#[tokio::test]
-async fn failures_are_precise_and_the_agent_keeps_working() {
-    let registry = Registry::start(RegistryOptions::plain().basic("ci", "s3cret"))
-        .await
-        .unwrap();
+/// A registry with auth holding `team/app:main`, and a containerd trusting it (its
+/// sandbox image from a registry of its own).
+struct Private {
+    registry: Registry,
+    _sandbox_registry: Registry,
+    containerd: Containerd,
+    pushed: Pushed,
+    image: ImageRef,
+}
+
+async fn private_image(options: RegistryOptions) -> Private {
+    let registry = Registry::start(options).await.unwrap();
     let sandbox_registry = Registry::start(RegistryOptions::plain()).await.unwrap();
-    let mut containerd = Containerd::start_with_registry(&sandbox_registry)
+    let containerd = Containerd::start_with_registry(&sandbox_registry)
         .await
         .unwrap();
     containerd.trust_registry(&registry).unwrap();
@@ -262,7 +269,24 @@ async fn failures_are_precise_and_the_agent_keeps_working() {
         .push("team/app", "main")
         .await
         .unwrap();
-    let image = ImageRef::parse(&pushed.reference).unwrap();
+    Private {
+        registry,
+        _sandbox_registry: sandbox_registry,
+        containerd,
+        image: ImageRef::parse(&pushed.reference).unwrap(),
+        pushed,
+    }
+}
+
+#[tokio::test]
+async fn failures_are_precise_and_the_agent_keeps_working() {
+    let Private {
+        registry,
+        _sandbox_registry,
+        mut containerd,
+        pushed,
+        image,
+    } = private_image(RegistryOptions::plain().basic("ci", "s3cret")).await;
     let (cri, metrics) = client(&containerd).await;
     let w = warmer(&cri, &metrics, 0);
     let good = || {
@@ -397,20 +421,13 @@ async fn watch_mode_serves_health_and_metrics_and_survives_a_runtime_restart() {
 /// an auth failure that names no secret.
 #[tokio::test]
 async fn identity_tokens_pull_through_the_token_server() {
-    let registry = Registry::start(RegistryOptions::plain().token("ci", "s3cret-token"))
-        .await
-        .unwrap();
-    let sandbox_registry = Registry::start(RegistryOptions::plain()).await.unwrap();
-    let containerd = Containerd::start_with_registry(&sandbox_registry)
-        .await
-        .unwrap();
-    containerd.trust_registry(&registry).unwrap();
-    let pushed = ImageBuilder::new(&registry)
-        .unwrap()
-        .push("team/app", "main")
-        .await
-        .unwrap();
-    let image = ImageRef::parse(&pushed.reference).unwrap();
+    let Private {
+        registry,
+        _sandbox_registry,
+        containerd,
+        pushed,
+        image,
+    } = private_image(RegistryOptions::plain().token("ci", "s3cret-token")).await;
     let (cri, metrics) = client(&containerd).await;
     let w = warmer(&cri, &metrics, 0);
 

@@ -42,6 +42,35 @@ fn docker_config(host: &str, entry: serde_json::Value) -> String {
 
 /// A bearer token for pulling `pushed` from the token server, as a CI job would hand
 /// one out (Docker config `registrytoken`, kube-autorollout's token without username).
+/// A token-auth and a basic-auth registry, each holding `repository:main`.
+struct TwoRegistries {
+    token: Registry,
+    basic: Registry,
+    on_token: Pushed,
+    on_basic: Pushed,
+}
+
+async fn two_registries(repository: &str) -> TwoRegistries {
+    let token = Registry::start(RegistryOptions::plain().token(USER, TOKEN_PASSWORD))
+        .await
+        .unwrap();
+    let basic = Registry::start(RegistryOptions::plain().basic(USER, BASIC_PASSWORD))
+        .await
+        .unwrap();
+    let push = |registry: &Registry| {
+        let images = ImageBuilder::new(registry).unwrap();
+        async move { images.push(repository, "main").await.unwrap() }
+    };
+    let on_token = push(&token).await;
+    let on_basic = push(&basic).await;
+    TwoRegistries {
+        token,
+        basic,
+        on_token,
+        on_basic,
+    }
+}
+
 async fn bearer_for(registry: &Registry, pushed: &Pushed) -> String {
     let client = oci_client::Client::try_from(registry.oci_client_config()).unwrap();
     let reference: Reference = pushed.reference.parse().unwrap();
@@ -88,22 +117,12 @@ async fn every_credential_form_resolves_at_token_and_basic_registries() {
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    let token = Registry::start(RegistryOptions::plain().token(USER, TOKEN_PASSWORD))
-        .await
-        .unwrap();
-    let basic = Registry::start(RegistryOptions::plain().basic(USER, BASIC_PASSWORD))
-        .await
-        .unwrap();
-    let on_token = ImageBuilder::new(&token)
-        .unwrap()
-        .push("private/app", "main")
-        .await
-        .unwrap();
-    let on_basic = ImageBuilder::new(&basic)
-        .unwrap()
-        .push("private/app", "main")
-        .await
-        .unwrap();
+    let TwoRegistries {
+        token,
+        basic,
+        on_token,
+        on_basic,
+    } = two_registries("private/app").await;
     let (t, b) = (token.host(), basic.host());
     let identity = token.identity_token().unwrap().to_owned();
     let bearer = bearer_for(&token, &on_token).await;
@@ -265,26 +284,16 @@ async fn every_credential_form_resolves_at_token_and_basic_registries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn token_and_basic_credentials_reach_only_the_pulling_node_which_pulls_with_them() {
     let bed = FleetBed::start(2).await.unwrap();
-    let token = Registry::start(RegistryOptions::plain().token(USER, TOKEN_PASSWORD))
-        .await
-        .unwrap();
-    let basic = Registry::start(RegistryOptions::plain().basic(USER, BASIC_PASSWORD))
-        .await
-        .unwrap();
+    let TwoRegistries {
+        token,
+        basic,
+        on_token,
+        on_basic,
+    } = two_registries("team/app").await;
     for node in &bed.nodes {
         node.containerd.trust_registry(&token).unwrap();
         node.containerd.trust_registry(&basic).unwrap();
     }
-    let on_token = ImageBuilder::new(&token)
-        .unwrap()
-        .push("team/app", "main")
-        .await
-        .unwrap();
-    let on_basic = ImageBuilder::new(&basic)
-        .unwrap()
-        .push("team/app", "main")
-        .await
-        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let identity = token.identity_token().unwrap();
     let docker_secret = secret_dir(
@@ -432,23 +441,13 @@ async fn token_and_basic_credentials_reach_only_the_pulling_node_which_pulls_wit
 /// repository-path form.
 #[tokio::test]
 async fn a_translated_kube_autorollout_configuration_resolves_the_same_images() {
-    let token = Registry::start(RegistryOptions::plain().token(USER, TOKEN_PASSWORD))
-        .await
-        .unwrap();
-    let basic = Registry::start(RegistryOptions::plain().basic(USER, BASIC_PASSWORD))
-        .await
-        .unwrap();
+    let TwoRegistries {
+        token,
+        basic,
+        on_token,
+        on_basic,
+    } = two_registries("team/app").await;
     let (t, b) = (token.host(), basic.host());
-    let on_basic = ImageBuilder::new(&basic)
-        .unwrap()
-        .push("team/app", "main")
-        .await
-        .unwrap();
-    let on_token = ImageBuilder::new(&token)
-        .unwrap()
-        .push("team/app", "main")
-        .await
-        .unwrap();
     // Artifactory's repository-path form only: the test bed serves
     // /artifactory/api/docker/<key>/v2/<name>/… from this repository.
     let artifactory_only = ImageBuilder::new(&basic)
