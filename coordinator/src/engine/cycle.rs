@@ -204,7 +204,12 @@ async fn step(
         let in_ns = running.get(&workload.key.namespace).unwrap_or(&empty);
         let pods = running_of(workload, in_ns);
         let mut containers = containers_of(workload, policy, &state.lookups, &pods);
-        let requested = rollout_request(workload, state.workloads.get(&workload.key));
+        let last = last_rollout(workload);
+        let served = state
+            .workloads
+            .get(&workload.key)
+            .and_then(|m| m.served.as_deref());
+        let requested = drift::open_request(workload, last.as_ref(), served);
         if requested.is_some() {
             drift::request_all(&mut containers, &pods);
         }
@@ -228,6 +233,7 @@ async fn step(
             policy,
             &mut containers,
             &nodes,
+            last,
             requested,
             state,
             &mut rolling,
@@ -257,9 +263,14 @@ async fn step(
         .collect();
     for key in gone {
         if let Some(mut memory) = state.workloads.remove(&key) {
-            let reason = CancelReason::Untracked;
-            let cancelled = actor.cancel(&mut memory.warm, reason, &key).await;
-            shared.metrics.warm_cancelled(reason.label(), cancelled);
+            cancel_warm(
+                actor,
+                shared,
+                &mut memory.warm,
+                CancelReason::Untracked,
+                &key,
+            )
+            .await;
         }
     }
     shared.metrics.warm_queued(
@@ -300,6 +311,7 @@ async fn step_workload<'p>(
     policy: &'p Policy,
     containers: &mut [ContainerDrift],
     nodes: &BTreeSet<String>,
+    last: Option<LastRollout>,
     requested: Option<String>,
     state: &mut EngineState,
     rolling: &mut HashMap<&'p str, usize>,
@@ -319,7 +331,6 @@ async fn step_workload<'p>(
             restart_after: started,
             served: None,
         });
-    let last = last_rollout(workload, true);
     let slot_free =
         rolling.get(policy.name.as_str()).copied().unwrap_or(0) < policy.max_concurrent_rollouts;
     let gates = Gates {
@@ -366,9 +377,7 @@ async fn step_workload<'p>(
 
     // A warm-up superseded by a newer digest, or held: cancel its orders still out.
     if let Some(reason) = CancelReason::of(&memory.phase, &step.phase) {
-        let cancelled = actor.cancel(&mut memory.warm, reason, &workload.key).await;
-        shared.metrics.warm_cancelled(reason.label(), cancelled);
-        memory.warm = WarmOrders::default();
+        cancel_warm(actor, shared, &mut memory.warm, reason, &workload.key).await;
     }
 
     let dry_run = policy.dry_run;
@@ -492,27 +501,28 @@ async fn step_workload<'p>(
     (step.note, warm_bytes)
 }
 
-/// The workload's last-rollout record; an unreadable one is ignored (logged if `log`).
-fn last_rollout(workload: &Workload, log: bool) -> Option<LastRollout> {
+/// The workload's last-rollout record; an unreadable one is logged and ignored.
+fn last_rollout(workload: &Workload) -> Option<LastRollout> {
     match LastRollout::from_workload(workload)? {
         Ok(last) => Some(last),
         Err(e) => {
-            if log {
-                warn!(workload = %workload.key, error = %e, "unreadable last-rollout annotation: ignored");
-            }
+            warn!(workload = %workload.key, error = %e, "unreadable last-rollout annotation: ignored");
             None
         }
     }
 }
 
-/// An open `warmroll-coordinator rollout` request on the workload.
-fn rollout_request(workload: &Workload, memory: Option<&Memory>) -> Option<String> {
-    let last = last_rollout(workload, false);
-    drift::open_request(
-        workload,
-        last.as_ref(),
-        memory.and_then(|m| m.served.as_deref()),
-    )
+/// Cancels a workload's warm orders still out, counts them, and forgets the warm-up.
+async fn cancel_warm(
+    actor: &Actor,
+    shared: &Shared,
+    warm: &mut WarmOrders,
+    reason: CancelReason,
+    workload: &WorkloadKey,
+) {
+    let cancelled = actor.cancel(warm, reason, workload).await;
+    shared.metrics.warm_cancelled(reason.label(), cancelled);
+    *warm = WarmOrders::default();
 }
 
 fn elapsed(since: Timestamp, now: Timestamp) -> Duration {

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use jiff::Timestamp;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -25,6 +25,7 @@ use warmroll_proto::image::Digest;
 
 use crate::config::{NotifyEvent, NotifyFormat, NotifyReceiver, Policy};
 use crate::drift::{Action, ContainerDrift, Phase, State, Step, drift_target};
+use crate::registry::polite::{backoff_delay, parse_retry_after};
 use crate::workload::{Workload, WorkloadKey};
 
 /// Why notifications cannot be set up.
@@ -377,8 +378,8 @@ fn answer(status: reqwest::StatusCode, headers: &HeaderMap) -> Answer {
         let after = headers
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(|s| Duration::from_secs(s.min(MAX_BACKOFF.as_secs())));
+            .and_then(|v| parse_retry_after(v, SystemTime::now()))
+            .map(|wait| wait.min(MAX_BACKOFF));
         return Answer::Retry(after);
     }
     Answer::GiveUp
@@ -387,10 +388,10 @@ fn answer(status: reqwest::StatusCode, headers: &HeaderMap) -> Answer {
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
-/// The wait after failed attempt `attempt` (1-based): 1 s, 2 s, 4 s, … up to 60 s.
+/// The wait after failed attempt `attempt` (1-based): 1 s, 2 s, 4 s, … up to 60 s (the
+/// registry client's backoff, without jitter: one coordinator notifies).
 fn backoff(attempt: u32) -> Duration {
-    let factor = 1u32 << attempt.saturating_sub(1).min(16);
-    FIRST_BACKOFF.saturating_mul(factor).min(MAX_BACKOFF)
+    backoff_delay(attempt, FIRST_BACKOFF, MAX_BACKOFF, 1.0)
 }
 
 /// Posts `body` until the receiver takes it or the attempts run out.

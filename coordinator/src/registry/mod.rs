@@ -34,7 +34,7 @@ mod cache;
 mod credentials;
 mod error;
 mod manifest;
-mod polite;
+pub(crate) mod polite;
 mod transport;
 
 use std::collections::HashMap;
