@@ -23,7 +23,6 @@
     clippy::indexing_slicing
 )]
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -33,7 +32,7 @@ use anyhow::{Context as _, Result, bail};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
-use warmroll_coordinator::fleet::auth::{NODE_NAME_EXTRA, service_account_user};
+use warmroll_coordinator::fleet::auth::service_account_user;
 use warmroll_proto::fleet::{SNAPSHOT_PART_BYTES, split_snapshot};
 use warmroll_proto::v1;
 use warmroll_proto::v1::fleet_client::FleetClient;
@@ -286,17 +285,7 @@ async fn bench() -> Result<()> {
     let kube = KubeApi::start().await?;
     let user = service_account_user("warmroll", "warmroll-agent");
     let tokens: Vec<String> = (0..agents)
-        .map(|i| {
-            let token = format!("agent-{i}-{:032x}", rand::random::<u128>());
-            kube.register_token(
-                &token,
-                &user,
-                vec!["system:serviceaccounts".into()],
-                BTreeMap::from([(NODE_NAME_EXTRA.to_string(), vec![node_name(i)])]),
-                vec!["warmroll".into()],
-            );
-            token
-        })
+        .map(|i| kube.issue_service_account_token(&user, &["warmroll"], Some(&node_name(i))))
         .collect();
 
     let ca = TestCa::new()?;

@@ -33,6 +33,8 @@ pub struct Health {
     pub serving: Arc<AtomicBool>,
     /// Workload watches the API server forbids: the engine cannot start.
     pub watches: WatchHealth,
+    /// A long-lived task that ended (the process is stopping because of it).
+    pub tasks: crate::supervise::Ended,
 }
 
 impl Health {
@@ -64,12 +66,15 @@ pub fn router(health: Health, metrics: Arc<Registry>, fleet: FleetView) -> Route
 }
 
 async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
+    if let Some(ended) = s.health.tasks.get() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{ended}\n"));
+    }
     if s.health.serving() {
-        (StatusCode::OK, "ok\n")
+        (StatusCode::OK, "ok\n".to_owned())
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "the fleet server is not running\n",
+            "the fleet server is not running\n".to_owned(),
         )
     }
 }
@@ -77,6 +82,9 @@ async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
 /// Ready when this replica leads, its fleet server runs and the API server allows
 /// every workload watch: the Service then sends agents only to a working leader.
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    if let Some(ended) = s.health.tasks.get() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{ended}\n"));
+    }
     let forbidden = s.health.watches.forbidden();
     match (*s.health.leader.borrow(), s.health.serving()) {
         (false, _) => (
@@ -296,6 +304,7 @@ mod tests {
                 leader,
                 serving: serving.clone(),
                 watches: watches.clone(),
+                tasks: crate::supervise::Ended::default(),
             },
             Arc::new(registry),
             fleet,

@@ -13,5 +13,6 @@ pub mod registry;
 pub mod report;
 pub mod run;
 pub mod steer;
+pub mod supervise;
 pub mod window;
 pub mod workload;

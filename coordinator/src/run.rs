@@ -6,7 +6,8 @@
 //! leader election. Only the
 //! leader serves agents (the others answer them `unavailable`, which agents retry) and
 //! only the leader acts. A replica that loses the Lease after holding it shuts down and
-//! exits with an error, so Kubernetes restarts it as a follower with a clean state.
+//! exits with an error, so Kubernetes restarts it as a follower with a clean state. The
+//! same goes for any of its long-lived tasks that ends early ([`crate::supervise`]).
 //! SIGTERM or SIGINT end open agent sessions with `unavailable`, release the Lease and
 //! exit.
 
@@ -25,8 +26,11 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::fleet::auth::service_account_user;
-use crate::fleet::{FleetService, FleetView, SessionConfig, TlsFiles, TokenReviewAuthenticator};
+use crate::fleet::{
+    FleetService, FleetView, SessionConfig, SessionLimits, TlsFiles, TokenReviewAuthenticator,
+};
 use crate::leader::{self, KubeLeases, LeaseConfig};
+use crate::supervise::Supervisor;
 
 /// Successful TokenReviews are cached this long (by token hash), so a fleet reconnecting
 /// at once costs one review per agent.
@@ -94,6 +98,17 @@ pub struct RunArgs {
     /// agents are still served).
     #[arg(long, env = "WARMROLL_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Refuse agent tokens that name no node (`false` accepts them, without registry
+    /// credentials in their orders; pod-bound projected tokens name the node on every
+    /// supported Kubernetes).
+    #[arg(long, env = "WARMROLL_REQUIRE_NODE_CLAIM", default_value_t = true, action = clap::ArgAction::Set)]
+    pub require_node_claim: bool,
+    /// Fleet API connections open at once; more are closed as they arrive.
+    #[arg(long, env = "WARMROLL_MAX_AGENT_CONNECTIONS", default_value_t = 20_000)]
+    pub max_agent_connections: usize,
+    /// Bounds on what one agent session may send.
+    #[command(flatten)]
+    pub limits: SessionLimits,
 }
 
 /// A ServiceAccount `namespace:name`.
@@ -140,14 +155,8 @@ pub enum RunError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("the fleet server stopped: {0}")]
-    Fleet(#[from] crate::fleet::ServeError),
-    #[error("the fleet server stopped")]
-    FleetStopped,
-    #[error("the fleet server task failed: {0}")]
-    FleetTask(tokio::task::JoinError),
-    #[error("the HTTP server stopped: {0}")]
-    Http(std::io::Error),
+    #[error("{0}; exiting so that Kubernetes restarts this replica")]
+    TaskEnded(#[from] crate::supervise::TaskEnded),
     #[error("lost the leader Lease; exiting so that this replica restarts as a follower")]
     LostLease,
     #[error(transparent)]
@@ -244,10 +253,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
 
     let mut metrics = Registry::default();
     crate::http::register_metrics(&mut metrics, fleet.clone(), leader.clone());
+    fleet.register_metrics(&mut metrics);
     // The policy engine acts only while `leader` is true and stops on `shutdown`.
     let Engine {
         router: engine_routes,
-        task: mut engine,
+        task: engine,
         watches,
     } = crate::engine::spawn(context, config, &mut metrics)?;
 
@@ -258,10 +268,14 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         &service_account_user(&agent.namespace, &agent.name),
         TOKEN_CACHE_TTL,
     );
+    auth.register_metrics(&mut metrics);
     let sessions = SessionConfig {
         heartbeat_interval: args.heartbeat_interval,
         inventory_interval: args.inventory_interval,
         idle_timeout: args.heartbeat_interval * 3 + Duration::from_secs(5),
+        require_node_claim: args.require_node_claim,
+        limits: args.limits.clone(),
+        max_connections: args.max_agent_connections,
         ..SessionConfig::default()
     };
     let service = FleetService::new(fleet.clone(), auth, sessions).with_gate(leader.clone());
@@ -272,40 +286,41 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let grpc_listener = bind("the fleet API", args.grpc_listen).await?;
     let http_listener = bind("HTTP", args.http_listen).await?;
 
+    let mut tasks = Supervisor::default();
+    let stopping = |mut stop: watch::Receiver<bool>| async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    tasks.adopt("policy engine", engine);
+
     let serving = Arc::new(AtomicBool::new(false));
-    let mut fleet_server = {
+    {
         let serving = serving.clone();
-        let mut stop = shutdown.clone();
-        tokio::spawn(async move {
+        let stop = stopping(shutdown.clone());
+        tasks.spawn("fleet server", async move {
             serving.store(true, Ordering::Relaxed);
-            let result = crate::fleet::serve(grpc_listener, Some(&tls), service, async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await;
+            let result = crate::fleet::serve(grpc_listener, Some(&tls), service, stop).await;
             serving.store(false, Ordering::Relaxed);
             result
-        })
-    };
+        });
+    }
 
     let router = crate::http::router(
         crate::http::Health {
             leader: leader.clone(),
             serving,
             watches,
+            tasks: tasks.ended(),
         },
         Arc::new(metrics),
         fleet.clone(),
     )
     .merge(engine_routes);
-    let mut http_server = {
-        let mut stop = shutdown.clone();
-        tokio::spawn(crate::http::serve(http_listener, router, async move {
-            let _ = stop.wait_for(|s| *s).await;
-        }))
-    };
+    tasks.spawn(
+        "HTTP server",
+        crate::http::serve(http_listener, router, stopping(shutdown.clone())),
+    );
 
-    let mut elector = {
-        let mut stop = shutdown.clone();
+    {
         let config = LeaseConfig {
             namespace: args.lease_namespace.clone(),
             name: args.lease_name.clone(),
@@ -313,24 +328,17 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             lease_duration: args.lease_duration,
         };
         let store = KubeLeases::new(client.clone(), &config.namespace, &config.name);
-        tokio::spawn(leader::elect(store, config, leader_tx, async move {
-            let _ = stop.wait_for(|s| *s).await;
-        }))
-    };
+        let elect = leader::elect(store, config, leader_tx, stopping(shutdown.clone()));
+        tasks.spawn("leader election", async move {
+            elect.await;
+            Ok::<(), std::convert::Infallible>(())
+        });
+    }
 
     let outcome = tokio::select! {
         signal = shutdown_signal() => signal,
         () = leadership_lost(leader.clone()) => Err(RunError::LostLease),
-        result = &mut fleet_server => Err(match result {
-            Ok(Ok(())) => RunError::FleetStopped,
-            Ok(Err(e)) => RunError::Fleet(e),
-            Err(e) => RunError::FleetTask(e),
-        }),
-        result = &mut http_server => Err(match result {
-            Ok(Ok(())) => RunError::Http(std::io::Error::other("it ended")),
-            Ok(Err(e)) => RunError::Http(e),
-            Err(e) => RunError::Http(std::io::Error::other(e)),
-        }),
+        ended = tasks.first_end() => Err(RunError::TaskEnded(ended)),
     };
     if let Err(e) = &outcome {
         error!(error = %e, "shutting down");
@@ -339,22 +347,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // The elector sets `leader` to false (closing the fleet gate: open sessions end with
     // `unavailable`) and releases the Lease; the servers drain.
     shutdown_tx.send_replace(true);
-    let drain = async {
-        let _ = (&mut elector).await;
-        let _ = (&mut engine).await;
-        if !fleet_server.is_finished() {
-            let _ = (&mut fleet_server).await;
-        }
-        if !http_server.is_finished() {
-            let _ = (&mut http_server).await;
-        }
-    };
-    if tokio::time::timeout(SHUTDOWN_TIMEOUT, drain).await.is_err() {
-        warn!(timeout = ?SHUTDOWN_TIMEOUT, "shutdown did not finish in time; stopping anyway");
-        elector.abort();
-        engine.abort();
-        fleet_server.abort();
-        http_server.abort();
+    if !tasks.drain(SHUTDOWN_TIMEOUT).await {
+        warn!(timeout = ?SHUTDOWN_TIMEOUT, "shutdown did not finish in time; stopped anyway");
     }
     info!("stopped");
     outcome

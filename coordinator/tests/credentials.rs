@@ -358,7 +358,6 @@ async fn token_and_basic_credentials_reach_only_the_pulling_node_which_pulls_wit
                     timeout: Duration::from_secs(60),
                 },
             )
-            .await
             .unwrap();
         match ticket.finished().await.unwrap() {
             WarmOutcome::Succeeded { digest, .. } => {
@@ -423,7 +422,6 @@ async fn token_and_basic_credentials_reach_only_the_pulling_node_which_pulls_wit
                 timeout: Duration::from_secs(60),
             },
         )
-        .await
         .unwrap();
     match ticket.finished().await.unwrap() {
         WarmOutcome::Failed { kind, message, .. } => {

@@ -574,6 +574,7 @@ async fn rollout_warms_every_target_node_then_patches_once_and_a_restart_patches
     tokio::time::timeout(Duration::from_secs(10), engine.task)
         .await
         .unwrap()
+        .unwrap()
         .unwrap();
     let (engine, _shutdown) = bed.engine(&config).unwrap();
     wait_state(&engine, "shop", "web", "in-sync").await.unwrap();
@@ -1440,6 +1441,7 @@ fn health_router(
             leader,
             serving: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
             watches: engine.watches.clone(),
+            tasks: Default::default(),
         },
         std::sync::Arc::new(metrics),
         fleet,

@@ -4,7 +4,6 @@
 //! its own token, which the API's TokenReview knows as the agent ServiceAccount bound to
 //! that node.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,13 +16,13 @@ use warmroll_agent::metrics::{Health, Metrics};
 use warmroll_agent::node::{self, NodeAgent};
 use warmroll_agent::session::SessionArgs;
 use warmroll_agent::warm::WarmConfig;
-use warmroll_coordinator::fleet::auth::{NODE_NAME_EXTRA, service_account_user};
+use warmroll_coordinator::fleet::auth::service_account_user;
 use warmroll_proto::fleet::NodeName;
 use warmroll_tests::cluster::Cluster;
 use warmroll_tests::scratch;
 use warmroll_tests::tls::TestCa;
 
-use crate::coordinator::{AGENT_SERVICE_ACCOUNT, NAMESPACE, TOKEN_AUDIENCE, new_token};
+use crate::coordinator::{AGENT_SERVICE_ACCOUNT, NAMESPACE, TOKEN_AUDIENCE};
 
 /// The running agents; dropping them stops every one.
 pub struct Agents {
@@ -47,16 +46,10 @@ impl Agents {
         };
         for node in cluster.nodes() {
             let name = node.name();
-            let token = new_token();
-            cluster.api().register_token(
-                &token,
+            let token = cluster.api().issue_service_account_token(
                 &service_account_user(NAMESPACE, AGENT_SERVICE_ACCOUNT),
-                vec![
-                    "system:serviceaccounts".into(),
-                    "system:authenticated".into(),
-                ],
-                BTreeMap::from([(NODE_NAME_EXTRA.to_owned(), vec![name.to_owned()])]),
-                vec![TOKEN_AUDIENCE.to_owned()],
+                &[TOKEN_AUDIENCE],
+                Some(name),
             );
             let token_file = agents._dir.path().join(format!("{name}.token"));
             std::fs::write(&token_file, &token)

@@ -108,8 +108,10 @@ impl Coordinator {
         )
         .context("starting the policy engine")?;
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = engine.task.await {
-                warn!(error = %e, "the policy engine failed");
+            match engine.task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(why)) => warn!(error = %why, "the policy engine stopped"),
+                Err(e) => warn!(error = %e, "the policy engine failed"),
             }
         }));
         let mut wait = stop;
@@ -211,9 +213,4 @@ fn listener() -> Result<tokio::net::TcpListener> {
     let listener = scratch::bind_loopback()?;
     listener.set_nonblocking(true)?;
     Ok(tokio::net::TcpListener::from_std(listener)?)
-}
-
-/// A random bearer token.
-pub fn new_token() -> String {
-    format!("sandbox-{:032x}", rand::random::<u128>())
 }

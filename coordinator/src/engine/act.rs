@@ -295,7 +295,7 @@ impl Actor {
             };
             orders.sent_at.insert(node.clone(), now);
             for request in &orders.requests {
-                match self.fleet.send_order(&name, request.clone()).await {
+                match self.fleet.send_order(&name, request.clone()) {
                     Ok(ticket) => orders.tickets.entry(node.clone()).or_default().push(ticket),
                     Err(e) => {
                         orders.unsent.insert(node.clone(), e.to_string());
@@ -321,7 +321,7 @@ impl Actor {
             if matches!(ticket.state(), WarmState::Finished(_)) {
                 continue;
             }
-            match self.fleet.cancel_order(&ticket.node, &ticket.order).await {
+            match self.fleet.cancel_order(&ticket.node, &ticket.order) {
                 Ok(()) => cancelled += 1,
                 // Gone with its node, or its agent is away: nothing left to stop there.
                 Err(e) => {
@@ -523,7 +523,7 @@ mod tests {
             protocol_version: PROTOCOL_VERSION,
         };
         let (tx, rx) = mpsc::channel(16);
-        (view.connect(hello, true, tx), rx)
+        (view.connect(hello, true, tx, None).unwrap(), rx)
     }
 
     fn sent(rx: &mut mpsc::Receiver<crate::fleet::view::Outbound>) -> Vec<CoordinatorMessage> {

@@ -12,6 +12,7 @@ use warmroll_proto::fleet::{Container, NodeName};
 use warmroll_proto::image::ImageRef;
 
 use super::act::{Actor, CancelReason, RolledHow, WarmOrders};
+use super::confirm::{PodConfirmer, PodReport};
 use super::secrets::PullSecrets;
 use super::watch::Watches;
 use super::watch_health::WatchHealth;
@@ -62,11 +63,12 @@ pub(crate) async fn run(
     keyring: Keyring,
     shared: Arc<Shared>,
     health: WatchHealth,
-) {
-    let watches = Watches::start(&ctx.client, &config, &health);
+    confirmer: PodConfirmer,
+) -> Result<(), String> {
+    let mut watches = Watches::start(&ctx.client, &config, &health);
     tokio::select! {
         _ = watches.ready() => {}
-        _ = ctx.shutdown.wait_for(|s| *s) => return,
+        _ = ctx.shutdown.wait_for(|s| *s) => return Ok(()),
     }
     info!(
         policies = config.policies.len(),
@@ -91,13 +93,54 @@ pub(crate) async fn run(
             _ = shared.nudge.notified() => {}
             _ = ctx.shutdown.wait_for(|s| *s) => break,
         }
+        // A watch that ended leaves its store stale for ever: stop, so that the
+        // coordinator restarts rather than acting on a frozen view.
+        if let Some(why) = watches.ended() {
+            return Err(why);
+        }
         let leader = *ctx.leader.borrow();
         step(
-            &config, &watches, &resolver, &actor, &shared, &mut state, leader, &ctx,
+            &config, &watches, &resolver, &actor, &shared, &confirmer, &mut state, leader, &ctx,
         )
         .await;
     }
     info!("policy engine stopped");
+    Ok(())
+}
+
+/// The reported pods of tracked workloads whose digest would count against the tag's
+/// current digest.
+fn suspects(
+    tracked: &[(Workload, &Policy)],
+    running: &HashMap<String, Vec<(String, Container)>>,
+    lookups: &HashMap<ImageRef, Lookup>,
+) -> BTreeSet<PodReport> {
+    let mut out = BTreeSet::new();
+    for (workload, policy) in tracked {
+        let Some(in_ns) = running.get(&workload.key.namespace) else {
+            continue;
+        };
+        for (node, c) in in_ns {
+            if !workload.selector.matches(&c.pod_labels) {
+                continue;
+            }
+            let counts = tracked_containers(workload, policy)
+                .filter(|t| t.name == c.name)
+                .any(|t| {
+                    let lookup = ImageRef::parse(&t.image).ok().and_then(|i| lookups.get(&i));
+                    drift::would_count(t, lookup, c.digest.as_ref())
+                });
+            if counts {
+                out.insert(PodReport {
+                    node: node.clone(),
+                    namespace: c.pod.namespace.clone(),
+                    name: c.pod.name.clone(),
+                    uid: c.pod.uid.clone(),
+                });
+            }
+        }
+    }
+    out
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -107,6 +150,7 @@ async fn step(
     resolver: &Resolver,
     actor: &Actor,
     shared: &Shared,
+    confirmer: &PodConfirmer,
     state: &mut EngineState,
     leader: bool,
     ctx: &Context,
@@ -180,6 +224,17 @@ async fn step(
             .entry(c.pod.namespace.clone())
             .or_default()
             .push((node.as_str().to_owned(), c));
+    }
+    // Reports that would start a rollout or hold one back count only once the API
+    // server confirms the pod (an agent may report anything about its node).
+    let suspects = suspects(&tracked, &running, &state.lookups);
+    if !suspects.is_empty() {
+        let refuted = confirmer.unconfirmed(suspects).await;
+        if !refuted.is_empty() {
+            for pods in running.values_mut() {
+                pods.retain(|(_, c)| !refuted.contains(&c.pod.uid));
+            }
+        }
     }
     // A stable order (by node, then container) for the reports and decisions.
     for pods in running.values_mut() {

@@ -8,6 +8,7 @@
 
 mod act;
 mod command;
+mod confirm;
 mod cycle;
 mod metrics;
 mod nodes;
@@ -49,10 +50,11 @@ pub use command::{ReportArgs, ReportError, fetch_report, report_command};
 use metrics::EngineMetrics;
 pub use once::report_once;
 
-/// A running engine: its routes (state applied) and its task.
+/// A running engine: its routes (state applied) and its task, which runs until
+/// shutdown and ends early only with why (a workload watch ended).
 pub struct Engine {
     pub router: Router,
-    pub task: JoinHandle<()>,
+    pub task: JoinHandle<Result<(), String>>,
     /// The workload watches the API server forbids, for `/readyz`.
     pub watches: WatchHealth,
 }
@@ -201,6 +203,7 @@ pub fn spawn(
         metrics: EngineMetrics::register(metrics),
         notifier: notify::Notifier::start(&config.notifications, metrics)?,
     });
+    let confirmer = confirm::PodConfirmer::new(ctx.client.clone(), metrics);
     let router = Router::new()
         .route("/report", get(report_handler))
         .route("/webhooks/registry", post(webhook::handler))
@@ -214,6 +217,7 @@ pub fn spawn(
         keyring,
         shared,
         watches.clone(),
+        confirmer,
     ));
     Ok(Engine {
         router,

@@ -31,7 +31,7 @@ impl NodeTable {
     pub(crate) fn start(
         client: &Client,
         health: &WatchHealth,
-        tasks: &mut JoinSet<()>,
+        tasks: &mut JoinSet<String>,
     ) -> NodeTable {
         let nodes = Arc::new(RwLock::new(HashMap::new()));
         let (listed_tx, listed) = watch::channel(false);
@@ -78,6 +78,7 @@ impl NodeTable {
                     }
                 }
             }
+            WHAT.to_owned()
         });
         NodeTable { nodes, listed }
     }

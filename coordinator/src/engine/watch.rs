@@ -38,7 +38,7 @@ where
         config: watcher::Config,
         what: String,
         health: &WatchHealth,
-        tasks: &mut JoinSet<()>,
+        tasks: &mut JoinSet<String>,
     ) {
         let (reader, writer) = reflector::store();
         let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
@@ -52,6 +52,7 @@ where
                     "rbac.scope namespaced watches only the namespaces in rbac.namespaces",
                 );
             }
+            what
         });
         self.stores.push(reader);
     }
@@ -104,7 +105,8 @@ pub(crate) struct Watches {
     daemon_sets: KindStores<DaemonSet>,
     /// Only when a policy warms schedulable nodes.
     nodes: Option<NodeTable>,
-    _tasks: JoinSet<()>,
+    /// Each watch task returns what it watched if it ever ends.
+    tasks: JoinSet<String>,
 }
 
 impl Watches {
@@ -189,7 +191,16 @@ impl Watches {
             stateful_sets,
             daemon_sets,
             nodes,
-            _tasks: tasks,
+            tasks,
+        }
+    }
+
+    /// Why a watch task ended, if one did (they run until the engine drops them).
+    pub(crate) fn ended(&mut self) -> Option<String> {
+        match self.tasks.try_join_next()? {
+            Ok(what) => Some(format!("the watch of {what} ended")),
+            Err(e) if e.is_panic() => Some("a watch task panicked".to_owned()),
+            Err(_) => Some("a watch task was cancelled".to_owned()),
         }
     }
 

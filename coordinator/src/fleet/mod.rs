@@ -4,14 +4,19 @@
 //! - [`auth`]: TokenReview authentication of the agents' ServiceAccount tokens.
 //! - [`view`]: the [`FleetView`]; the rollout logic sends warm orders through it.
 //! - [`server`]: the tonic service and its TLS listener.
+//! - [`conn`]: the listener's connections (a cap, and a switch that closes one).
+//! - [`limits`]: bounds on what one agent session may send.
 
 pub mod auth;
+pub mod conn;
+pub mod limits;
 pub mod server;
 pub mod view;
 
 pub use auth::{Authenticator, Identity, TokenReviewAuthenticator};
+pub use limits::SessionLimits;
 pub use server::{FleetService, ServeError, SessionConfig, TlsFiles, serve};
 pub use view::{
-    FleetCounts, FleetEvent, FleetEventKind, FleetView, NodeInfo, ViewError, WarmRequest,
-    WarmState, WarmTicket,
+    FleetCounts, FleetEvent, FleetEventKind, FleetView, NodeInfo, SessionEnd, ViewError,
+    WarmRequest, WarmState, WarmTicket,
 };

@@ -1,7 +1,6 @@
 //! The `warmroll.v1.Fleet` gRPC service: authenticates each agent session, checks its
 //! hello, then applies its inventory and warm reports to the [`FleetView`].
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -10,7 +9,9 @@ use std::time::Duration;
 use futures::{Stream, StreamExt as _};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::TlsConnectInfo;
 use tonic::transport::{Identity as TlsIdentity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
@@ -22,7 +23,9 @@ use warmroll_proto::v1;
 use warmroll_proto::v1::fleet_server::{Fleet, FleetServer};
 
 use super::auth::{AuthError, Authenticator};
-use super::view::{Applied, FleetView, SessionId, SessionTx};
+use super::conn::ConnInfo;
+use super::limits::SessionLimits;
+use super::view::{Applied, FleetView, SessionEnd, SessionId, SessionTx, ViewError};
 
 /// Messages queued per session towards its agent.
 const OUTBOUND_QUEUE: usize = 64;
@@ -46,11 +49,6 @@ pub enum ServeError {
     ConfigureTls(tonic::transport::Error),
     #[error("serving the fleet API: {0}")]
     Serve(tonic::transport::Error),
-    #[error("listening on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
 }
 
 /// Session settings.
@@ -64,6 +62,13 @@ pub struct SessionConfig {
     pub hello_timeout: Duration,
     /// A session silent for this long (no heartbeat either) is ended.
     pub idle_timeout: Duration,
+    /// Refuse tokens that name no node (every supported Kubernetes puts the node in
+    /// pod-bound projected tokens).
+    pub require_node_claim: bool,
+    /// What one session may send.
+    pub limits: SessionLimits,
+    /// Connections open at once; more are closed as they arrive.
+    pub max_connections: usize,
 }
 
 impl Default for SessionConfig {
@@ -73,6 +78,9 @@ impl Default for SessionConfig {
             inventory_interval: Duration::from_secs(10),
             hello_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(95),
+            require_node_claim: true,
+            limits: SessionLimits::default(),
+            max_connections: 20_000,
         }
     }
 }
@@ -162,15 +170,20 @@ impl<A: Authenticator> FleetService<A> {
     }
 }
 
+/// Streams one connection may open at once: an agent uses one.
+const STREAMS_PER_CONNECTION: u32 = 4;
+
 /// Serves the fleet API on `listener` (over TLS when `tls` is given) until `shutdown`
-/// completes.
+/// completes: at most `max_connections` connections at once, each with a few streams.
 pub async fn serve<A: Authenticator>(
     listener: TcpListener,
     tls: Option<&TlsFiles>,
     service: FleetService<A>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    let max_connections = service.config.max_connections;
     let mut builder = Server::builder()
+        .max_concurrent_streams(Some(STREAMS_PER_CONNECTION))
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -181,26 +194,13 @@ pub async fn serve<A: Authenticator>(
             .map_err(ServeError::ConfigureTls)?;
     }
     if let Ok(addr) = listener.local_addr() {
-        info!(%addr, tls = tls.is_some(), "fleet API listening");
+        info!(%addr, tls = tls.is_some(), max_connections, "fleet API listening");
     }
     builder
         .add_service(service.into_server())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(super::conn::incoming(listener, max_connections), shutdown)
         .await
         .map_err(ServeError::Serve)
-}
-
-/// Binds `addr` and serves (see [`serve`]).
-pub async fn bind_and_serve<A: Authenticator>(
-    addr: SocketAddr,
-    tls: Option<&TlsFiles>,
-    service: FleetService<A>,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), ServeError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Listen { addr, source })?;
-    serve(listener, tls, service, shutdown).await
 }
 
 fn bearer_token<T>(request: &Request<T>) -> Result<&str, Status> {
@@ -223,28 +223,44 @@ fn auth_status(e: &AuthError) -> Status {
     match e {
         AuthError::Rejected(_) => Status::unauthenticated(e.to_string()),
         AuthError::NotAgent { .. } => Status::permission_denied(e.to_string()),
-        AuthError::Review(_) => Status::unavailable(e.to_string()),
+        AuthError::Review(_) | AuthError::Busy(_) => Status::unavailable(e.to_string()),
     }
 }
 
+/// The connection a request came on (with or without TLS).
+fn connection<T>(request: &Request<T>) -> Option<ConnInfo> {
+    let extensions = request.extensions();
+    extensions
+        .get::<TlsConnectInfo<ConnInfo>>()
+        .map(|c| c.get_ref().clone())
+        .or_else(|| extensions.get::<ConnInfo>().cloned())
+}
+
 /// The decision on a hello: the protocol version must match and, when the token is
-/// bound to a node, the hello must name that node.
-pub fn check_hello(hello: &Hello, token_node: Option<&str>) -> Result<(), Status> {
+/// bound to a node, the hello must name that node; a token bound to no node is refused
+/// when `require_node_claim`.
+pub fn check_hello(
+    hello: &Hello,
+    token_node: Option<&str>,
+    require_node_claim: bool,
+) -> Result<(), Status> {
     if hello.protocol_version != PROTOCOL_VERSION {
         return Err(Status::failed_precondition(format!(
             "hello.protocol_version: {} is not supported; this coordinator speaks {PROTOCOL_VERSION}",
             hello.protocol_version
         )));
     }
-    if let Some(bound) = token_node
-        && bound != hello.node.as_str()
-    {
-        return Err(Status::permission_denied(format!(
+    match token_node {
+        Some(bound) if bound != hello.node.as_str() => Err(Status::permission_denied(format!(
             "the token belongs to node {bound}, but the hello names node {}",
             hello.node
-        )));
+        ))),
+        None if require_node_claim => Err(Status::permission_denied(format!(
+            "the token names no node (no {} claim; use the chart's pod-bound projected token, or run the coordinator with --require-node-claim=false)",
+            super::auth::NODE_NAME_EXTRA
+        ))),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// tonic reports a message above the decoding limit as `out_of_range`; gRPC's code for
@@ -270,7 +286,11 @@ impl<A: Authenticator> Fleet for FleetService<A> {
         &self,
         request: Request<Streaming<v1::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let peer = request.remote_addr();
+        let conn = connection(&request);
+        let peer = conn
+            .as_ref()
+            .and_then(|c| c.remote)
+            .or_else(|| request.remote_addr());
         if self.gate.as_ref().is_some_and(|g| !*g.borrow()) {
             return Err(gate_closed());
         }
@@ -296,7 +316,11 @@ impl<A: Authenticator> Fleet for FleetService<A> {
             }
             Err(e) => return Err(Status::invalid_argument(e.to_string())),
         };
-        if let Err(status) = check_hello(&hello, identity.node.as_deref()) {
+        if let Err(status) = check_hello(
+            &hello,
+            identity.node.as_deref(),
+            self.config.require_node_claim,
+        ) {
             warn!(?peer, node = %hello.node, error = status.message(), "agent session refused");
             return Err(status);
         }
@@ -317,9 +341,17 @@ impl<A: Authenticator> Fleet for FleetService<A> {
             bound = identity.node.is_some(),
             "agent connected"
         );
+        let kill = conn.map(|c| c.kill);
         let session = self
             .view
-            .connect(hello, identity.node.is_some(), tx.clone());
+            .connect(hello, identity.node.is_some(), tx.clone(), kill)
+            .map_err(|e| {
+                warn!(?peer, node = %node, error = %e, "agent session refused");
+                match e {
+                    ViewError::VerifiedNodeTaken(_) => Status::permission_denied(e.to_string()),
+                    _ => Status::unavailable(e.to_string()),
+                }
+            })?;
         // No span per session: thousands of long-lived spans cost kilobytes each in the
         // subscriber; the session's few log lines name the node themselves.
         tokio::spawn(run_session(
@@ -335,6 +367,14 @@ impl<A: Authenticator> Fleet for FleetService<A> {
     }
 }
 
+/// How a session ends: by the agent (no status), or by the coordinator with a status
+/// for the agent and the reason it counts under.
+type Ending = Option<(Status, Option<SessionEnd>)>;
+
+fn ended_by(reason: SessionEnd, status: Status) -> Ending {
+    Some((status, Some(reason)))
+}
+
 /// Applies one session's messages until it ends, then hands the node to the grace timer.
 async fn run_session(
     view: FleetView,
@@ -345,52 +385,103 @@ async fn run_session(
     mut inbound: Streaming<v1::AgentMessage>,
     tx: SessionTx,
 ) {
+    let limits = &config.limits;
     let mut snapshot = SnapshotAssembly::default();
-    let end: Option<Status> = loop {
+    // The bytes, containers and images of the snapshot being assembled.
+    let mut snapshot_bytes = 0usize;
+    let mut snapshot_entries = (0usize, 0usize);
+    let mut budget = limits.budget(Instant::now());
+    let end: Ending = loop {
         let next = tokio::select! {
             next = tokio::time::timeout(config.idle_timeout, inbound.message()) => next,
-            () = gate_closes(&mut gate) => break Some(gate_closed()),
+            () = gate_closes(&mut gate) => break Some((gate_closed(), None)),
         };
         let message = match next {
             Err(_) => {
-                break Some(Status::deadline_exceeded(format!(
-                    "no message (not even a heartbeat) for {:?}",
-                    config.idle_timeout
-                )));
+                break ended_by(
+                    SessionEnd::Idle,
+                    Status::deadline_exceeded(format!(
+                        "no message (not even a heartbeat) for {:?}",
+                        config.idle_timeout
+                    )),
+                );
             }
             Ok(Ok(Some(m))) => m,
             Ok(Ok(None)) => break None,
-            // Oversized or undecodable messages land here (tonic's status says which).
+            // Oversized or undecodable messages land here (tonic's status says which);
+            // so does a connection the view closed.
             Ok(Err(status)) => {
                 debug!(node = %node, session, error = %status, "session stream failed");
-                break Some(oversize_as_resource_exhausted(status));
+                break Some((oversize_as_resource_exhausted(status), None));
             }
         };
+        if let Err(e) = budget.take(Instant::now()) {
+            break ended_by(SessionEnd::Rate, Status::resource_exhausted(e.to_string()));
+        }
+        let bytes = prost::Message::encoded_len(&message);
         let message = match AgentMessage::try_from(message) {
             Ok(m) => m,
             Err(e) => {
                 warn!(node = %node, session, error = %e, "malformed agent message; ending the session");
-                break Some(Status::invalid_argument(e.to_string()));
+                break ended_by(
+                    SessionEnd::Malformed,
+                    Status::invalid_argument(e.to_string()),
+                );
             }
         };
+        if let Err(e) = check_limits(limits, &message) {
+            break ended_by(
+                SessionEnd::OverLimit,
+                Status::resource_exhausted(e.to_string()),
+            );
+        }
         let applied = match message {
             AgentMessage::Hello(_) => {
-                break Some(Status::invalid_argument("hello: sent twice in one session"));
+                break ended_by(
+                    SessionEnd::Malformed,
+                    Status::invalid_argument("hello: sent twice in one session"),
+                );
             }
-            AgentMessage::Snapshot(part) => match snapshot.push(part) {
-                Ok(Some(whole)) => view.apply_snapshot(&node, session, whole),
-                Ok(None) => Applied::Ok,
-                Err(e) => {
-                    warn!(node = %node, session, error = %e, "malformed snapshot part; ending the session");
-                    break Some(Status::invalid_argument(e.to_string()));
+            AgentMessage::Snapshot(part) => {
+                snapshot_bytes = snapshot_bytes.saturating_add(bytes);
+                snapshot_entries.0 = snapshot_entries
+                    .0
+                    .saturating_add(part.snapshot.containers.len());
+                snapshot_entries.1 = snapshot_entries
+                    .1
+                    .saturating_add(part.snapshot.images.len());
+                let within = limits
+                    .check_snapshot_bytes(snapshot_bytes)
+                    .and_then(|()| limits.check_inventory(snapshot_entries.0, snapshot_entries.1));
+                if let Err(e) = within {
+                    break ended_by(
+                        SessionEnd::OverLimit,
+                        Status::resource_exhausted(e.to_string()),
+                    );
                 }
-            },
-            AgentMessage::Change(_) if snapshot.is_pending() => {
-                break Some(Status::invalid_argument(
-                    "change: sent before the last part of the snapshot",
-                ));
+                match snapshot.push(part) {
+                    Ok(Some(whole)) => {
+                        snapshot_bytes = 0;
+                        snapshot_entries = (0, 0);
+                        view.apply_snapshot(&node, session, whole)
+                    }
+                    Ok(None) => Applied::Ok,
+                    Err(e) => {
+                        warn!(node = %node, session, error = %e, "malformed snapshot part; ending the session");
+                        break ended_by(
+                            SessionEnd::Malformed,
+                            Status::invalid_argument(e.to_string()),
+                        );
+                    }
+                }
             }
-            AgentMessage::Change(c) => view.apply_change(&node, session, c),
+            AgentMessage::Change(_) if snapshot.is_pending() => {
+                break ended_by(
+                    SessionEnd::Malformed,
+                    Status::invalid_argument("change: sent before the last part of the snapshot"),
+                );
+            }
+            AgentMessage::Change(c) => view.apply_change(&node, session, c, limits),
             AgentMessage::WarmResult(r) => view.record_result(&node, session, r),
             AgentMessage::WarmProgress(p) => view.record_progress(&node, session, p),
             AgentMessage::Heartbeat => {
@@ -404,9 +495,16 @@ async fn run_session(
         match applied {
             Applied::Ok => {}
             Applied::Superseded => {
-                break Some(Status::aborted(
-                    "a newer session of this node replaced this one",
+                break Some((
+                    Status::aborted("a newer session of this node replaced this one"),
+                    None,
                 ));
+            }
+            Applied::OverLimit(e) => {
+                break ended_by(
+                    SessionEnd::OverLimit,
+                    Status::resource_exhausted(e.to_string()),
+                );
             }
             Applied::Gap { expected, got } => {
                 info!(
@@ -417,22 +515,50 @@ async fn run_session(
                     "inventory sequence gap; asking for a snapshot"
                 );
                 let reason = format!("inventory change {got} does not follow {expected:?}");
+                // Never wait on the agent: a full queue means it does not read.
                 if tx
-                    .send(Box::new(Ok(CoordinatorMessage::Resync { reason }.into())))
-                    .await
+                    .try_send(Box::new(Ok(CoordinatorMessage::Resync { reason }.into())))
                     .is_err()
                 {
-                    break None;
+                    break ended_by(
+                        SessionEnd::Stalled,
+                        Status::resource_exhausted("the agent does not read its stream"),
+                    );
                 }
             }
         }
     };
-    if let Some(status) = end {
-        // Tell the agent why (best effort: it may be gone already).
-        let _ = tx.try_send(Box::new(Err(status)));
+    match end {
+        Some((status, Some(reason))) => {
+            let why = status.message().to_owned();
+            // Tell the agent why (best effort: it may be gone, or not reading), then
+            // close its connection if it does not take that.
+            if tx.try_send(Box::new(Err(status))).is_err() {
+                view.end_session(&node, session, reason, &why);
+            } else {
+                warn!(node = %node, session, reason = reason.label(), why, "agent session ended by the coordinator");
+                view.count_closed(reason);
+            }
+        }
+        Some((status, None)) => {
+            let _ = tx.try_send(Box::new(Err(status)));
+        }
+        None => {}
     }
     drop(tx);
     view.disconnect(&node, session);
+}
+
+/// Labels of every container a message carries.
+fn check_limits(
+    limits: &SessionLimits,
+    message: &AgentMessage,
+) -> Result<(), super::limits::LimitError> {
+    match message {
+        AgentMessage::Snapshot(part) => limits.check_containers(&part.snapshot.containers),
+        AgentMessage::Change(change) => limits.check_containers(&change.upserted),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -457,16 +583,19 @@ mod tests {
 
     #[test]
     fn hello_must_name_the_tokens_node_and_speak_v1() {
-        assert!(check_hello(&hello("node-a", 1), Some("node-a")).is_ok());
-        assert!(check_hello(&hello("node-a", 1), None).is_ok());
-        let e = check_hello(&hello("node-b", 1), Some("node-a")).unwrap_err();
+        assert!(check_hello(&hello("node-a", 1), Some("node-a"), true).is_ok());
+        assert!(check_hello(&hello("node-a", 1), None, false).is_ok());
+        let e = check_hello(&hello("node-a", 1), None, true).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(e.message().contains("names no node"), "{}", e.message());
+        let e = check_hello(&hello("node-b", 1), Some("node-a"), true).unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         assert!(
             e.message().contains("node-a") && e.message().contains("node-b"),
             "{}",
             e.message()
         );
-        let e = check_hello(&hello("node-a", 2), Some("node-a")).unwrap_err();
+        let e = check_hello(&hello("node-a", 2), Some("node-a"), true).unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition);
     }
 

@@ -5,6 +5,13 @@
 //! an `.await`), so 5,000 agents applying changes at once rarely meet. A node stays in the
 //! view while its session is down for the grace period (its pending warm orders survive a
 //! reconnect), then leaves.
+//!
+//! Orders outlive sessions: a node's orders still outstanding when its session ends are
+//! sent again, with the time they have left, on the node's next session (an agent
+//! restart, a network blip, a session closed for not reading), and the agent merges
+//! them with a pull it may still have running. Nothing here waits on an agent: a
+//! message for a session whose queue is full ends that session instead (see
+//! [`SessionEnd`]), so one agent that stops reading cannot stall the engine.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{BuildHasher, RandomState};
@@ -12,9 +19,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{broadcast, mpsc, watch};
+use tokio::time::Instant;
 use tonic::Status;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 use warmroll_proto::fleet::{
     Container, CoordinatorMessage, Credentials, Hello, InventoryChange, NodeImage, NodeName,
     OrderId, Snapshot, WarmOrder, WarmOutcome, WarmProgress, WarmResult,
@@ -22,6 +33,7 @@ use warmroll_proto::fleet::{
 use warmroll_proto::image::{Digest, ImageRef};
 use warmroll_proto::v1;
 
+use super::conn::Kill;
 use intern::{IdSet, Store, StoredContainer, StoredImage};
 
 const SHARDS: usize = 64;
@@ -52,6 +64,43 @@ pub enum ViewError {
     UnknownOrder { node: NodeName, order: OrderId },
     #[error("node {node} left the fleet before warm order {order} finished")]
     NodeLeft { node: NodeName, order: OrderId },
+    #[error(
+        "node {0}: its earlier agent session was node-verified; a token without a node claim cannot take the node over"
+    )]
+    VerifiedNodeTaken(NodeName),
+}
+
+/// Why the coordinator ended a session itself (the `reason` label of
+/// `warmroll_agent_sessions_closed_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SessionEnd {
+    /// Its agent did not take messages: its outbound queue was full.
+    Stalled,
+    /// It sent more than a bound allows.
+    OverLimit,
+    /// It sent messages faster than allowed.
+    Rate,
+    /// It broke the protocol.
+    Malformed,
+    /// No message, not even a heartbeat, for the idle timeout.
+    Idle,
+}
+
+impl SessionEnd {
+    pub fn label(self) -> &'static str {
+        match self {
+            SessionEnd::Stalled => "stalled",
+            SessionEnd::OverLimit => "over_limit",
+            SessionEnd::Rate => "rate",
+            SessionEnd::Malformed => "malformed",
+            SessionEnd::Idle => "idle",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
 }
 
 /// A change in the fleet, for observers (rollout logic, benchmarks, tests).
@@ -247,30 +296,51 @@ enum Session {
         id: SessionId,
         tx: SessionTx,
         node_verified: bool,
+        /// Closes the session's connection (absent for in-process sessions).
+        kill: Option<Kill>,
     },
     Disconnected {
         id: SessionId,
     },
 }
 
-impl Session {
-    fn id(&self) -> SessionId {
-        match self {
-            Session::Connected { id, .. } | Session::Disconnected { id } => *id,
-        }
-    }
-}
-
 struct WarmEntry {
-    image: ImageRef,
+    request: WarmRequest,
     /// Orders are numbered per view; the oldest finished ones are dropped first.
     serial: u64,
     state: watch::Sender<WarmState>,
+    /// When the agent's own timeout for it runs out (a resent order gets what is left).
+    deadline: Instant,
+    /// Cancelled: never sent again.
+    cancelled: bool,
+}
+
+impl WarmEntry {
+    /// The order to send again on a new session, if it is still outstanding at `now`.
+    fn resend(&self, id: &OrderId, now: Instant, node_verified: bool) -> Option<WarmOrder> {
+        if self.cancelled || matches!(*self.state.borrow(), WarmState::Finished(_)) {
+            return None;
+        }
+        let left = self.deadline.saturating_duration_since(now);
+        if left.is_zero() || (self.request.credentials.is_some() && !node_verified) {
+            return None;
+        }
+        Some(WarmOrder {
+            id: id.clone(),
+            image: self.request.image.clone(),
+            expected: self.request.expected.clone(),
+            credentials: self.request.credentials.clone(),
+            timeout: left,
+        })
+    }
 }
 
 struct NodeEntry {
     hello: Hello,
     session: Session,
+    /// A session of this node was node-verified while it was in the view: sessions
+    /// without a node claim may not take it over.
+    verified: bool,
     /// `None` until a snapshot arrives, and again after a sequence gap.
     sequence: Option<u64>,
     containers: IdSet<StoredContainer>,
@@ -298,7 +368,7 @@ impl NodeEntry {
                 (
                     w.serial,
                     id.clone(),
-                    w.image.clone(),
+                    w.request.image.clone(),
                     w.state.borrow().clone(),
                 )
             })
@@ -346,8 +416,10 @@ pub(crate) enum Applied {
         expected: Option<u64>,
         got: u64,
     },
-    /// This session was replaced by a newer one of the same node.
+    /// This session was replaced by a newer one of the same node, or ended by the view.
     Superseded,
+    /// The node's inventory would exceed a bound.
+    OverLimit(super::limits::LimitError),
 }
 
 struct Inner {
@@ -361,6 +433,8 @@ struct Inner {
     order_prefix: String,
     /// What the nodes' inventories share.
     store: Store,
+    /// `warmroll_agent_sessions_closed_total{reason}`.
+    closed: Family<ReasonLabel, Counter>,
 }
 
 /// The fleet view. Clones share it.
@@ -383,6 +457,7 @@ impl FleetView {
                 next_order: AtomicU64::new(1),
                 order_prefix: format!("{:08x}", rand::random::<u32>()),
                 store: Store::new(),
+                closed: Family::default(),
             }),
         }
     }
@@ -454,7 +529,7 @@ impl FleetView {
             let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             for w in shard.values().flat_map(|n| n.warms.values()) {
                 if let Some(bytes) = w.state.borrow().bytes() {
-                    out.entry(w.image.clone()).or_default().add(bytes);
+                    out.entry(w.request.image.clone()).or_default().add(bytes);
                 }
             }
         }
@@ -512,25 +587,47 @@ impl FleetView {
     }
 
     /// Registers a new session of `hello.node`, replacing any earlier one (whose
-    /// outbound stream then ends).
-    pub(crate) fn connect(&self, hello: Hello, node_verified: bool, tx: SessionTx) -> SessionId {
+    /// outbound stream then ends), and queues on `tx` the node's orders still
+    /// outstanding, with the time they have left. A session without a node claim
+    /// (`node_verified` false) may not take over a node a node-verified session held.
+    pub(crate) fn connect(
+        &self,
+        hello: Hello,
+        node_verified: bool,
+        tx: SessionTx,
+        kill: Option<Kill>,
+    ) -> Result<SessionId, ViewError> {
         let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
         let node = hello.node.clone();
         let session = Session::Connected {
             id,
-            tx,
+            tx: tx.clone(),
             node_verified,
+            kill,
         };
-        let replaced = {
+        let now = Instant::now();
+        let (replaced, resend) = {
             let mut shard = self.shard(&node);
             match shard.get_mut(&node) {
                 Some(entry) => {
+                    if entry.verified && !node_verified {
+                        return Err(ViewError::VerifiedNodeTaken(node));
+                    }
                     let replaced = matches!(entry.session, Session::Connected { .. });
                     entry.hello = hello;
                     entry.session = session;
+                    entry.verified |= node_verified;
                     // The agent sends a fresh snapshot after every (re)connect.
                     entry.sequence = None;
-                    replaced
+                    let mut resend: Vec<(u64, WarmOrder)> = entry
+                        .warms
+                        .iter()
+                        .filter_map(|(order, w)| {
+                            Some((w.serial, w.resend(order, now, node_verified)?))
+                        })
+                        .collect();
+                    resend.sort_by_key(|(serial, _)| *serial);
+                    (replaced, resend)
                 }
                 None => {
                     shard.insert(
@@ -538,24 +635,64 @@ impl FleetView {
                         NodeEntry {
                             hello,
                             session,
+                            verified: node_verified,
                             sequence: None,
                             containers: IdSet::default(),
                             images: IdSet::default(),
                             warms: HashMap::new(),
                         },
                     );
-                    false
+                    (false, Vec::new())
                 }
             }
         };
         if replaced {
+            // The earlier session ends at its next message (or its idle timeout).
             info!(node = %node, "agent reconnected; the earlier session is replaced");
         }
+        let outstanding = resend.len();
+        let mut resent = 0usize;
+        for (_, order) in resend {
+            // A fresh queue: it has room unless the node has more orders out than the
+            // queue holds, and those wait for the next session.
+            if tx
+                .try_send(Box::new(Ok(CoordinatorMessage::WarmOrder(order).into())))
+                .is_err()
+            {
+                break;
+            }
+            resent += 1;
+        }
+        if outstanding > 0 {
+            info!(node = %node, resent, outstanding, "warm orders still outstanding sent again on the new session");
+        }
         self.emit(&node, FleetEventKind::Connected);
-        id
+        Ok(id)
     }
 
-    /// Runs `f` on the node's entry if `session` is still its session.
+    /// Counts a session the coordinator ended, by reason.
+    pub(crate) fn count_closed(&self, reason: SessionEnd) {
+        self.inner
+            .closed
+            .get_or_create(&ReasonLabel {
+                reason: reason.label(),
+            })
+            .inc();
+    }
+
+    /// Registers the fleet view's metrics: the warm-up progress per image
+    /// ([`FleetView::warm_progress_collector`]) and
+    /// `warmroll_agent_sessions_closed_total{reason}`.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "warmroll_agent_sessions_closed",
+            "Agent sessions the coordinator ended, by reason (stalled: the agent did not read its stream; over_limit, rate: it sent too much or too fast; malformed; idle)",
+            self.inner.closed.clone(),
+        );
+    }
+
+    /// Runs `f` on the node's entry if `session` is still its session and connected
+    /// (a session the view ended writes nothing more).
     fn with_session<R>(
         &self,
         node: &NodeName,
@@ -564,10 +701,10 @@ impl FleetView {
     ) -> Option<R> {
         let mut shard = self.shard(node);
         let entry = shard.get_mut(node)?;
-        if entry.session.id() != session {
-            return None;
+        match entry.session {
+            Session::Connected { id, .. } if id == session => Some(f(entry)),
+            _ => None,
         }
-        Some(f(entry))
     }
 
     pub(crate) fn apply_snapshot(
@@ -603,11 +740,14 @@ impl FleetView {
         }
     }
 
+    /// Applies a change; one that would take the node past `limits` is refused
+    /// (`Applied::OverLimit`) and the node's inventory is marked stale.
     pub(crate) fn apply_change(
         &self,
         node: &NodeName,
         session: SessionId,
         change: InventoryChange,
+        limits: &super::limits::SessionLimits,
     ) -> Applied {
         let sequence = change.sequence;
         let store = &self.inner.store;
@@ -643,6 +783,10 @@ impl FleetView {
             }
             for i in images_upserted {
                 entry.images.upsert(i);
+            }
+            if let Err(e) = limits.check_inventory(entry.containers.len(), entry.images.len()) {
+                entry.sequence = None;
+                return Applied::OverLimit(e);
             }
             entry.containers.shrink();
             entry.images.shrink();
@@ -729,13 +873,39 @@ impl FleetView {
     /// session arrives by then, it leaves (and its pending warm tickets fail).
     pub(crate) fn disconnect(&self, node: &NodeName, session: SessionId) {
         let ended = self.with_session(node, session, |entry| {
-            let was_connected = matches!(entry.session, Session::Connected { .. });
-            entry.session = Session::Disconnected { id: session };
-            was_connected
+            std::mem::replace(&mut entry.session, Session::Disconnected { id: session })
         });
-        if ended != Some(true) {
-            return;
+        if let Some(Session::Connected { .. }) = ended {
+            self.disconnected(node, session);
         }
+    }
+
+    /// Ends a connected session from the coordinator's side: the view stops sending to
+    /// it at once, its connection is closed (so the session's task and stream end
+    /// even when the agent reads nothing), and its outstanding orders wait for the
+    /// node's next session.
+    pub(crate) fn end_session(
+        &self,
+        node: &NodeName,
+        session: SessionId,
+        reason: SessionEnd,
+        why: &str,
+    ) {
+        let ended = self.with_session(node, session, |entry| {
+            std::mem::replace(&mut entry.session, Session::Disconnected { id: session })
+        });
+        let Some(Session::Connected { kill, .. }) = ended else {
+            return;
+        };
+        warn!(node = %node, session, reason = reason.label(), why, "agent session ended by the coordinator");
+        self.count_closed(reason);
+        if let Some(kill) = kill {
+            kill.trip();
+        }
+        self.disconnected(node, session);
+    }
+
+    fn disconnected(&self, node: &NodeName, session: SessionId) {
         info!(node = %node, grace = ?self.inner.grace, "agent disconnected");
         self.emit(node, FleetEventKind::Disconnected);
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
@@ -766,8 +936,12 @@ impl FleetView {
     }
 
     /// Sends a warm order to the node's connected agent. Credentials go only to a session
-    /// whose token named this node.
-    pub async fn send_order(
+    /// whose token named this node. Never waits: when the session's queue is full (its
+    /// agent does not read) the session is ended and the order waits for the node's
+    /// next session, which gets it with the time it has left; so does an order for a
+    /// node whose agent is away but within its grace period (the ticket fails if the
+    /// node leaves first).
+    pub fn send_order(
         &self,
         node: &NodeName,
         request: WarmRequest,
@@ -776,16 +950,30 @@ impl FleetView {
         let id = OrderId::parse(&format!("{}-{serial}", self.inner.order_prefix))
             .map_err(|_| ViewError::NotConnected(node.clone()))?;
         let (state_tx, state_rx) = watch::channel(WarmState::Pending);
-        let tx = {
+        let order = CoordinatorMessage::WarmOrder(WarmOrder {
+            id: id.clone(),
+            image: request.image.clone(),
+            expected: request.expected.clone(),
+            credentials: request.credentials.clone(),
+            timeout: request.timeout,
+        });
+        let deadline = Instant::now()
+            .checked_add(request.timeout)
+            // A timeout too large to add is not resent on a later session.
+            .unwrap_or_else(Instant::now);
+        let (tx, session) = {
             let mut shard = self.shard(node);
             let entry = shard
                 .get_mut(node)
                 .ok_or_else(|| ViewError::NotConnected(node.clone()))?;
-            let (tx, node_verified) = match &entry.session {
+            let (tx, session, node_verified) = match &entry.session {
                 Session::Connected {
-                    tx, node_verified, ..
-                } => (tx.clone(), *node_verified),
-                Session::Disconnected { .. } => return Err(ViewError::NotConnected(node.clone())),
+                    tx,
+                    id,
+                    node_verified,
+                    ..
+                } => (Some(tx.clone()), *id, *node_verified),
+                Session::Disconnected { id } => (None, *id, entry.verified),
             };
             if request.credentials.is_some() && !node_verified {
                 return Err(ViewError::NodeUnverified(node.clone()));
@@ -793,25 +981,29 @@ impl FleetView {
             entry.warms.insert(
                 id.clone(),
                 WarmEntry {
-                    image: request.image.clone(),
+                    request,
                     serial,
                     state: state_tx,
+                    deadline,
+                    cancelled: false,
                 },
             );
-            tx
+            (tx, session)
         };
-        let order = CoordinatorMessage::WarmOrder(WarmOrder {
-            id: id.clone(),
-            image: request.image,
-            expected: request.expected,
-            credentials: request.credentials,
-            timeout: request.timeout,
-        });
-        if tx.send(Box::new(Ok(order.into()))).await.is_err() {
-            self.shard(node).get_mut(node).map(|e| e.warms.remove(&id));
-            return Err(ViewError::NotConnected(node.clone()));
+        match tx.map(|tx| tx.try_send(Box::new(Ok(order.into())))) {
+            Some(Ok(())) => debug!(node = %node, order = %id, "warm order sent"),
+            Some(Err(TrySendError::Full(_))) => self.end_session(
+                node,
+                session,
+                SessionEnd::Stalled,
+                "its queue is full: the agent does not read its stream; the warm order waits for its next session",
+            ),
+            // The agent is away, or its session is ending: the order waits for the
+            // node's next session.
+            None | Some(Err(TrySendError::Closed(_))) => {
+                debug!(node = %node, order = %id, "warm order kept for the node's next session");
+            }
         }
-        debug!(node = %node, order = %id, "warm order sent");
         self.emit(node, FleetEventKind::Warm { order: id.clone() });
         Ok(WarmTicket {
             node: node.clone(),
@@ -821,28 +1013,40 @@ impl FleetView {
     }
 
     /// Asks the node's agent to cancel a warm order; its result (`cancelled`) follows.
-    pub async fn cancel_order(&self, node: &NodeName, order: &OrderId) -> Result<(), ViewError> {
-        let tx = {
-            let shard = self.shard(node);
+    /// The order is never sent again. Never waits (see [`FleetView::send_order`]).
+    pub fn cancel_order(&self, node: &NodeName, order: &OrderId) -> Result<(), ViewError> {
+        let (tx, session) = {
+            let mut shard = self.shard(node);
             let entry = shard
-                .get(node)
+                .get_mut(node)
                 .ok_or_else(|| ViewError::NotConnected(node.clone()))?;
-            if !entry.warms.contains_key(order) {
+            let Some(warm) = entry.warms.get_mut(order) else {
                 return Err(ViewError::UnknownOrder {
                     node: node.clone(),
                     order: order.clone(),
                 });
-            }
+            };
+            warm.cancelled = true;
             match &entry.session {
-                Session::Connected { tx, .. } => tx.clone(),
+                Session::Connected { tx, id, .. } => (tx.clone(), *id),
                 Session::Disconnected { .. } => return Err(ViewError::NotConnected(node.clone())),
             }
         };
-        tx.send(Box::new(Ok(
+        match tx.try_send(Box::new(Ok(
             CoordinatorMessage::CancelWarm(order.clone()).into()
-        )))
-        .await
-        .map_err(|_| ViewError::NotConnected(node.clone()))
+        ))) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => {
+                self.end_session(
+                    node,
+                    session,
+                    SessionEnd::Stalled,
+                    "its queue is full: the agent does not read its stream",
+                );
+                Err(ViewError::NotConnected(node.clone()))
+            }
+            Err(TrySendError::Closed(_)) => Err(ViewError::NotConnected(node.clone())),
+        }
     }
 }
 
@@ -961,7 +1165,7 @@ mod progress_tests {
             protocol_version: warmroll_proto::fleet::PROTOCOL_VERSION,
         };
         let (tx, mut rx) = mpsc::channel(8);
-        let session = view.connect(hello, true, tx);
+        let session = view.connect(hello, true, tx, None).unwrap();
         let image = ImageRef::parse("registry.example/app:main").unwrap();
         let ticket = view
             .send_order(
@@ -973,7 +1177,6 @@ mod progress_tests {
                     timeout: Duration::from_secs(60),
                 },
             )
-            .await
             .unwrap();
         let _order = rx.recv().await;
         assert!(

@@ -17,7 +17,6 @@
     clippy::indexing_slicing
 )]
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,7 +34,7 @@ use warmroll_agent::metrics::{Health, Metrics};
 use warmroll_agent::node::NodeAgent;
 use warmroll_agent::session::SessionArgs;
 use warmroll_agent::warm::WarmConfig;
-use warmroll_coordinator::fleet::auth::{NODE_NAME_EXTRA, service_account_user};
+use warmroll_coordinator::fleet::auth::service_account_user;
 use warmroll_coordinator::fleet::{
     FleetService, FleetView, ServeError, SessionConfig, TlsFiles, TokenReviewAuthenticator,
 };
@@ -61,21 +60,7 @@ pub fn agent_user() -> String {
 /// Registers a fresh token for `user` with warmroll's audience, bound to `node` when
 /// given (as a pod-bound projected token is), and returns it.
 pub fn register_token(kube: &KubeApi, user: &str, node: Option<&str>) -> String {
-    let token = format!("tok-{:032x}", rand::random::<u128>());
-    let extra = node
-        .map(|n| BTreeMap::from([(NODE_NAME_EXTRA.to_string(), vec![n.to_string()])]))
-        .unwrap_or_default();
-    kube.register_token(
-        &token,
-        user,
-        vec![
-            "system:serviceaccounts".into(),
-            "system:authenticated".into(),
-        ],
-        extra,
-        vec![AUDIENCE.into()],
-    );
-    token
+    kube.issue_service_account_token(user, &[AUDIENCE], node)
 }
 
 /// The coordinator's TLS material: a CA and a certificate for localhost/127.0.0.1, as files.
@@ -436,14 +421,19 @@ pub struct RawSession {
 impl RawSession {
     /// The status the session ends with (the refusal, or the error after the welcome).
     pub async fn end_status(self) -> tonic::Status {
+        self.end_status_within(Duration::from_secs(10)).await
+    }
+
+    /// The status the session ends with, waiting at most `within` for each answer.
+    pub async fn end_status_within(self, within: Duration) -> tonic::Status {
         let mut stream = match self.answer {
             Ok(s) => s,
             Err(status) => return status,
         };
         let _tx = self.tx;
         loop {
-            match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
-                Err(_) => return tonic::Status::deadline_exceeded("test: no end within 10 s"),
+            match tokio::time::timeout(within, stream.message()).await {
+                Err(_) => return tonic::Status::deadline_exceeded("test: no end in time"),
                 Ok(Ok(Some(_))) => continue,
                 Ok(Ok(None)) => return tonic::Status::ok("ended without an error"),
                 Ok(Err(status)) => return status,

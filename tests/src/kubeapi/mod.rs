@@ -237,6 +237,55 @@ impl KubeApi {
         self.ca_pem.as_deref()
     }
 
+    /// Issues a token shaped like a projected ServiceAccount token (a JWT whose claims
+    /// carry `sub`, `aud`, `exp` an hour ahead and, when bound to `node`,
+    /// `kubernetes.io.node.name`; its signature is random bytes, since only this
+    /// stand-in reviews it) and makes it known as [`KubeApi::register_token`] does,
+    /// with the node in the review's extras as the real API server puts it.
+    pub fn issue_service_account_token(
+        &self,
+        username: &str,
+        audiences: &[&str],
+        node: Option<&str>,
+    ) -> String {
+        use base64::Engine as _;
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        let mut claims = serde_json::json!({
+            "sub": username,
+            "aud": audiences,
+            "exp": jiff::Timestamp::now().as_second() + 3600,
+            "jti": format!("{:032x}", rand::random::<u128>()),
+        });
+        if let Some(node) = node {
+            claims["kubernetes.io"] = serde_json::json!({"node": {"name": node}});
+        }
+        let token = format!(
+            "{}.{}.{}",
+            b64(br#"{"alg":"RS256","typ":"JWT"}"#),
+            b64(claims.to_string().as_bytes()),
+            b64(&rand::random::<[u8; 32]>()),
+        );
+        let extra = node
+            .map(|n| {
+                BTreeMap::from([(
+                    "authentication.kubernetes.io/node-name".to_owned(),
+                    vec![n.to_owned()],
+                )])
+            })
+            .unwrap_or_default();
+        self.register_token(
+            &token,
+            username,
+            vec![
+                "system:serviceaccounts".into(),
+                "system:authenticated".into(),
+            ],
+            extra,
+            audiences.iter().map(|a| a.to_string()).collect(),
+        );
+        token
+    }
+
     /// Makes `token` known: API calls with it authenticate as `username` when its
     /// audiences are empty or include [`API_AUDIENCE`], and TokenReviews answer for it
     /// (an empty `audiences` means [`API_AUDIENCE`]).

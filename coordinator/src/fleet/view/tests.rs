@@ -4,6 +4,7 @@ use warmroll_proto::fleet::{FailureKind, PodRef, Runtime};
 use warmroll_proto::image::Platform;
 
 use super::*;
+use crate::fleet::limits::SessionLimits;
 
 fn name(n: &str) -> NodeName {
     NodeName::parse(n).unwrap()
@@ -63,7 +64,7 @@ fn session_channel() -> (SessionTx, mpsc::Receiver<Outbound>) {
 async fn containers_are_read_by_namespace_without_copying_nodes() {
     let view = FleetView::new(Duration::from_secs(60));
     let (tx, _rx) = session_channel();
-    let s = view.connect(hello("node-a"), true, tx);
+    let s = view.connect(hello("node-a"), true, tx, None).unwrap();
     let mut other = container("c2", "web:1");
     other.pod.namespace = "other".into();
     view.apply_snapshot(
@@ -76,7 +77,7 @@ async fn containers_are_read_by_namespace_without_copying_nodes() {
         },
     );
     let (tx, _rx_b) = session_channel();
-    let s = view.connect(hello("node-b"), true, tx);
+    let s = view.connect(hello("node-b"), true, tx, None).unwrap();
     view.apply_snapshot(&name("node-b"), s, snapshot(1, &["c3"]));
 
     let mut found: Vec<(String, String)> = view
@@ -105,7 +106,7 @@ async fn containers_are_read_by_namespace_without_copying_nodes() {
 async fn snapshots_then_changes_build_the_inventory() {
     let view = FleetView::new(Duration::from_secs(60));
     let (tx, _rx) = session_channel();
-    let s = view.connect(hello("node-a"), true, tx);
+    let s = view.connect(hello("node-a"), true, tx, None).unwrap();
     assert!(!view.node(&name("node-a")).unwrap().inventory_current);
     assert_eq!(
         view.apply_snapshot(&name("node-a"), s, snapshot(5, &["c1", "c2"])),
@@ -118,7 +119,10 @@ async fn snapshots_then_changes_build_the_inventory() {
         removed: vec!["c2".into()],
         ..Default::default()
     };
-    assert_eq!(view.apply_change(&name("node-a"), s, change), Applied::Ok);
+    assert_eq!(
+        view.apply_change(&name("node-a"), s, change, &SessionLimits::default()),
+        Applied::Ok
+    );
     let info = view.node(&name("node-a")).unwrap();
     assert_eq!(info.sequence, Some(6));
     assert_eq!(ids(&view, "node-a"), ["c1", "c3"]);
@@ -133,7 +137,7 @@ async fn snapshots_then_changes_build_the_inventory() {
 async fn a_sequence_gap_marks_the_inventory_stale_until_the_next_snapshot() {
     let view = FleetView::new(Duration::from_secs(60));
     let (tx, _rx) = session_channel();
-    let s = view.connect(hello("node-a"), true, tx);
+    let s = view.connect(hello("node-a"), true, tx, None).unwrap();
     // A change before any snapshot is a gap too.
     assert_eq!(
         view.apply_change(
@@ -142,7 +146,8 @@ async fn a_sequence_gap_marks_the_inventory_stale_until_the_next_snapshot() {
             InventoryChange {
                 sequence: 1,
                 ..Default::default()
-            }
+            },
+            &SessionLimits::default()
         ),
         Applied::Gap {
             expected: None,
@@ -157,7 +162,8 @@ async fn a_sequence_gap_marks_the_inventory_stale_until_the_next_snapshot() {
             InventoryChange {
                 sequence: 3,
                 ..Default::default()
-            }
+            },
+            &SessionLimits::default()
         ),
         Applied::Gap {
             expected: Some(2),
@@ -173,7 +179,7 @@ async fn a_sequence_gap_marks_the_inventory_stale_until_the_next_snapshot() {
         ..Default::default()
     };
     assert!(matches!(
-        view.apply_change(&name("node-a"), s, change),
+        view.apply_change(&name("node-a"), s, change, &SessionLimits::default()),
         Applied::Gap { .. }
     ));
     assert_eq!(ids(&view, "node-a"), ["c1"]);
@@ -186,10 +192,12 @@ async fn a_sequence_gap_marks_the_inventory_stale_until_the_next_snapshot() {
 async fn a_replaced_session_can_no_longer_write() {
     let view = FleetView::new(Duration::from_secs(60));
     let (tx1, mut rx1) = session_channel();
-    let old = view.connect(hello("node-a"), true, tx1.clone());
+    let old = view
+        .connect(hello("node-a"), true, tx1.clone(), None)
+        .unwrap();
     drop(tx1);
     let (tx2, _rx2) = session_channel();
-    let new = view.connect(hello("node-a"), true, tx2);
+    let new = view.connect(hello("node-a"), true, tx2, None).unwrap();
     assert_eq!(
         view.apply_snapshot(&name("node-a"), old, snapshot(1, &["old"])),
         Applied::Superseded
@@ -211,9 +219,9 @@ async fn a_node_leaves_after_the_grace_period_unless_it_reconnects() {
     let view = FleetView::new(grace);
     let mut events = view.subscribe();
     let (tx, _rx) = session_channel();
-    let s = view.connect(hello("node-a"), true, tx);
+    let s = view.connect(hello("node-a"), true, tx, None).unwrap();
     let (tx, _rx_b) = session_channel();
-    let sb = view.connect(hello("node-b"), true, tx);
+    let sb = view.connect(hello("node-b"), true, tx, None).unwrap();
     view.apply_snapshot(&name("node-a"), s, snapshot(1, &["c1"]));
 
     view.disconnect(&name("node-a"), s);
@@ -229,7 +237,7 @@ async fn a_node_leaves_after_the_grace_period_unless_it_reconnects() {
 
     // node-b comes back within the grace period and stays.
     let (tx, _rx_b2) = session_channel();
-    view.connect(hello("node-b"), true, tx);
+    view.connect(hello("node-b"), true, tx, None).unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         view.node(&name("node-a")).is_none(),
@@ -265,18 +273,17 @@ fn request(credentials: Option<Credentials>) -> WarmRequest {
 async fn warm_orders_go_to_the_connected_session_and_results_come_back() {
     let view = FleetView::new(Duration::from_secs(60));
     assert!(matches!(
-        view.send_order(&name("node-a"), request(None)).await,
+        view.send_order(&name("node-a"), request(None)),
         Err(ViewError::NotConnected(_))
     ));
     let (tx, mut rx) = session_channel();
-    let s = view.connect(hello("node-a"), true, tx);
+    let s = view.connect(hello("node-a"), true, tx, None).unwrap();
     let creds = Credentials::Basic {
         username: "u".into(),
         password: "p".into(),
     };
     let mut ticket = view
         .send_order(&name("node-a"), request(Some(creds.clone())))
-        .await
         .unwrap();
     assert_eq!(ticket.state(), WarmState::Pending);
     let sent = CoordinatorMessage::try_from((*rx.recv().await.unwrap()).unwrap()).unwrap();
@@ -325,33 +332,25 @@ async fn warm_orders_go_to_the_connected_session_and_results_come_back() {
 async fn credentials_only_go_to_sessions_whose_token_named_the_node() {
     let view = FleetView::new(Duration::from_secs(60));
     let (tx, _rx) = session_channel();
-    view.connect(hello("node-a"), false, tx);
+    view.connect(hello("node-a"), false, tx, None).unwrap();
     let creds = Credentials::Token("t".into());
     assert_eq!(
         view.send_order(&name("node-a"), request(Some(creds)))
-            .await
             .unwrap_err(),
         ViewError::NodeUnverified(name("node-a"))
     );
-    assert!(
-        view.send_order(&name("node-a"), request(None))
-            .await
-            .is_ok()
-    );
+    assert!(view.send_order(&name("node-a"), request(None)).is_ok());
 }
 
 #[tokio::test(start_paused = true)]
 async fn pending_orders_survive_a_reconnect_and_fail_when_the_node_leaves() {
     let view = FleetView::new(Duration::from_secs(30));
     let (tx, _rx) = session_channel();
-    let s1 = view.connect(hello("node-a"), true, tx);
-    let mut first = view
-        .send_order(&name("node-a"), request(None))
-        .await
-        .unwrap();
+    let s1 = view.connect(hello("node-a"), true, tx, None).unwrap();
+    let mut first = view.send_order(&name("node-a"), request(None)).unwrap();
     view.disconnect(&name("node-a"), s1);
     let (tx, _rx2) = session_channel();
-    let s2 = view.connect(hello("node-a"), true, tx);
+    let s2 = view.connect(hello("node-a"), true, tx, None).unwrap();
     // The agent finished the pull while away and reports it on the new session.
     let outcome = WarmOutcome::Succeeded {
         duration: Duration::from_secs(3),
@@ -369,14 +368,159 @@ async fn pending_orders_survive_a_reconnect_and_fail_when_the_node_leaves() {
     );
     assert_eq!(first.finished().await.unwrap(), outcome);
 
-    let mut second = view
-        .send_order(&name("node-a"), request(None))
-        .await
-        .unwrap();
+    let mut second = view.send_order(&name("node-a"), request(None)).unwrap();
     view.disconnect(&name("node-a"), s2);
     tokio::time::sleep(Duration::from_secs(31)).await;
     assert!(matches!(
         second.finished().await,
         Err(ViewError::NodeLeft { .. })
     ));
+}
+
+fn orders(rx: &mut mpsc::Receiver<Outbound>) -> Vec<WarmOrder> {
+    let mut out = Vec::new();
+    while let Ok(message) = rx.try_recv() {
+        if let Ok(CoordinatorMessage::WarmOrder(order)) =
+            CoordinatorMessage::try_from((*message).unwrap())
+        {
+            out.push(order);
+        }
+    }
+    out
+}
+
+#[tokio::test(start_paused = true)]
+async fn outstanding_orders_are_sent_again_on_the_next_session_with_the_time_they_have_left() {
+    let view = FleetView::new(Duration::from_secs(60));
+    let (tx, mut rx1) = session_channel();
+    let s1 = view.connect(hello("node-a"), true, tx, None).unwrap();
+    let creds = Credentials::Token("t".into());
+    let first = view
+        .send_order(&name("node-a"), request(Some(creds.clone())))
+        .unwrap();
+    let cancelled = view.send_order(&name("node-a"), request(None)).unwrap();
+    let finished = view.send_order(&name("node-a"), request(None)).unwrap();
+    assert_eq!(orders(&mut rx1).len(), 3);
+    view.cancel_order(&name("node-a"), &cancelled.order)
+        .unwrap();
+    view.record_result(
+        &name("node-a"),
+        s1,
+        WarmResult {
+            order: finished.order.clone(),
+            outcome: WarmOutcome::Failed {
+                kind: FailureKind::NotFound,
+                message: "gone".into(),
+                found: None,
+            },
+        },
+    );
+    // The agent restarts 20 s into its pull.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    view.disconnect(&name("node-a"), s1);
+    // An order given while it is away waits for its next session too.
+    let while_away = view.send_order(&name("node-a"), request(None)).unwrap();
+    let (tx, mut rx2) = session_channel();
+    view.connect(hello("node-a"), true, tx, None).unwrap();
+    let resent = orders(&mut rx2);
+    let ids: Vec<&OrderId> = resent.iter().map(|o| &o.id).collect();
+    assert_eq!(ids, [&first.order, &while_away.order], "in the order given");
+    assert_eq!(resent[0].timeout, Duration::from_secs(40), "what is left");
+    assert_eq!(
+        resent[0].credentials,
+        Some(creds),
+        "to a node-verified session"
+    );
+    assert_eq!(resent[1].timeout, Duration::from_secs(60));
+
+    // Once an order's time is up it is not sent again.
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    let (tx, mut rx3) = session_channel();
+    view.connect(hello("node-a"), true, tx, None).unwrap();
+    assert!(orders(&mut rx3).is_empty());
+}
+
+#[tokio::test]
+async fn a_session_that_does_not_read_is_ended_without_waiting_and_its_order_waits() {
+    let view = FleetView::new(Duration::from_secs(60));
+    let mut registry = prometheus_client::registry::Registry::default();
+    view.register_metrics(&mut registry);
+    // A queue of two that nobody reads.
+    let (tx, _stuck) = mpsc::channel(2);
+    let s = view.connect(hello("node-a"), true, tx, None).unwrap();
+    let mut tickets = Vec::new();
+    for _ in 0..3 {
+        // Returns at once every time: nothing here awaits the agent.
+        tickets.push(view.send_order(&name("node-a"), request(None)).unwrap());
+    }
+    let info = view.node(&name("node-a")).unwrap();
+    assert!(
+        !info.connected,
+        "the third order found the queue full and ended the session"
+    );
+    assert!(
+        !view.is_current(&name("node-a"), s),
+        "it writes nothing more"
+    );
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains("warmroll_agent_sessions_closed_total{reason=\"stalled\"} 1"),
+        "{text}"
+    );
+    // A cancel for a node whose session is gone returns at once too.
+    assert!(
+        view.cancel_order(&name("node-a"), &tickets[0].order)
+            .is_err()
+    );
+    // The agent comes back: the orders not cancelled are sent again.
+    let (tx, mut rx) = session_channel();
+    view.connect(hello("node-a"), true, tx, None).unwrap();
+    let resent: Vec<OrderId> = orders(&mut rx).into_iter().map(|o| o.id).collect();
+    assert_eq!(resent, [tickets[1].order.clone(), tickets[2].order.clone()]);
+}
+
+#[tokio::test]
+async fn a_token_without_a_node_claim_never_takes_over_a_node_verified_node() {
+    let view = FleetView::new(Duration::from_secs(60));
+    let (tx, _rx) = session_channel();
+    let s = view.connect(hello("node-a"), true, tx, None).unwrap();
+    let (tx, _rx2) = session_channel();
+    assert_eq!(
+        view.connect(hello("node-a"), false, tx, None),
+        Err(ViewError::VerifiedNodeTaken(name("node-a")))
+    );
+    assert!(
+        view.is_current(&name("node-a"), s),
+        "the real session stays"
+    );
+    // Not while the verified agent is away either.
+    view.disconnect(&name("node-a"), s);
+    let (tx, _rx3) = session_channel();
+    assert!(view.connect(hello("node-a"), false, tx, None).is_err());
+    // A node-verified session of it is welcome.
+    let (tx, _rx4) = session_channel();
+    assert!(view.connect(hello("node-a"), true, tx, None).is_ok());
+}
+
+#[tokio::test]
+async fn a_change_past_the_node_bounds_is_refused() {
+    let view = FleetView::new(Duration::from_secs(60));
+    let (tx, _rx) = session_channel();
+    let s = view.connect(hello("node-a"), true, tx, None).unwrap();
+    view.apply_snapshot(&name("node-a"), s, snapshot(1, &["c1"]));
+    let limits = SessionLimits {
+        containers_per_node: 2,
+        ..SessionLimits::default()
+    };
+    let change = InventoryChange {
+        sequence: 2,
+        upserted: vec![container("c2", "web:1"), container("c3", "web:1")],
+        ..Default::default()
+    };
+    assert!(matches!(
+        view.apply_change(&name("node-a"), s, change, &limits),
+        Applied::OverLimit(_)
+    ));
+    assert!(!view.node(&name("node-a")).unwrap().inventory_current);
 }
