@@ -157,6 +157,8 @@ async fn warmroll_on_a_real_cluster() {
     a_rollout_that_cannot_come_up_is_held_after_one_patch(&bed).await;
     report_mode_logs_one_line_per_drifting_container(&bed).await;
     approve_and_rollout_commands_steer_through_the_api(&bed).await;
+    an_agent_and_the_leader_restarted_mid_warm_up_roll_once_and_warm(&bed).await;
+    a_forged_pod_report_triggers_no_rollout(&bed).await;
     namespaced_rbac_watches_its_namespaces_and_says_when_forbidden(&bed).await;
 }
 
@@ -227,8 +229,10 @@ async fn chart_installs_and_agents_are_accepted(bed: &Bed) {
 }
 
 /// Agents started from the chart's own pod template, but with another ServiceAccount's
-/// token, or on node-0 saying they are node-1: the coordinator refuses both sessions
-/// (the real TokenReview names the account, and the node of a pod-bound token).
+/// token, on node-0 saying they are node-1, or with a token requested without pod
+/// binding (no node claim): the coordinator refuses all three sessions (the real
+/// TokenReview names the account, and the node of a pod-bound token), and node-0 and
+/// node-1 keep their own agents' sessions.
 async fn sessions_of_other_accounts_or_nodes_are_refused(bed: &Bed) {
     let warmroll = bed.warmroll().await;
     let daemon_sets: Api<DaemonSet> = Api::namespaced(warmroll.client.clone(), NAMESPACE);
@@ -237,17 +241,43 @@ async fn sessions_of_other_accounts_or_nodes_are_refused(bed: &Bed) {
     template["spec"]["nodeName"] = json!("node-0");
     let mut other_account = template.clone();
     other_account["spec"]["serviceAccountName"] = json!("default");
-    let mut other_node = template;
+    let mut other_node = template.clone();
     let env = other_node["spec"]["containers"][0]["env"]
         .as_array_mut()
         .unwrap();
     for var in env.iter_mut().filter(|v| v["name"] == "NODE_NAME") {
         *var = json!({"name": "NODE_NAME", "value": "node-1"});
     }
+    // The agent's own account and node, but a token requested without pod binding (so
+    // it names no node), mounted in place of the projected one.
+    let unbound = unbound_agent_token(bed).await;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(warmroll.client.clone(), NAMESPACE);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "unbound-token"},
+                "stringData": {"token": unbound},
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut unbound_token = template.clone();
+    for volume in unbound_token["spec"]["volumes"].as_array_mut().unwrap() {
+        if volume["name"] == "token" {
+            *volume = json!({"name": "token", "secret": {
+                "secretName": "unbound-token",
+                "items": [{"key": "token", "path": "warmroll"}],
+            }});
+        }
+    }
     let pods: Api<Pod> = Api::namespaced(warmroll.client.clone(), NAMESPACE);
     for (name, mut pod) in [
         ("agent-other-account", other_account),
         ("agent-other-node", other_node),
+        ("agent-unbound-token", unbound_token),
     ] {
         pod["metadata"] = json!({"name": name, "labels": {"test": name}});
         pod["apiVersion"] = json!("v1");
@@ -274,7 +304,13 @@ async fn sessions_of_other_accounts_or_nodes_are_refused(bed: &Bed) {
         let by_node = refused
             .iter()
             .any(|l| field(l, "node") == Some(&json!("node-1")));
-        Ok((by_account && by_node).then_some(refused))
+        let by_claim = refused.iter().any(|l| {
+            field(l, "node") == Some(&json!("node-0"))
+                && field(l, "error")
+                    .and_then(Value::as_str)
+                    .is_some_and(|e| e.contains("names no node"))
+        });
+        Ok((by_account && by_node && by_claim).then_some(refused))
     })
     .await
     .unwrap();
@@ -286,9 +322,24 @@ async fn sessions_of_other_accounts_or_nodes_are_refused(bed: &Bed) {
         json!(true),
         "node-1 is still its own agent's: {entry}"
     );
-    for name in ["agent-other-account", "agent-other-node"] {
+    let (_, body) = warmroll.leader_http("/fleet/nodes/node-0").await.unwrap();
+    let entry: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (&entry["connected"], &entry["node_verified"]),
+        (&json!(true), &json!(true)),
+        "node-0 keeps its own agent's session: {entry}"
+    );
+    for name in [
+        "agent-other-account",
+        "agent-other-node",
+        "agent-unbound-token",
+    ] {
         pods.delete(name, &DeleteParams::default()).await.unwrap();
     }
+    secrets
+        .delete("unbound-token", &DeleteParams::default())
+        .await
+        .unwrap();
 }
 
 /// The chart's RBAC as the real API server enforces it: a SubjectAccessReview for each
@@ -683,6 +734,334 @@ async fn approve_and_rollout_commands_steer_through_the_api(bed: &Bed) {
 }
 
 /// The first container's state and reason of workload `name` in a report.
+/// Issue 20: a slow registry link makes the warm-up take tens of seconds. Mid-pull the
+/// agent pod of node-0 is deleted (an upgrade, an eviction, an OOM kill): the
+/// DaemonSet's new agent gets the order again from the leader, which logs so. Then the
+/// leader itself is deleted: the standby takes the Lease and finishes the rollout from
+/// the workload and the agents' reports. Every node holds the new digest before the one
+/// patch, and the workload converges well before the 2-minute warm timeout.
+async fn an_agent_and_the_leader_restarted_mid_warm_up_roll_once_and_warm(bed: &Bed) {
+    const SIZE: u64 = 48 << 20;
+    let warmroll = bed.warmroll().await;
+    let v1 = bed
+        .builder
+        .push_random("demo/big", "latest", SIZE)
+        .await
+        .unwrap();
+    bed.create(
+        DEMO,
+        workload(
+            "DaemonSet",
+            "big",
+            "rollout",
+            &bed.image(&v1),
+            "Always",
+            u32::from(NODES),
+        ),
+    )
+    .await;
+    bed.wait_pods_on("big", usize::from(NODES), &v1.manifest_digest)
+        .await;
+
+    // About 12 s per node's download, one shared link.
+    bed.registry.set_bandwidth(Some(4 << 20));
+    let pushed_at = jiff::Timestamp::now();
+    let v2 = bed
+        .builder
+        .push_random("demo/big", "latest", SIZE)
+        .await
+        .unwrap();
+    let agents: Api<Pod> = Api::namespaced(bed.client.clone(), NAMESPACE);
+    let on_node_0 = |pods: Vec<Pod>| {
+        pods.into_iter()
+            .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some("node-0"))
+    };
+    // The order is out once node-0's agent reports bytes of the new build.
+    wait_for("node-0 pulling the new build", ROLLOUT_TIMEOUT, || async {
+        let report = warmroll.report().await?;
+        let pulling = report["workloads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|w| w["name"] == json!("big") && w["warm_bytes"]["done"].as_u64() > Some(0));
+        Ok(pulling.then_some(()))
+    })
+    .await
+    .unwrap();
+    let old_agent = on_node_0(
+        bed.pods(NAMESPACE, "app.kubernetes.io/component=agent")
+            .await,
+    )
+    .expect("the agent pod of node-0");
+    let old_uid = old_agent.metadata.uid.clone();
+    agents
+        .delete(
+            old_agent.metadata.name.as_deref().unwrap(),
+            &DeleteParams::default(),
+        )
+        .await
+        .unwrap();
+    eprintln!("deleted node-0's agent mid-pull");
+    let resent = wait_for(
+        "the order sent again to node-0's new agent",
+        ROLLOUT_TIMEOUT,
+        || async {
+            let resent = warmroll.coordinator_log().await?.into_iter().find(|l| {
+                message(l) == "warm orders still outstanding sent again on the new session"
+                    && field(l, "node") == Some(&json!("node-0"))
+            });
+            Ok(resent)
+        },
+    )
+    .await
+    .unwrap();
+    eprintln!("resent: {resent}");
+    let new_agent = on_node_0(
+        bed.pods(NAMESPACE, "app.kubernetes.io/component=agent")
+            .await,
+    )
+    .expect("node-0's new agent");
+    assert_ne!(new_agent.metadata.uid, old_uid, "a new agent pod");
+
+    // The leader goes too, while the warm-up still runs.
+    let leader = warmroll.leader(Duration::from_secs(30)).await.unwrap();
+    let coordinators: Api<Pod> = Api::namespaced(bed.client.clone(), NAMESPACE);
+    coordinators
+        .delete(
+            leader.metadata.name.as_deref().unwrap(),
+            &DeleteParams::default(),
+        )
+        .await
+        .unwrap();
+    eprintln!("deleted the leader {:?} mid-warm-up", leader.metadata.name);
+
+    bed.wait_pods_on("big", usize::from(NODES), &v2.manifest_digest)
+        .await;
+    let converged_in = jiff::Timestamp::now().duration_since(pushed_at);
+    bed.registry.set_bandwidth(None);
+    eprintln!("big converged on the new build {converged_in:#} after the push");
+    assert!(
+        converged_in < jiff::SignedDuration::from_secs(100),
+        "converged in {converged_in:#}, the warm timeout is 2 minutes"
+    );
+    let audit = bed.audit();
+    let writes = coordinator_writes(&audit, "big", pushed_at);
+    let patches: Vec<_> = writes.iter().filter(|e| e.verb == "patch").collect();
+    assert_eq!(patches.len(), 1, "one patch of big: {writes:#?}");
+    let patched = patches[0].request_received_timestamp;
+    let warm = warmroll.warm_lines().await.unwrap();
+    for i in 0..NODES {
+        let node = format!("node-{i}");
+        let warmed = warm
+            .iter()
+            .find(|w| w.node == node && w.is_digest(&v2.manifest_digest))
+            .unwrap_or_else(|| panic!("{node} never reported the new build warm: {warm:#?}"));
+        assert!(
+            warmed.at < patched,
+            "{node} warmed at {}, after the patch at {patched}",
+            warmed.at
+        );
+    }
+}
+
+/// Issue 20: a session with a real node-bound token (requested for node-1's agent pod)
+/// reports a pod that does not exist, in the namespace and with the labels of a tracked
+/// workload, on an old digest. The API server does not list that pod on that node, so
+/// the report is ignored (logged, counted): no patch, and the workload stays in sync.
+async fn a_forged_pod_report_triggers_no_rollout(bed: &Bed) {
+    let warmroll = bed.warmroll().await;
+    let v1 = bed.builder.push("demo/forged", "latest").await.unwrap();
+    bed.create(
+        DEMO,
+        workload(
+            "Deployment",
+            "forged",
+            "rollout",
+            &bed.image(&v1),
+            "Always",
+            1,
+        ),
+    )
+    .await;
+    bed.wait_pods_on("forged", 1, &v1.manifest_digest).await;
+    let old = bed.builder.push("demo/forged", "old").await.unwrap();
+    let since = jiff::Timestamp::now();
+
+    let agent = bed
+        .pods(NAMESPACE, "app.kubernetes.io/component=agent")
+        .await
+        .into_iter()
+        .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some("node-1"))
+        .expect("node-1's agent");
+    let token = agent_token_bound_to(bed, &agent).await;
+    let forged = warmroll_proto::v1::Container {
+        id: "f".repeat(64),
+        pod: Some(warmroll_proto::v1::PodRef {
+            namespace: DEMO.into(),
+            name: "forged-6d4cf56db6-zzzzz".into(),
+            uid: "00000000-0000-0000-0000-000000000001".into(),
+        }),
+        pod_labels: [("app".to_owned(), "forged".to_owned())].into(),
+        name: "app".into(),
+        image: bed.image(&old),
+        image_id: format!("sha256:{}", "0".repeat(64)),
+        digest: old.manifest_digest.clone(),
+    };
+    let session = raw_agent_session(bed, &token, "node-1", vec![forged]).await;
+    let refuted = wait_for("the forged report refuted", ROLLOUT_TIMEOUT, || async {
+        Ok(warmroll.coordinator_log().await?.into_iter().find(|l| {
+            message(l)
+                == "an agent reported a pod the API server does not have on that node; ignored"
+        }))
+    })
+    .await
+    .unwrap();
+    eprintln!("refuted: {refuted}");
+    // Several engine steps later: still no patch, and the workload is in sync.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(patches_since(bed, "forged", since), 0, "no patch of forged");
+    let report = warmroll.report().await.unwrap();
+    let state = workload_container_state(&report, "forged");
+    assert_eq!(
+        state.as_ref().map(|s| s.0.as_str()),
+        Some("in-sync"),
+        "{report}"
+    );
+    drop(session);
+}
+
+/// A token of the agents' ServiceAccount for warmroll's audience bound to nothing: it
+/// names no node.
+async fn unbound_agent_token(bed: &Bed) -> String {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let accounts: Api<ServiceAccount> = Api::namespaced(bed.client.clone(), NAMESPACE);
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec!["warmroll".into()]),
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    accounts
+        .create_token_request(AGENT, &PostParams::default(), &request)
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.token)
+        .expect("the TokenRequest's token")
+}
+
+/// A token of the agents' ServiceAccount for warmroll's audience, bound to `pod` (so it
+/// carries the pod's node), as the kubelet would project it.
+async fn agent_token_bound_to(bed: &Bed, pod: &Pod) -> String {
+    use k8s_openapi::api::authentication::v1::{
+        BoundObjectReference, TokenRequest, TokenRequestSpec,
+    };
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let accounts: Api<ServiceAccount> = Api::namespaced(bed.client.clone(), NAMESPACE);
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec!["warmroll".into()]),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
+            expiration_seconds: Some(600),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    accounts
+        .create_token_request(AGENT, &PostParams::default(), &request)
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.token)
+        .expect("the TokenRequest's token")
+}
+
+/// A session to the leader's fleet API (TLS, trusting the chart's CA) that says hello as
+/// `node` and sends `containers` as its snapshot; it stays open while the returned
+/// sender lives.
+async fn raw_agent_session(
+    bed: &Bed,
+    token: &str,
+    node: &str,
+    containers: Vec<warmroll_proto::v1::Container>,
+) -> tokio::sync::mpsc::Sender<warmroll_proto::v1::AgentMessage> {
+    use k8s_openapi::api::core::v1::Secret;
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    use warmroll_proto::v1;
+    let warmroll = bed.warmroll().await;
+    let secrets: Api<Secret> = Api::namespaced(bed.client.clone(), NAMESPACE);
+    let ca = secrets
+        .get(&format!("{COORDINATOR}-tls"))
+        .await
+        .unwrap()
+        .data
+        .unwrap()["ca.crt"]
+        .0
+        .clone();
+    let leader = warmroll.leader(Duration::from_secs(60)).await.unwrap();
+    let ip = leader.status.unwrap().pod_ip.unwrap();
+    let relay = bed
+        .cluster
+        .forward(std::net::SocketAddr::new(ip.parse().unwrap(), 8443))
+        .await
+        .unwrap();
+    let channel = Endpoint::from_shared(format!("https://{relay}"))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name(format!("{COORDINATOR}.{NAMESPACE}.svc")),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(v1::AgentMessage {
+        kind: Some(v1::agent_message::Kind::Hello(v1::Hello {
+            node_name: node.into(),
+            os: "linux".into(),
+            architecture: "amd64".into(),
+            variant: String::new(),
+            runtime_name: "containerd".into(),
+            runtime_version: "forged".into(),
+            agent_version: "forged".into(),
+            protocol_version: warmroll_proto::fleet::PROTOCOL_VERSION,
+        })),
+    })
+    .await
+    .unwrap();
+    tx.send(v1::AgentMessage {
+        kind: Some(v1::agent_message::Kind::Snapshot(v1::InventorySnapshot {
+            sequence: 1,
+            containers,
+            images: vec![],
+            more: false,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let mut answers = v1::fleet_client::FleetClient::new(channel)
+        .session(request)
+        .await
+        .expect("the forged agent's session is accepted (its token is real)")
+        .into_inner();
+    tokio::spawn(async move { while let Ok(Some(_)) = answers.message().await {} });
+    tx
+}
+
 fn workload_container_state(report: &Value, name: &str) -> Option<(String, String)> {
     let workload = report["workloads"]
         .as_array()?

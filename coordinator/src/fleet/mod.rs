@@ -6,10 +6,12 @@
 //! - [`server`]: the tonic service and its TLS listener.
 //! - [`conn`]: the listener's connections (a cap, and a switch that closes one).
 //! - [`limits`]: bounds on what one agent session may send.
+//! - [`receive`]: what one session's messages do to the view.
 
 pub mod auth;
 pub mod conn;
 pub mod limits;
+mod receive;
 pub mod server;
 pub mod view;
 

@@ -16,8 +16,7 @@ use tonic::transport::{Identity as TlsIdentity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 use warmroll_proto::fleet::{
-    AgentMessage, CoordinatorMessage, Hello, MAX_MESSAGE_BYTES, NodeName, PROTOCOL_VERSION,
-    SnapshotAssembly, Welcome,
+    AgentMessage, CoordinatorMessage, Hello, MAX_MESSAGE_BYTES, NodeName, PROTOCOL_VERSION, Welcome,
 };
 use warmroll_proto::v1;
 use warmroll_proto::v1::fleet_server::{Fleet, FleetServer};
@@ -25,7 +24,8 @@ use warmroll_proto::v1::fleet_server::{Fleet, FleetServer};
 use super::auth::{AuthError, Authenticator};
 use super::conn::ConnInfo;
 use super::limits::SessionLimits;
-use super::view::{Applied, FleetView, SessionEnd, SessionId, SessionTx, ViewError};
+use super::receive::{Ending, Receiver};
+use super::view::{FleetView, SessionEnd, SessionId, SessionTx, ViewError};
 
 /// Messages queued per session towards its agent.
 const OUTBOUND_QUEUE: usize = 64;
@@ -367,14 +367,6 @@ impl<A: Authenticator> Fleet for FleetService<A> {
     }
 }
 
-/// How a session ends: by the agent (no status), or by the coordinator with a status
-/// for the agent and the reason it counts under.
-type Ending = Option<(Status, Option<SessionEnd>)>;
-
-fn ended_by(reason: SessionEnd, status: Status) -> Ending {
-    Some((status, Some(reason)))
-}
-
 /// Applies one session's messages until it ends, then hands the node to the grace timer.
 async fn run_session(
     view: FleetView,
@@ -385,26 +377,21 @@ async fn run_session(
     mut inbound: Streaming<v1::AgentMessage>,
     tx: SessionTx,
 ) {
-    let limits = &config.limits;
-    let mut snapshot = SnapshotAssembly::default();
-    // The bytes, containers and images of the snapshot being assembled.
-    let mut snapshot_bytes = 0usize;
-    let mut snapshot_entries = (0usize, 0usize);
-    let mut budget = limits.budget(Instant::now());
-    let end: Ending = loop {
+    let mut receiver = Receiver::new(node.clone(), session, &config.limits, Instant::now());
+    let end: Option<Ending> = loop {
         let next = tokio::select! {
             next = tokio::time::timeout(config.idle_timeout, inbound.message()) => next,
-            () = gate_closes(&mut gate) => break Some((gate_closed(), None)),
+            () = gate_closes(&mut gate) => break Some(Ending::quietly(gate_closed())),
         };
         let message = match next {
             Err(_) => {
-                break ended_by(
+                break Some(Ending::by(
                     SessionEnd::Idle,
                     Status::deadline_exceeded(format!(
                         "no message (not even a heartbeat) for {:?}",
                         config.idle_timeout
                     )),
-                );
+                ));
             }
             Ok(Ok(Some(m))) => m,
             Ok(Ok(None)) => break None,
@@ -412,124 +399,28 @@ async fn run_session(
             // so does a connection the view closed.
             Ok(Err(status)) => {
                 debug!(node = %node, session, error = %status, "session stream failed");
-                break Some((oversize_as_resource_exhausted(status), None));
+                break Some(Ending::quietly(oversize_as_resource_exhausted(status)));
             }
         };
-        if let Err(e) = budget.take(Instant::now()) {
-            break ended_by(SessionEnd::Rate, Status::resource_exhausted(e.to_string()));
-        }
-        let bytes = prost::Message::encoded_len(&message);
-        let message = match AgentMessage::try_from(message) {
-            Ok(m) => m,
-            Err(e) => {
-                warn!(node = %node, session, error = %e, "malformed agent message; ending the session");
-                break ended_by(
-                    SessionEnd::Malformed,
-                    Status::invalid_argument(e.to_string()),
-                );
-            }
-        };
-        if let Err(e) = check_limits(limits, &message) {
-            break ended_by(
-                SessionEnd::OverLimit,
-                Status::resource_exhausted(e.to_string()),
-            );
-        }
-        let applied = match message {
-            AgentMessage::Hello(_) => {
-                break ended_by(
-                    SessionEnd::Malformed,
-                    Status::invalid_argument("hello: sent twice in one session"),
-                );
-            }
-            AgentMessage::Snapshot(part) => {
-                snapshot_bytes = snapshot_bytes.saturating_add(bytes);
-                snapshot_entries.0 = snapshot_entries
-                    .0
-                    .saturating_add(part.snapshot.containers.len());
-                snapshot_entries.1 = snapshot_entries
-                    .1
-                    .saturating_add(part.snapshot.images.len());
-                let within = limits
-                    .check_snapshot_bytes(snapshot_bytes)
-                    .and_then(|()| limits.check_inventory(snapshot_entries.0, snapshot_entries.1));
-                if let Err(e) = within {
-                    break ended_by(
-                        SessionEnd::OverLimit,
-                        Status::resource_exhausted(e.to_string()),
-                    );
-                }
-                match snapshot.push(part) {
-                    Ok(Some(whole)) => {
-                        snapshot_bytes = 0;
-                        snapshot_entries = (0, 0);
-                        view.apply_snapshot(&node, session, whole)
-                    }
-                    Ok(None) => Applied::Ok,
-                    Err(e) => {
-                        warn!(node = %node, session, error = %e, "malformed snapshot part; ending the session");
-                        break ended_by(
-                            SessionEnd::Malformed,
-                            Status::invalid_argument(e.to_string()),
-                        );
-                    }
-                }
-            }
-            AgentMessage::Change(_) if snapshot.is_pending() => {
-                break ended_by(
-                    SessionEnd::Malformed,
-                    Status::invalid_argument("change: sent before the last part of the snapshot"),
-                );
-            }
-            AgentMessage::Change(c) => view.apply_change(&node, session, c, limits),
-            AgentMessage::WarmResult(r) => view.record_result(&node, session, r),
-            AgentMessage::WarmProgress(p) => view.record_progress(&node, session, p),
-            AgentMessage::Heartbeat => {
-                if view.is_current(&node, session) {
-                    Applied::Ok
-                } else {
-                    Applied::Superseded
-                }
-            }
-        };
-        match applied {
-            Applied::Ok => {}
-            Applied::Superseded => {
-                break Some((
-                    Status::aborted("a newer session of this node replaced this one"),
-                    None,
-                ));
-            }
-            Applied::OverLimit(e) => {
-                break ended_by(
-                    SessionEnd::OverLimit,
-                    Status::resource_exhausted(e.to_string()),
-                );
-            }
-            Applied::Gap { expected, got } => {
-                info!(
-                    node = %node,
-                    session,
-                    ?expected,
-                    got,
-                    "inventory sequence gap; asking for a snapshot"
-                );
-                let reason = format!("inventory change {got} does not follow {expected:?}");
+        match receiver.receive(&view, &config.limits, message, Instant::now()) {
+            Ok(None) => {}
+            Ok(Some(resync)) => {
                 // Never wait on the agent: a full queue means it does not read.
-                if tx
-                    .try_send(Box::new(Ok(CoordinatorMessage::Resync { reason }.into())))
-                    .is_err()
-                {
-                    break ended_by(
+                if tx.try_send(Box::new(Ok(resync.into()))).is_err() {
+                    break Some(Ending::by(
                         SessionEnd::Stalled,
                         Status::resource_exhausted("the agent does not read its stream"),
-                    );
+                    ));
                 }
             }
+            Err(ending) => break Some(ending),
         }
     };
     match end {
-        Some((status, Some(reason))) => {
+        Some(Ending {
+            status,
+            reason: Some(reason),
+        }) => {
             let why = status.message().to_owned();
             // Tell the agent why (best effort: it may be gone, or not reading), then
             // close its connection if it does not take that.
@@ -540,25 +431,16 @@ async fn run_session(
                 view.count_closed(reason);
             }
         }
-        Some((status, None)) => {
+        Some(Ending {
+            status,
+            reason: None,
+        }) => {
             let _ = tx.try_send(Box::new(Err(status)));
         }
         None => {}
     }
     drop(tx);
     view.disconnect(&node, session);
-}
-
-/// Labels of every container a message carries.
-fn check_limits(
-    limits: &SessionLimits,
-    message: &AgentMessage,
-) -> Result<(), super::limits::LimitError> {
-    match message {
-        AgentMessage::Snapshot(part) => limits.check_containers(&part.snapshot.containers),
-        AgentMessage::Change(change) => limits.check_containers(&change.upserted),
-        _ => Ok(()),
-    }
 }
 
 #[cfg(test)]

@@ -740,8 +740,8 @@ impl FleetView {
         }
     }
 
-    /// Applies a change; one that would take the node past `limits` is refused
-    /// (`Applied::OverLimit`) and the node's inventory is marked stale.
+    /// Applies a change; one that takes the node past `limits` is refused
+    /// (`Applied::OverLimit`) and the node's inventory dropped.
     pub(crate) fn apply_change(
         &self,
         node: &NodeName,
@@ -785,6 +785,10 @@ impl FleetView {
                 entry.images.upsert(i);
             }
             if let Err(e) = limits.check_inventory(entry.containers.len(), entry.images.len()) {
+                // Past a bound nothing of the node's inventory is trusted (its session
+                // ends); a snapshot within the bounds brings it back.
+                entry.containers = IdSet::default();
+                entry.images = IdSet::default();
                 entry.sequence = None;
                 return Applied::OverLimit(e);
             }

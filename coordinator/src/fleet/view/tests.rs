@@ -522,5 +522,7 @@ async fn a_change_past_the_node_bounds_is_refused() {
         view.apply_change(&name("node-a"), s, change, &limits),
         Applied::OverLimit(_)
     ));
-    assert!(!view.node(&name("node-a")).unwrap().inventory_current);
+    let info = view.node(&name("node-a")).unwrap();
+    assert!(!info.inventory_current);
+    assert!(info.containers.is_empty(), "nothing past the bound is kept");
 }
