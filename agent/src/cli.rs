@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::inventory::Intervals;
 use crate::session;
 use crate::warm::WarmConfig;
+use warmroll_proto::units::parse_duration;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -124,13 +125,6 @@ impl InventoryArgs {
     }
 }
 
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d: jiff::SignedDuration = s
-        .parse()
-        .map_err(|e| format!("invalid duration {s:?} (try 30s, 5m): {e}"))?;
-    Duration::try_from(d).map_err(|_| format!("invalid duration {s:?}: must not be negative"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,9 +133,6 @@ mod tests {
     #[test]
     fn cli_is_consistent_and_parses_sizes_and_durations() {
         Cli::command().debug_assert();
-        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert!(parse_duration("soon").is_err());
         let cli = Cli::try_parse_from([
             "warmroll-agent",
             "pull",

@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use crate::window::RolloutWindow;
 use crate::workload::{Kind, WorkloadKey};
+pub use warmroll_proto::units::parse_duration;
 
 mod notifications;
 pub use notifications::{NotifyEvent, NotifyFormat, NotifyReceiver};
@@ -871,13 +872,6 @@ impl RawPolicy {
             require_approval,
         })
     }
-}
-
-/// `30s`, `5m`, `1h30m`, `2h 15m` (jiff's friendly format); never negative.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let signed = jiff::SignedDuration::from_str(text.trim())
-        .map_err(|e| format!("{text:?} is not a duration like 30s, 5m or 1h30m: {e}"))?;
-    Duration::try_from(signed).map_err(|_| format!("{text:?}: must not be negative"))
 }
 
 fn is_dns_label(s: &str) -> bool {

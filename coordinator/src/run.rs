@@ -31,6 +31,7 @@ use crate::fleet::{
 };
 use crate::leader::{self, KubeLeases, LeaseConfig};
 use crate::supervise::Supervisor;
+use warmroll_proto::units::parse_duration;
 
 /// Successful TokenReviews are cached this long (by token hash), so a fleet reconnecting
 /// at once costs one review per agent.
@@ -132,14 +133,6 @@ fn parse_service_account(s: &str) -> Result<ServiceAccount, String> {
             "{s:?} is not namespace:name (e.g. warmroll:warmroll-agent)"
         )),
     }
-}
-
-/// Parses `30s`, `5m`, `1h30m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d: jiff::SignedDuration = s
-        .parse()
-        .map_err(|e| format!("invalid duration {s:?} (try 30s, 5m): {e}"))?;
-    Duration::try_from(d).map_err(|_| format!("invalid duration {s:?}: must not be negative"))
 }
 
 /// Why `run` failed or stopped.
@@ -400,8 +393,5 @@ mod tests {
         for bad in ["warmroll", ":x", "x:", "a:b:c"] {
             assert!(parse_service_account(bad).is_err(), "{bad}");
         }
-        assert!(parse_duration("-5s").is_err());
-        assert!(parse_duration("soon").is_err());
-        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
     }
 }

@@ -1,10 +1,11 @@
 //! warmroll's shared vocabulary: the agent–coordinator protocol (`v1` on the wire,
 //! [`fleet`] as checked domain types) and the small checked types both sides need (image
-//! references, digests).
+//! references, digests, [`units`]).
 
 pub mod codec;
 pub mod fleet;
 pub mod image;
+pub mod units;
 
 /// The generated `warmroll.v1` wire types, client and server.
 #[allow(clippy::all)]

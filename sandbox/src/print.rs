@@ -2,11 +2,6 @@
 
 use std::time::Duration;
 
-/// `32 MiB`.
-pub fn mib(bytes: u64) -> String {
-    format!("{:.0} MiB", bytes as f64 / f64::from(1 << 20))
-}
-
 /// `  3.2s`: seconds with one decimal, right-aligned for columns of timings.
 pub fn secs(d: Duration) -> String {
     format!("{:5.1}s", d.as_secs_f64())
@@ -31,7 +26,6 @@ mod tests {
 
     #[test]
     fn sizes_durations_and_blocks_format() {
-        assert_eq!(mib(32 << 20), "32 MiB");
         assert_eq!(secs(Duration::from_millis(3240)), "  3.2s");
         assert_eq!(indent("a\nb"), "     a\n     b");
     }

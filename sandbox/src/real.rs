@@ -24,8 +24,9 @@ use warmroll_tests::kube::{AuditEvent, KubeCluster, wait_for};
 use warmroll_tests::registry::{Registry, RegistryOptions};
 use warmroll_tests::warmroll_image::push_warmroll_images;
 
-use crate::print::{indent, mib, secs, step};
+use crate::print::{indent, secs, step};
 use crate::workloads::{NAMESPACE, POLICY};
+use warmroll_proto::units::human_bytes;
 
 /// The chart's agent pods.
 const AGENT_PODS: &str = "app.kubernetes.io/component=agent";
@@ -174,7 +175,7 @@ pub async fn demo(options: &RealOptions) -> Result<Outcome> {
 
     step(&format!(
         "pushing app:latest (build 1, {})",
-        mib(options.image_size)
+        human_bytes(options.image_size)
     ));
     let builder = ImageBuilder::new(&registry)?;
     let first = builder
@@ -223,8 +224,8 @@ pub async fn demo(options: &RealOptions) -> Result<Outcome> {
     registry.set_bandwidth(bandwidth);
     step(&format!(
         "pushing a new build under app:latest ({}, registry link now {})",
-        mib(options.image_size),
-        bandwidth.map_or("unlimited".to_owned(), |b| format!("{}/s", mib(b)))
+        human_bytes(options.image_size),
+        bandwidth.map_or("unlimited".to_owned(), |b| format!("{}/s", human_bytes(b)))
     ));
     let push_started = Timestamp::now();
     let second = builder

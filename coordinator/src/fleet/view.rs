@@ -35,6 +35,7 @@ use warmroll_proto::v1;
 
 use super::conn::Kill;
 use intern::{IdSet, Store, StoredContainer, StoredImage};
+use warmroll_proto::units::human_bytes;
 
 const SHARDS: usize = 64;
 /// Finished warm orders kept per node (the oldest go first).
@@ -199,25 +200,6 @@ impl std::fmt::Display for WarmBytes {
             None => write!(f, "warming, {} so far", human_bytes(self.done)),
         }
     }
-}
-
-/// A byte count for people: `512 B`, `1.5 KiB`, `1.2 GiB` (one decimal from KiB on).
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    // f64 is exact enough for one decimal.
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = UNITS[0];
-    for next in UNITS.iter().skip(1) {
-        if value < 1024.0 {
-            break;
-        }
-        value /= 1024.0;
-        unit = next;
-    }
-    format!("{value:.1} {unit}")
 }
 
 /// What to warm on a node; the view picks the order id.
@@ -1119,11 +1101,6 @@ mod progress_tests {
 
     #[test]
     fn bytes_read_like_the_drift_report_wants_them() {
-        assert_eq!(human_bytes(0), "0 B");
-        assert_eq!(human_bytes(1023), "1023 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(1_288_490_189), "1.2 GiB");
-        assert_eq!(human_bytes(u64::MAX), "16.0 EiB");
         let state = |done, total| WarmState::InProgress {
             bytes_done: done,
             bytes_total: total,
