@@ -20,10 +20,15 @@ use warmroll_proto::image::ImageRef;
 use super::credentials::{AuthSecret, Credentials};
 use super::error::RegistryError;
 use super::manifest::ACCEPT;
+use super::polite::deadline;
 
-/// How long an opaque bearer token (no JWT `exp`) is used: the Docker token spec's
-/// default `expires_in`.
+/// How long a bearer token without `expires_in` or a JWT `exp` is used: the Docker token
+/// spec's default `expires_in`.
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+/// The longest a bearer token is used, whatever its `expires_in` or JWT `exp` claims (a
+/// token server may say 2^63 seconds, or the year 9999): a token is fetched again at
+/// least hourly, and no answer can push a deadline past what the clock holds.
+pub(crate) const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// How long "no auth needed" / "basic auth" is remembered (a 401 re-learns sooner).
 const NON_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// Tokens are renewed this long before they expire.
@@ -194,7 +199,7 @@ impl Transport {
             key,
             CachedAuth {
                 header: header.clone(),
-                expires: Instant::now() + lifetime,
+                expires: deadline(Instant::now(), lifetime),
             },
         );
         Ok(header)
@@ -218,7 +223,7 @@ impl Transport {
             .await
         {
             Ok(Some(token)) => {
-                let lifetime = token_lifetime(&token, SystemTime::now());
+                let lifetime = token_lifetime(&token, None, SystemTime::now());
                 Ok((AuthHeader::Bearer(token), lifetime))
             }
             Ok(None) => Ok((
@@ -323,10 +328,11 @@ impl Transport {
                 reason: "token server sent no usable token: no access_token".to_owned(),
             });
         };
-        let lifetime = match answer.expires_in {
-            Some(secs) => Duration::from_secs(secs).saturating_sub(TOKEN_MARGIN),
-            None => token_lifetime(&token, SystemTime::now()),
-        };
+        let expires_in = answer
+            .expires_in
+            .as_ref()
+            .and_then(serde_json::Value::as_u64);
+        let lifetime = token_lifetime(&token, expires_in, SystemTime::now());
         Ok((AuthHeader::Bearer(token), lifetime))
     }
 
@@ -385,10 +391,26 @@ pub(crate) fn manifest_path(repository: &str, reference: &str, layout: Layout) -
     }
 }
 
-/// How long to use a bearer token: until its JWT `exp` (less a margin), or the spec's
-/// default for opaque tokens.
-pub(crate) fn token_lifetime(token: &str, now: SystemTime) -> Duration {
-    let exp = token
+/// How long to use a bearer token: until the sooner of the answer's `expires_in` and
+/// the token's JWT `exp`, or the spec's default without either; less a margin, and at
+/// most [`MAX_TOKEN_LIFETIME`].
+pub(crate) fn token_lifetime(token: &str, expires_in: Option<u64>, now: SystemTime) -> Duration {
+    let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let until_exp = jwt_exp(token).map(|exp| Duration::from_secs(exp).saturating_sub(since_epoch));
+    let valid_for = match (expires_in.map(Duration::from_secs), until_exp) {
+        (Some(a), Some(b)) => a.min(b),
+        (Some(d), None) | (None, Some(d)) => d,
+        (None, None) => DEFAULT_TOKEN_LIFETIME,
+    };
+    valid_for
+        .saturating_sub(TOKEN_MARGIN)
+        .min(MAX_TOKEN_LIFETIME)
+}
+
+/// A JWT's `exp` claim (seconds since the epoch), read without checking the signature:
+/// only to know when to fetch a new token.
+fn jwt_exp(token: &str) -> Option<u64> {
+    token
         .split('.')
         .nth(1)
         .and_then(|payload| {
@@ -397,14 +419,7 @@ pub(crate) fn token_lifetime(token: &str, now: SystemTime) -> Duration {
                 .ok()
         })
         .and_then(|json| serde_json::from_slice::<serde_json::Value>(&json).ok())
-        .and_then(|claims| claims.get("exp").and_then(serde_json::Value::as_u64));
-    let Some(exp) = exp else {
-        return DEFAULT_TOKEN_LIFETIME;
-    };
-    let now = now.duration_since(UNIX_EPOCH).unwrap_or_default();
-    Duration::from_secs(exp)
-        .saturating_sub(now)
-        .saturating_sub(TOKEN_MARGIN)
+        .and_then(|claims| claims.get("exp").and_then(serde_json::Value::as_u64))
 }
 
 /// A token server's answer (Docker token spec: `token`, OAuth2: `access_token`).
@@ -414,8 +429,10 @@ struct TokenAnswer {
     token: Option<String>,
     #[serde(default)]
     access_token: Option<String>,
+    /// Seconds; anything but a non-negative integer (a string, `-1`, `1e30`) is taken
+    /// as absent rather than failing the token.
     #[serde(default)]
-    expires_in: Option<u64>,
+    expires_in: Option<serde_json::Value>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -535,22 +552,50 @@ mod tests {
     }
 
     #[test]
-    fn token_lifetime_from_jwt_exp_or_default() {
+    fn token_lifetime_from_expires_in_jwt_exp_or_default() {
         let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let secs = Duration::from_secs;
+        let default = DEFAULT_TOKEN_LIFETIME - TOKEN_MARGIN;
         assert_eq!(
-            token_lifetime(&jwt(r#"{"exp":1000300}"#), now),
-            Duration::from_secs(295)
+            token_lifetime(&jwt(r#"{"exp":1000300}"#), None, now),
+            secs(295)
         );
         assert_eq!(
-            token_lifetime(&jwt(r#"{"exp":999000}"#), now),
+            token_lifetime(&jwt(r#"{"exp":999000}"#), None, now),
             Duration::ZERO
         );
+        assert_eq!(token_lifetime(&jwt(r#"{"sub":"x"}"#), None, now), default);
+        assert_eq!(token_lifetime("opaque-token", None, now), default);
+        assert_eq!(token_lifetime("a.!!!.c", None, now), default);
+        assert_eq!(token_lifetime("opaque-token", Some(120), now), secs(115));
+        // The sooner of expires_in and exp.
         assert_eq!(
-            token_lifetime(&jwt(r#"{"sub":"x"}"#), now),
-            DEFAULT_TOKEN_LIFETIME
+            token_lifetime(&jwt(r#"{"exp":1000300}"#), Some(120), now),
+            secs(115)
         );
-        assert_eq!(token_lifetime("opaque-token", now), DEFAULT_TOKEN_LIFETIME);
-        assert_eq!(token_lifetime("a.!!!.c", now), DEFAULT_TOKEN_LIFETIME);
+        assert_eq!(
+            token_lifetime(&jwt(r#"{"exp":1000100}"#), Some(600), now),
+            secs(95)
+        );
+    }
+
+    #[test]
+    fn token_lifetimes_are_capped() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        for (token, expires_in) in [
+            ("opaque".to_owned(), Some(1 << 63)),
+            ("opaque".to_owned(), Some(u64::MAX)),
+            (jwt(r#"{"exp":253402300799}"#), None),
+            (jwt(&format!(r#"{{"exp":{}}}"#, u64::MAX)), Some(u64::MAX)),
+        ] {
+            assert_eq!(token_lifetime(&token, expires_in, now), MAX_TOKEN_LIFETIME);
+        }
+        // A clock before the epoch is no panic either.
+        let before = UNIX_EPOCH - Duration::from_secs(10);
+        assert_eq!(
+            token_lifetime("opaque", Some(1 << 63), before),
+            MAX_TOKEN_LIFETIME
+        );
     }
 
     #[test]
