@@ -11,17 +11,18 @@
 //! credentials) share one request per [`ResolverConfig::min_interval`]
 //! (single-flight plus cache).
 //!
-//! ## Why HEAD/GET are thin reqwest calls next to oci-client
-//! `oci-client` runs the token flow here ([`oci_client::Client::auth`]: the `/v2/`
-//! challenge, anonymous or Basic credentials to the token server, Basic fallback), and
-//! its manifest types parse indexes. Its manifest calls do not fit:
+//! ## Why the requests are thin reqwest calls, not oci-client's
+//! `oci-client`'s manifest types parse indexes here. Its calls do not fit:
 //! `fetch_manifest_digest` hides the status and headers (on a `429` it silently
 //! retries with a GET, doubling the load on a registry that asked us to slow down, and
 //! `Retry-After` is lost), returns no media type (so an index could not be told from a
-//! single manifest without a second request), and `pull_manifest_raw` reads bodies
-//! without a size bound. So the HEAD and GET are single reqwest requests carrying the
-//! `Authorization` that oci-client's flow produced, cached until the token expires; a
-//! `401` refreshes it once.
+//! single manifest without a second request), and `pull_manifest_raw` and the token
+//! flow (`Client::auth`) read bodies without a size bound. So the token flow (the
+//! `/v2/` challenge, the token server asked with anonymous, Basic or identity-token
+//! credentials, Basic without a token server), the HEAD and the GET are single reqwest
+//! requests whose bodies are read bounded (manifests by
+//! [`ResolverConfig::max_manifest_bytes`], token answers by 1 MiB). The `Authorization`
+//! is cached until the token expires, at most an hour; a `401` refreshes it once.
 //!
 //! ## Politeness
 //! Per registry host: a token bucket, `429` + `Retry-After` honoured (the host is not
@@ -56,7 +57,7 @@ pub use polite::{HostHealth, Politeness};
 use cache::{ManifestCache, SingleFlight};
 use manifest::{ParsedManifest, is_index_media_type, is_known_media_type, media_type_of};
 use polite::HostState;
-use transport::{Layout, Transport, TransportConfig, truncate};
+use transport::{Layout, Transport, TransportConfig, bad_response, read_bounded};
 
 const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
 
@@ -318,7 +319,7 @@ impl Resolver {
                     .exchange(Method::GET, image, tag, credentials, used, layout)
                     .await?;
                 let media_type = content_type(get.headers());
-                let body = self.read_body(image, get).await?;
+                let body = self.read_manifest(image, get).await?;
                 let digest = manifest::sha256_of(&body).map_err(|r| bad_response(image, r))?;
                 let parsed = manifest::parse_manifest(&body, media_type.as_deref())
                     .map_err(|r| bad_response(image, r))?;
@@ -359,7 +360,7 @@ impl Resolver {
             )
             .await?;
         let media_type = content_type(get.headers());
-        let body = self.read_body(image, get).await?;
+        let body = self.read_manifest(image, get).await?;
         let actual = match digest.algorithm() {
             DigestAlgorithm::Sha256 => manifest::sha256_of(&body),
             DigestAlgorithm::Sha512 => manifest::sha512_of(&body),
@@ -377,33 +378,13 @@ impl Resolver {
         Ok(parsed)
     }
 
-    async fn read_body(
+    async fn read_manifest(
         &self,
         image: &ImageRef,
-        mut response: reqwest::Response,
+        response: reqwest::Response,
     ) -> Result<Vec<u8>, RegistryError> {
         let limit = self.inner.config.max_manifest_bytes;
-        let too_big = |size: String| {
-            bad_response(
-                image,
-                format!("manifest of {size} bytes exceeds the {limit}-byte limit"),
-            )
-        };
-        if let Some(length) = response.content_length().filter(|&l| l > limit) {
-            return Err(too_big(length.to_string()));
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| transport::network_error(image, &e))?
-        {
-            if (body.len() + chunk.len()) as u64 > limit {
-                return Err(too_big("more than that".to_owned()));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
+        read_bounded(image, response, limit, "manifest").await
     }
 
     fn host_state(&self, host: &str) -> Arc<Mutex<HostState>> {
@@ -541,14 +522,6 @@ fn content_type(headers: &HeaderMap) -> Option<String> {
         .and_then(|v| v.to_str().ok())
         .map(|v| media_type_of(v).to_owned())
         .filter(|m| !m.is_empty())
-}
-
-fn bad_response(image: &ImageRef, reason: impl Into<String>) -> RegistryError {
-    RegistryError::BadResponse {
-        registry: image.api_host().to_owned(),
-        image: image.to_string(),
-        reason: truncate(&reason.into(), 300),
-    }
 }
 
 /// What a manifest response status means (429 is handled before, with its header).
