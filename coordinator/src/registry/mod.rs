@@ -9,7 +9,7 @@
 //! a registry sends no `Docker-Content-Digest` is the manifest fetched by tag and its
 //! body hashed. Concurrent and repeated resolutions of one reference (with one set of
 //! credentials) share one request per [`ResolverConfig::min_interval`]
-//! (single-flight plus cache).
+//! (single-flight plus cache). Every cache is bounded ([`ResolverConfig`]).
 //!
 //! ## Why the requests are thin reqwest calls, not oci-client's
 //! `oci-client`'s manifest types parse indexes here. Its calls do not fit:
@@ -38,7 +38,6 @@ mod manifest;
 pub(crate) mod polite;
 mod transport;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -54,7 +53,6 @@ pub use error::RegistryError;
 pub use manifest::{Child, Resolution, Resolved, digest_matches};
 pub use polite::{HostHealth, Politeness};
 
-use cache::{ManifestCache, SingleFlight};
 use manifest::{ParsedManifest, is_index_media_type, is_known_media_type, media_type_of};
 use polite::HostState;
 use transport::{Layout, Transport, TransportConfig, bad_response, read_bounded};
@@ -79,7 +77,11 @@ pub struct ResolverConfig {
     /// Manifests larger than this are refused.
     pub max_manifest_bytes: u64,
     /// Index and manifest cache size (entries).
-    pub manifest_cache_entries: usize,
+    pub manifest_cache_entries: u64,
+    /// Resolutions kept (entries), and as many authorizations.
+    pub resolution_cache_entries: u64,
+    /// Registry hosts whose pacing and health are kept.
+    pub max_hosts: u64,
     pub politeness: Politeness,
 }
 
@@ -95,6 +97,8 @@ impl Default for ResolverConfig {
             // containerd's limit for manifests.
             max_manifest_bytes: 4 * 1024 * 1024,
             manifest_cache_entries: 4096,
+            resolution_cache_entries: 10_000,
+            max_hosts: 1024,
             politeness: Politeness::default(),
         }
     }
@@ -113,9 +117,9 @@ struct Inner {
     config: ResolverConfig,
     transport: Transport,
     keyring: Keyring,
-    flights: SingleFlight<FlightKey, Result<Resolved, RegistryError>>,
-    manifests: ManifestCache,
-    hosts: Mutex<HashMap<String, Arc<Mutex<HostState>>>>,
+    flights: moka::future::Cache<FlightKey, Result<Resolved, RegistryError>>,
+    manifests: moka::sync::Cache<Digest, ParsedManifest>,
+    hosts: moka::sync::Cache<String, Arc<Mutex<HostState>>>,
     requests: Family<Vec<(String, String)>, Counter>,
 }
 
@@ -128,15 +132,16 @@ impl Resolver {
             ca_bundles_pem: &config.ca_bundles_pem,
             connect_timeout: config.connect_timeout,
             request_timeout: config.request_timeout,
+            auth_cache_entries: config.resolution_cache_entries,
         })?;
         Ok(Resolver {
             inner: Arc::new(Inner {
-                flights: SingleFlight::new(config.min_interval),
-                manifests: ManifestCache::new(config.manifest_cache_entries),
+                flights: cache::resolutions(config.min_interval, config.resolution_cache_entries),
+                manifests: cache::manifests(config.manifest_cache_entries),
+                hosts: cache::hosts(config.max_hosts),
                 config,
                 transport,
                 keyring,
-                hosts: Mutex::new(HashMap::new()),
                 requests: Family::default(),
             }),
         })
@@ -151,22 +156,16 @@ impl Resolver {
         );
     }
 
-    /// Health of every registry host asked so far, sorted by host.
+    /// Health of every registry host asked in the last hour, sorted by host.
     pub fn health(&self) -> Vec<HostHealth> {
-        let hosts: Vec<(String, Arc<Mutex<HostState>>)> = {
-            let hosts = self
-                .inner
-                .hosts
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            hosts.iter().map(|(h, s)| (h.clone(), s.clone())).collect()
-        };
         let now = Instant::now();
-        let mut health: Vec<HostHealth> = hosts
+        let mut health: Vec<HostHealth> = self
+            .inner
+            .hosts
             .iter()
             .map(|(host, state)| {
                 let state = state.lock().unwrap_or_else(PoisonError::into_inner);
-                state.health(host, &self.inner.config.politeness, now)
+                state.health(&host, &self.inner.config.politeness, now)
             })
             .collect();
         health.sort_by(|a, b| a.host.cmp(&b.host));
@@ -206,9 +205,7 @@ impl Resolver {
         let resolved = self
             .inner
             .flights
-            .get_or_fetch(&key, || {
-                self.fetch_with_candidates(image, &tag, &candidates)
-            })
+            .get_with(key, self.fetch_with_candidates(image, &tag, &candidates))
             .await?;
         Ok(Resolution::Tag(resolved))
     }
@@ -388,20 +385,12 @@ impl Resolver {
     }
 
     fn host_state(&self, host: &str) -> Arc<Mutex<HostState>> {
-        let mut hosts = self
-            .inner
-            .hosts
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        hosts
-            .entry(host.to_owned())
-            .or_insert_with(|| {
-                Arc::new(Mutex::new(HostState::new(
-                    &self.inner.config.politeness,
-                    Instant::now(),
-                )))
-            })
-            .clone()
+        self.inner.hosts.get_with_by_ref(host, || {
+            Arc::new(Mutex::new(HostState::new(
+                &self.inner.config.politeness,
+                Instant::now(),
+            )))
+        })
     }
 
     /// Waits for the host's token bucket, or fails at once while it is rate-limited or

@@ -6,21 +6,18 @@
 //! The token flow is run here rather than by oci-client: its `Client::auth` reads the
 //! token server's answer, and its error bodies, without a size bound.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use reqwest::Method;
 use reqwest::header::{CONTENT_TYPE, WWW_AUTHENTICATE};
-use tokio::time::Instant;
 use warmroll_proto::image::ImageRef;
 
+use super::cache::{self, Expiring};
 use super::credentials::{AuthSecret, Credentials};
 use super::error::RegistryError;
 use super::manifest::ACCEPT;
-use super::polite::deadline;
 
 /// How long a bearer token without `expires_in` or a JWT `exp` is used: the Docker token
 /// spec's default `expires_in`.
@@ -63,23 +60,19 @@ struct AuthKey {
     identity: String,
 }
 
-struct CachedAuth {
-    header: AuthHeader,
-    expires: Instant,
-}
-
 /// Settings of the HTTP transport.
 pub(crate) struct TransportConfig<'a> {
     pub insecure: &'a [String],
     pub ca_bundles_pem: &'a [Vec<u8>],
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    pub auth_cache_entries: u64,
 }
 
 pub(crate) struct Transport {
     http: reqwest::Client,
     insecure: Vec<String>,
-    auth: Mutex<HashMap<AuthKey, CachedAuth>>,
+    auth: moka::sync::Cache<AuthKey, Expiring<AuthHeader>>,
 }
 
 /// What the token server is asked with.
@@ -131,7 +124,7 @@ impl Transport {
         Ok(Transport {
             http,
             insecure: config.insecure.to_vec(),
-            auth: Mutex::new(HashMap::new()),
+            auth: cache::expiring(config.auth_cache_entries),
         })
     }
 
@@ -156,11 +149,8 @@ impl Transport {
             repository: image.repository().to_owned(),
             identity: credentials.map_or_else(|| "anonymous".to_owned(), Credentials::identity),
         };
-        if !refresh {
-            let cache = self.auth.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(cached) = cache.get(&key).filter(|c| Instant::now() < c.expires) {
-                return Ok(cached.header.clone());
-            }
+        if !refresh && let Some(cached) = self.auth.get(&key) {
+            return Ok(cached.value);
         }
         let grant = match credentials.map(|c| (c, c.secret())) {
             // Sent as it is: nothing to learn or cache.
@@ -173,12 +163,11 @@ impl Transport {
         };
         let (header, lifetime) = self.token_flow(image, grant).await?;
         tracing::debug!(registry = image.api_host(), auth = ?header, ?lifetime, "registry authorization");
-        let mut cache = self.auth.lock().unwrap_or_else(PoisonError::into_inner);
-        cache.insert(
+        self.auth.insert(
             key,
-            CachedAuth {
-                header: header.clone(),
-                expires: deadline(Instant::now(), lifetime),
+            Expiring {
+                value: header.clone(),
+                lifetime,
             },
         );
         Ok(header)
