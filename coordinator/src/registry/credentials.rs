@@ -23,6 +23,7 @@ use k8s_openapi::api::core::v1::Secret;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 use warmroll_proto::image::ImageRef;
+use wildmatch::WildMatch;
 
 use super::error::RegistryError;
 
@@ -510,7 +511,12 @@ fn normalise_key(key: &str) -> String {
     }
 }
 
-/// kubelet's `URLsMatch` on schemeless `host[:port][/path]` strings.
+/// kubelet's `URLsMatch` on schemeless `host[:port][/path]` strings: the ports equal,
+/// the key's path a prefix of the target's, and the hosts with as many `.`-separated
+/// labels, each matching as a glob (`*` any run within the label, `?` one character,
+/// ASCII case ignored). The globs come from pull secrets anyone who may write a Secret
+/// controls, and are matched in the engine's loop: `wildmatch` matches without
+/// backtracking past the last `*`, so a label costs at most its length times the glob's.
 fn key_matches(key: &str, target: &str) -> bool {
     let (key_host, key_path) = split_host_path(key);
     let (target_host, target_path) = split_host_path(target);
@@ -525,7 +531,7 @@ fn key_matches(key: &str, target: &str) -> bool {
         && key_parts
             .iter()
             .zip(&target_parts)
-            .all(|(glob, part)| glob_match(glob.as_bytes(), part.as_bytes()))
+            .all(|(glob, part)| WildMatch::new_case_insensitive(glob).matches(part))
 }
 
 fn split_host_path(s: &str) -> (&str, &str) {
@@ -547,20 +553,6 @@ fn split_port(host: &str) -> (&str, &str) {
         };
     }
     host.rsplit_once(':').unwrap_or((host, ""))
-}
-
-/// `filepath.Match` for one host label: `*` any run, `?` one character.
-fn glob_match(glob: &[u8], text: &[u8]) -> bool {
-    match glob.split_first() {
-        None => text.is_empty(),
-        Some((b'*', rest)) => {
-            (0..=text.len()).any(|i| text.get(i..).is_some_and(|t| glob_match(rest, t)))
-        }
-        Some((b'?', rest)) => text.split_first().is_some_and(|(_, t)| glob_match(rest, t)),
-        Some((c, rest)) => text
-            .split_first()
-            .is_some_and(|(t, tail)| t.eq_ignore_ascii_case(c) && glob_match(rest, tail)),
-    }
 }
 
 #[cfg(test)]
@@ -629,6 +621,41 @@ mod tests {
         assert!(!key_matches("localhost:5000", "localhost:5001/app"));
         assert!(!key_matches("localhost", "localhost:5000/app"));
         assert!(key_matches("REG.io", "reg.io/app"));
+        assert!(key_matches("r*g*.i?", "registry.io/app"));
+        assert!(key_matches("*", "localhost/app"));
+        assert!(!key_matches("reg?.io", "reg.io/app"), "? is one character");
+        assert!(
+            !key_matches("*.io", "reg.io:5000/app"),
+            "the port must match"
+        );
+        assert!(key_matches("*.io:5000", "reg.io:5000/app"));
+    }
+
+    #[test]
+    fn globs_match_in_linear_time() {
+        // 30 stars against a 255-character label: the recursive matcher this replaced
+        // took exponential time here.
+        let glob = format!("{}b", "a*".repeat(30));
+        let host = "a".repeat(255);
+        let started = std::time::Instant::now();
+        for _ in 0..100 {
+            assert!(!key_matches(&glob, &format!("{host}/app")));
+            assert!(key_matches(&glob, &format!("{host}b/app")));
+        }
+        let took = started.elapsed();
+        assert!(
+            took < std::time::Duration::from_millis(500),
+            "200 matches took {took:?}"
+        );
+        // The same glob in a keyring entry, looked up as the engine does (an image name
+        // is at most 255 characters in all).
+        let mut k = Keyring::new();
+        k.add(&format!("{glob}.io"), Credentials::new("u", "p"), "test");
+        let started = std::time::Instant::now();
+        let long = "a".repeat(240);
+        assert!(k.lookup(&image(&format!("{long}.io/app"))).is_empty());
+        assert_eq!(users(&k, &format!("{long}b.io/app")), ["u"]);
+        assert!(started.elapsed() < std::time::Duration::from_millis(100));
     }
 
     #[test]
