@@ -761,4 +761,59 @@ mod tests {
         let err = read_secret(&missing).unwrap_err();
         assert!(err.to_string().contains("missing"), "{err}");
     }
+
+    use crate::registry::strategies::{json_value, with_any_fields};
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_payload_is_no_panic(body in any::<Vec<u8>>()) {
+            let _ = pushed_tags(&body);
+        }
+
+        #[test]
+        fn payloads_with_any_field_values_are_no_panic(
+            payload in prop_oneof![
+                json_value(),
+                with_any_fields(
+                    serde_json::json!({"events": [{"action": "push", "target": {"repository": "a", "tag": "b"}}]}),
+                    &["events"],
+                ),
+                with_any_fields(
+                    serde_json::json!({"push_data": {"tag": "t"}, "repository": {"repo_name": "r"}}),
+                    &["push_data", "repository"],
+                ),
+                with_any_fields(
+                    serde_json::json!({"type": "PUSH_ARTIFACT", "event_data": {}}),
+                    &["type", "event_data"],
+                ),
+                with_any_fields(
+                    serde_json::json!({"repository": "r", "updated_tags": []}),
+                    &["repository", "updated_tags"],
+                ),
+                with_any_fields(
+                    serde_json::json!({"action": "published", "registry_package": {}}),
+                    &["action", "registry_package"],
+                ),
+                with_any_fields(
+                    serde_json::json!({"domain": "docker", "event_type": "pushed", "data": {}}),
+                    &["domain", "event_type", "data"],
+                ),
+            ],
+        ) {
+            let _ = pushed_tags(&serde_json::to_vec(&payload).unwrap());
+        }
+
+        #[test]
+        fn no_presented_secret_but_the_secret_passes(
+            offered in ".{0,40}",
+            secret in "[!-~]{1,40}",
+        ) {
+            let query: HashMap<String, String> = [("secret".to_owned(), offered.clone())].into();
+            prop_assert_eq!(
+                authorised(&secret, &HeaderMap::new(), &query, b""),
+                offered.trim() == secret
+            );
+        }
+    }
 }

@@ -908,4 +908,33 @@ mod tests {
         assert!(format!("{c:?}").contains("alice"));
         assert_ne!(c.identity(), Credentials::new("alice", "other").identity());
     }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_key_against_any_target_is_no_panic(key in ".{0,80}", target in ".{0,80}") {
+            let _ = key_matches(&key, &target);
+        }
+
+        #[test]
+        fn keys_match_their_own_host_and_stars_stay_within_a_label(
+            labels in prop::collection::vec("[a-z0-9-]{1,20}", 1..5),
+            port in proptest::option::of(1..65535u16),
+            path in "(/[a-z0-9]{1,8}){0,3}",
+        ) {
+            let port = port.map(|p| format!(":{p}")).unwrap_or_default();
+            let host = labels.join(".");
+            let target = format!("{host}{port}{path}/app");
+            let upper = format!("{}{port}{path}", host.to_uppercase());
+            prop_assert!(key_matches(&upper, &target));
+            let stars = format!("{}{port}", vec!["*"; labels.len()].join("."));
+            prop_assert!(key_matches(&stars, &target));
+            // One label more: no match, as in kubelet.
+            let more_stars = format!("*.{stars}");
+            prop_assert!(!key_matches(&more_stars, &target));
+            let more = format!("x.{host}{port}");
+            prop_assert!(!key_matches(&more, &target));
+        }
+    }
 }

@@ -36,6 +36,8 @@ mod credentials;
 mod error;
 mod manifest;
 pub(crate) mod polite;
+#[cfg(test)]
+pub(crate) mod strategies;
 mod transport;
 
 use std::sync::{Arc, Mutex, PoisonError};

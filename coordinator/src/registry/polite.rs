@@ -423,4 +423,51 @@ mod tests {
             "404 is no backoff"
         );
     }
+
+    use proptest::prelude::*;
+
+    /// Seconds since the epoch up to the last second of the year 9999.
+    const YEAR_9999: u64 = 253_402_300_799;
+
+    proptest! {
+        #[test]
+        fn any_retry_after_is_within_the_cap(value in any::<String>(), now in 0..=YEAR_9999) {
+            let now = SystemTime::UNIX_EPOCH + Duration::from_secs(now);
+            if let Some(wait) = parse_retry_after(&value, now) {
+                prop_assert!(wait <= MAX_RETRY_AFTER);
+            }
+        }
+
+        #[test]
+        fn seconds_and_dates_wait_as_asked_up_to_the_cap(
+            seconds in any::<u64>(),
+            digits in "[0-9]{1,60}",
+            at in 0..=YEAR_9999,
+            now in 0..=YEAR_9999,
+        ) {
+            let now_time = SystemTime::UNIX_EPOCH + Duration::from_secs(now);
+            prop_assert_eq!(
+                parse_retry_after(&seconds.to_string(), now_time),
+                Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER))
+            );
+            let wait = parse_retry_after(&digits, now_time);
+            prop_assert!(wait.is_some_and(|w| w <= MAX_RETRY_AFTER));
+            let date = httpdate::fmt_http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(at));
+            prop_assert_eq!(
+                parse_retry_after(&date, now_time),
+                Some(Duration::from_secs(at.saturating_sub(now)).min(MAX_RETRY_AFTER))
+            );
+        }
+
+        #[test]
+        fn no_wait_panics_a_host(seconds in any::<u64>(), nanos in 0..1_000_000_000u32) {
+            let delay = Duration::new(seconds, nanos);
+            let p = Politeness::default();
+            let now = Instant::now();
+            let mut host = HostState::new(&p, now);
+            host.rate_limited("reg.io", now, delay);
+            let blocked = host.admit("reg.io", now).is_err();
+            prop_assert_eq!(blocked, deadline(now, delay) > now);
+        }
+    }
 }

@@ -731,4 +731,77 @@ mod tests {
         assert_eq!(truncate("ééé", 2), "éé…");
         assert_eq!(truncate("ab", 5), "ab");
     }
+
+    use crate::registry::strategies::{json_value, with_any_fields};
+    use proptest::prelude::*;
+
+    /// A clock anywhere from before the epoch to the year 9999.
+    fn any_now() -> impl Strategy<Value = SystemTime> {
+        prop_oneof![
+            (0..=253_402_300_799_u64).prop_map(|s| UNIX_EPOCH + Duration::from_secs(s)),
+            (0..=1_u64 << 31).prop_map(|s| UNIX_EPOCH - Duration::from_secs(s)),
+        ]
+    }
+
+    /// Opaque tokens and JWTs whose claims (`exp` above all) are any JSON.
+    fn any_token() -> impl Strategy<Value = String> {
+        prop_oneof![
+            ".{0,40}",
+            json_value().prop_map(|exp| jwt(&serde_json::json!({ "exp": exp }).to_string())),
+            json_value().prop_map(|claims| jwt(&claims.to_string())),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn any_token_answer_bytes_are_no_panic(body in any::<Vec<u8>>(), now in any_now()) {
+            if let Ok((_, lifetime)) = parse_token_answer(&body, now) {
+                prop_assert!(lifetime <= MAX_TOKEN_LIFETIME);
+            }
+        }
+
+        #[test]
+        fn token_answers_with_any_field_values_stay_within_the_cap(
+            answer in any_token().prop_flat_map(|token| with_any_fields(
+                serde_json::json!({ "token": token, "expires_in": 300 }),
+                &["token", "access_token", "expires_in", "issued_at"],
+            )),
+            now in any_now(),
+        ) {
+            let body = serde_json::to_vec(&answer).unwrap();
+            if let Ok((token, lifetime)) = parse_token_answer(&body, now) {
+                prop_assert!(!token.is_empty());
+                prop_assert!(lifetime <= MAX_TOKEN_LIFETIME);
+            }
+        }
+
+        #[test]
+        fn token_lifetimes_stay_within_the_cap(
+            token in any_token(),
+            expires_in in any::<Option<u64>>(),
+            now in any_now(),
+        ) {
+            prop_assert!(token_lifetime(&token, expires_in, now) <= MAX_TOKEN_LIFETIME);
+        }
+
+        #[test]
+        fn any_www_authenticate_is_no_panic(header in any::<String>()) {
+            if let Some(challenge) = parse_bearer_challenge(&header) {
+                prop_assert!(!challenge.realm.is_empty());
+            }
+        }
+
+        #[test]
+        fn bearer_challenges_give_back_their_realm_and_service(
+            realm in "[^\"]{1,40}",
+            service in "[^\"]{0,20}",
+            scope in "[^\"]{0,20}",
+        ) {
+            let header = format!(r#"Bearer realm="{realm}",service="{service}",scope="{scope}""#);
+            prop_assert_eq!(
+                parse_bearer_challenge(&header),
+                Some(BearerChallenge { realm, service: Some(service) })
+            );
+        }
+    }
 }
