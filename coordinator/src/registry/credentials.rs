@@ -431,7 +431,7 @@ impl Keyring {
 
     /// [`Keyring::lookup`] with where each credential came from (for messages).
     pub(crate) fn matches(&self, image: &ImageRef) -> Vec<(&Credentials, &str)> {
-        let target = format!("{}/{}", image.registry(), image.repository());
+        let target = key_target(image);
         fn pick(e: &KeyringEntry) -> (&Credentials, &str) {
             (&e.credentials, e.origin.as_str())
         }
@@ -481,8 +481,12 @@ fn secret_name(secret: &Secret) -> String {
 /// Whether a registry key or glob (`*.corp.io`, `reg:5000/team`) covers `image`, as a
 /// keyring entry under it would.
 pub(crate) fn pattern_matches(pattern: &str, image: &ImageRef) -> bool {
-    let target = format!("{}/{}", image.registry(), image.repository());
-    key_matches(&normalise_key(pattern), &target)
+    key_matches(&normalise_key(pattern), &key_target(image))
+}
+
+/// What keys are matched against: `registry/repository`.
+fn key_target(image: &ImageRef) -> String {
+    format!("{}/{}", image.registry(), image.repository())
 }
 
 fn is_default_registry(image: &ImageRef) -> bool {
@@ -495,10 +499,7 @@ fn normalise_key(key: &str) -> String {
         .strip_prefix("https://")
         .or_else(|| key.strip_prefix("http://"))
         .unwrap_or(key);
-    let (host, path) = match key.find('/') {
-        Some(i) => key.split_at(i),
-        None => (key, ""),
-    };
+    let (host, path) = split_host_path(key);
     let path = if path.starts_with("/v1/") || path.starts_with("/v2/") {
         path.get(3..).unwrap_or_default()
     } else {

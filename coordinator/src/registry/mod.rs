@@ -46,7 +46,7 @@ use std::time::{Duration, SystemTime};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use reqwest::Method;
-use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
+use reqwest::header::{CONTENT_TYPE, HeaderMap};
 use tokio::time::Instant;
 use warmroll_proto::image::{Digest, DigestAlgorithm, ImageRef, Tracking};
 
@@ -466,11 +466,7 @@ impl Resolver {
                 continue;
             }
             if status == 429 {
-                let retry_after = response
-                    .headers()
-                    .get(RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| polite::parse_retry_after(v, SystemTime::now()))
+                let retry_after = polite::retry_after(response.headers(), SystemTime::now())
                     .unwrap_or(politeness.default_retry_after);
                 let error = state
                     .lock()

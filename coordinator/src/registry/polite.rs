@@ -6,6 +6,7 @@
 use std::time::{Duration, SystemTime};
 
 use jiff::Timestamp;
+use reqwest::header::{HeaderMap, RETRY_AFTER};
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -58,10 +59,17 @@ pub(crate) fn backoff_delay(failures: u32, base: Duration, max: Duration, jitter
 /// short enough that a wrong or hostile answer costs one host ten minutes, not forever.
 pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(10 * 60);
 
+/// The wait an answer's `Retry-After` header asks for ([`parse_retry_after`]); `None`
+/// without a usable one.
+pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?;
+    parse_retry_after(value, now)
+}
+
 /// Parses `Retry-After`: delay-seconds or an HTTP date (relative to `now`), at most
 /// [`MAX_RETRY_AFTER`]. A date in the past means "now"; more seconds than fit in a `u64`
 /// are the cap; anything unparsable is `None`.
-pub(crate) fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
     let wait = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
         Duration::from_secs(value.parse::<u64>().unwrap_or(u64::MAX))
@@ -297,6 +305,16 @@ mod tests {
         assert_eq!(parse_retry_after("-5", now), None);
         assert_eq!(parse_retry_after("+5", now), None);
         assert_eq!(parse_retry_after("", now), None);
+
+        let mut headers = HeaderMap::new();
+        assert_eq!(retry_after(&headers, now), None);
+        headers.insert(RETRY_AFTER, " 120 ".parse().unwrap());
+        assert_eq!(retry_after(&headers, now), Some(Duration::from_secs(120)));
+        headers.insert(
+            RETRY_AFTER,
+            reqwest::header::HeaderValue::from_bytes(b"\xff").unwrap(),
+        );
+        assert_eq!(retry_after(&headers, now), None, "not text");
     }
 
     #[test]
