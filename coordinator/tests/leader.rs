@@ -283,3 +283,42 @@ async fn two_coordinator_processes_only_the_leader_is_ready_and_serves_agents() 
     assert_eq!(holder(&kube).as_deref(), Some("coord-b"));
     assert!(session(&tls, &b, &token).await.is_ok());
 }
+
+/// A supervised task that ends (here the fleet server, whose TLS key cannot be read)
+/// stops the process with an error naming it, so Kubernetes restarts the pod.
+#[tokio::test]
+async fn a_long_lived_task_that_ends_stops_the_process_with_its_name() {
+    let kube = KubeApi::start().await.unwrap();
+    let tls = Tls::new().unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_warmroll-coordinator"))
+        .arg("run")
+        .env("KUBECONFIG", kube.kubeconfig_path())
+        .env(
+            "WARMROLL_GRPC_LISTEN",
+            scratch::free_loopback_addr().unwrap().to_string(),
+        )
+        .env(
+            "WARMROLL_HTTP_LISTEN",
+            scratch::free_loopback_addr().unwrap().to_string(),
+        )
+        .env("WARMROLL_TLS_CERT", &tls.files.cert)
+        .env("WARMROLL_TLS_KEY", tls.dir.path().join("missing.key"))
+        .env("POD_NAMESPACE", NAMESPACE)
+        .env("POD_NAME", "coord-broken")
+        .env("WARMROLL_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let output = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("the coordinator exits")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "exit status {:?}", output.status);
+    assert!(
+        stderr.contains("the fleet server task ended") && stderr.contains("missing.key"),
+        "{stderr}"
+    );
+}

@@ -72,6 +72,10 @@ pub enum EngineError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "the webhook secret file {path} is empty: an empty secret would let any request through"
+    )]
+    EmptyWebhookSecret { path: std::path::PathBuf },
     #[error("registry settings: {0}")]
     Registry(#[from] RegistryError),
     #[error("cannot list {what}: {source}")]
@@ -183,18 +187,11 @@ pub fn spawn(
 ) -> Result<Engine, EngineError> {
     let (resolver, keyring) = resolver_for(&config)?;
     resolver.register_metrics(metrics);
-    let webhook_secret = match &config.webhook_secret_file {
-        None => None,
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .map_err(|source| EngineError::ReadWebhookSecret {
-                    path: path.clone(),
-                    source,
-                })?
-                .trim()
-                .to_owned(),
-        ),
-    };
+    let webhook_secret = config
+        .webhook_secret_file
+        .as_deref()
+        .map(webhook::read_secret)
+        .transpose()?;
     let shared = Arc::new(Shared {
         report: RwLock::new(None),
         pushed: Mutex::new(Vec::new()),

@@ -17,7 +17,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
+use reqwest::header::{CONTENT_TYPE, HeaderMap};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -25,7 +25,7 @@ use warmroll_proto::image::Digest;
 
 use crate::config::{NotifyEvent, NotifyFormat, NotifyReceiver, Policy};
 use crate::drift::{Action, ContainerDrift, Phase, State, Step, drift_target};
-use crate::registry::polite::{backoff_delay, parse_retry_after};
+use crate::registry::polite::{backoff_delay, retry_after};
 use crate::workload::{Workload, WorkloadKey};
 
 /// Why notifications cannot be set up.
@@ -375,11 +375,7 @@ fn answer(status: reqwest::StatusCode, headers: &HeaderMap) -> Answer {
         || status == reqwest::StatusCode::REQUEST_TIMEOUT
         || status == reqwest::StatusCode::TOO_MANY_REQUESTS
     {
-        let after = headers
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, SystemTime::now()))
-            .map(|wait| wait.min(MAX_BACKOFF));
+        let after = retry_after(headers, SystemTime::now()).map(|wait| wait.min(MAX_BACKOFF));
         return Answer::Retry(after);
     }
     Answer::GiveUp

@@ -5,19 +5,40 @@
 //! (distribution's `endpoints[].headers`, Harbor's auth header, ACR's and Artifactory's
 //! custom headers), an `X-Warmroll-Secret` header, a `?secret=` query parameter (Docker
 //! Hub and Quay cannot set headers), or as the key of GitHub's `X-Hub-Signature-256`
-//! HMAC of the body.
+//! HMAC of the body. The secret must not be empty: an empty file stops start-up, and an
+//! empty secret presented never matches.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
+use hmac::{Hmac, Mac as _};
 use serde::Deserialize;
-use sha2::{Digest as _, Sha256};
+use sha2::Sha256;
+use subtle::ConstantTimeEq as _;
 use tracing::{info, warn};
 
-use super::Shared;
+use super::{EngineError, Shared};
+
+/// The shared secret in `path`, without surrounding whitespace (a trailing newline). An
+/// empty or whitespace-only file is an error naming it: with an empty secret, an empty
+/// `?secret=` or an HMAC made with an empty key would pass.
+pub(crate) fn read_secret(path: &Path) -> Result<String, EngineError> {
+    let text = std::fs::read_to_string(path).map_err(|source| EngineError::ReadWebhookSecret {
+        path: path.to_owned(),
+        source,
+    })?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(EngineError::EmptyWebhookSecret {
+            path: path.to_owned(),
+        });
+    }
+    Ok(secret.to_owned())
+}
 
 /// The pushed tags a payload names, as `repository:tag` (Docker Hub's official images
 /// under `library/`). Events that are not pushes of a tag are skipped. The payload's
@@ -312,23 +333,27 @@ impl JFrog {
 }
 
 /// Whether the request carries the secret (compared in constant time), or GitHub's
-/// `X-Hub-Signature-256` of the body made with it.
+/// `X-Hub-Signature-256` of the body made with it (verified in constant time). An empty
+/// secret, configured or presented, matches nothing.
 fn authorised(
     secret: &str,
     headers: &HeaderMap,
     query: &HashMap<String, String>,
     body: &[u8],
 ) -> bool {
+    if secret.is_empty() {
+        return false;
+    }
     let signature = headers
         .get("x-hub-signature-256")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().strip_prefix("sha256="));
-    if let Some(signature) = signature {
-        let expected = hex::encode(hmac_sha256(secret.as_bytes(), body));
-        if constant_time_eq(
-            signature.to_ascii_lowercase().as_bytes(),
-            expected.as_bytes(),
-        ) {
+        .and_then(|v| v.trim().strip_prefix("sha256="))
+        .and_then(|hex| hex::decode(hex).ok());
+    if let Some(signature) = signature
+        && let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes())
+    {
+        mac.update(body);
+        if mac.verify_slice(&signature).is_ok() {
             return true;
         }
     }
@@ -341,35 +366,9 @@ fn authorised(
                 .get("x-warmroll-secret")
                 .and_then(|v| v.to_str().ok())
         })
-        .or_else(|| query.get("secret").map(String::as_str));
-    offered.is_some_and(|o| constant_time_eq(o.trim().as_bytes(), secret.as_bytes()))
-}
-
-/// HMAC-SHA256 (RFC 2104), as GitHub signs webhook deliveries.
-fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
-    const BLOCK: usize = 64;
-    let hashed = Sha256::digest(key);
-    let key = if key.len() > BLOCK {
-        hashed.as_slice()
-    } else {
-        key
-    };
-    let mut block = [0u8; BLOCK];
-    for (b, k) in block.iter_mut().zip(key) {
-        *b = *k;
-    }
-    let mut inner = Sha256::new();
-    inner.update(block.map(|b| b ^ 0x36));
-    inner.update(message);
-    let inner = inner.finalize();
-    let mut outer = Sha256::new();
-    outer.update(block.map(|b| b ^ 0x5c));
-    outer.update(inner);
-    outer.finalize().into()
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        .or_else(|| query.get("secret").map(String::as_str))
+        .map(str::trim);
+    offered.is_some_and(|o| !o.is_empty() && bool::from(o.as_bytes().ct_eq(secret.as_bytes())))
 }
 
 pub(crate) async fn handler(
@@ -561,20 +560,15 @@ mod tests {
         assert!(pushed_tags(&artifact).unwrap().is_empty());
     }
 
+    /// GitHub's `X-Hub-Signature-256` value for `body` signed with `key`.
+    fn github_signature(key: &[u8], body: &[u8]) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
+        mac.update(body);
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    }
+
     #[test]
-    fn hmac_matches_rfc_4231_and_githubs_example() {
-        assert_eq!(
-            hex::encode(hmac_sha256(b"Jefe", b"what do ya want for nothing?")),
-            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
-        );
-        // RFC 4231 test case 6: a key longer than the block is hashed first.
-        assert_eq!(
-            hex::encode(hmac_sha256(
-                &[0xaa; 131],
-                b"Test Using Larger Than Block-Size Key - Hash Key First"
-            )),
-            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
-        );
+    fn github_signatures_verify() {
         // GitHub's "Validating webhook deliveries" example.
         let mut headers = HeaderMap::new();
         headers.insert(
@@ -588,6 +582,12 @@ mod tests {
         assert!(authorised(secret, &headers, &none, b"Hello, World!"));
         assert!(!authorised(secret, &headers, &none, b"Hello, World?"));
         assert!(!authorised("other", &headers, &none, b"Hello, World!"));
+        // Upper-case hex is the same signature; a signature that is not hex is none.
+        let upper = "sha256=757107EA0EB2509FC211221CCE984B8A37570B6D7586C22C46F4379C8B043E17";
+        headers.insert("x-hub-signature-256", upper.parse().unwrap());
+        assert!(authorised(secret, &headers, &none, b"Hello, World!"));
+        headers.insert("x-hub-signature-256", "sha256=zz".parse().unwrap());
+        assert!(!authorised(secret, &headers, &none, b"Hello, World!"));
     }
 
     /// The route as registries call it: each vendor's payload with the secret as that
@@ -628,11 +628,11 @@ mod tests {
             version["container_metadata"]["tag"]["name"] = "nightly".into();
             version["package_url"] = "ghcr.io/Codertocat/hello-world:nightly".into();
         });
-        let signature = format!("sha256={}", hex::encode(hmac_sha256(b"s3cret", &github)));
+        let signature = github_signature(b"s3cret", &github);
         let (status, _) = post(&[("x-hub-signature-256", signature)], &[], github.clone()).await;
         assert_eq!(status, StatusCode::ACCEPTED);
         assert_eq!(taken(), ["codertocat/hello-world:nightly"]);
-        let forged = format!("sha256={}", hex::encode(hmac_sha256(b"guess", &github)));
+        let forged = github_signature(b"guess", &github);
         let (status, _) = post(&[("x-hub-signature-256", forged)], &[], github).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         assert!(taken().is_empty());
@@ -709,6 +709,111 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("x-warmroll-secret", "s5".parse().unwrap());
         assert!(authorised("s5", &headers, &none, b""));
-        assert!(!constant_time_eq(b"ab", b"abc"));
+        assert!(
+            !authorised("s5x", &headers, &none, b""),
+            "a prefix is no match"
+        );
+    }
+
+    #[test]
+    fn empty_secrets_match_nothing() {
+        let none = HashMap::new();
+        let empty_query: HashMap<String, String> = [("secret".to_owned(), String::new())].into();
+        let blank_query: HashMap<String, String> = [("secret".to_owned(), "  ".to_owned())].into();
+        let mut empty_bearer = HeaderMap::new();
+        empty_bearer.insert("authorization", "Bearer ".parse().unwrap());
+        let mut empty_header = HeaderMap::new();
+        empty_header.insert("x-warmroll-secret", "".parse().unwrap());
+        for secret in ["s3cret", ""] {
+            assert!(!authorised(secret, &HeaderMap::new(), &empty_query, b""));
+            assert!(!authorised(secret, &HeaderMap::new(), &blank_query, b""));
+            assert!(!authorised(secret, &empty_bearer, &none, b""));
+            assert!(!authorised(secret, &empty_header, &none, b""));
+        }
+        // A configured empty secret: not even an HMAC made with the empty key passes.
+        let mut signed = HeaderMap::new();
+        signed.insert(
+            "x-hub-signature-256",
+            github_signature(b"", b"{}").parse().unwrap(),
+        );
+        assert!(!authorised("", &signed, &none, b"{}"));
+    }
+
+    #[test]
+    fn empty_secret_files_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("webhook-secret");
+        for blank in ["", "\n", "  \t\r\n"] {
+            std::fs::write(&file, blank).unwrap();
+            let err = read_secret(&file).unwrap_err();
+            assert!(
+                matches!(err, EngineError::EmptyWebhookSecret { .. }),
+                "{err}"
+            );
+            assert!(
+                err.to_string().contains(&file.display().to_string()),
+                "{err}"
+            );
+        }
+        std::fs::write(&file, "s3cret\n").unwrap();
+        assert_eq!(read_secret(&file).unwrap(), "s3cret");
+        let missing = dir.path().join("missing");
+        let err = read_secret(&missing).unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
+    }
+
+    use crate::registry::strategies::{json_value, with_any_fields};
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_payload_is_no_panic(body in any::<Vec<u8>>()) {
+            let _ = pushed_tags(&body);
+        }
+
+        #[test]
+        fn payloads_with_any_field_values_are_no_panic(
+            payload in prop_oneof![
+                json_value(),
+                with_any_fields(
+                    serde_json::json!({"events": [{"action": "push", "target": {"repository": "a", "tag": "b"}}]}),
+                    &["events"],
+                ),
+                with_any_fields(
+                    serde_json::json!({"push_data": {"tag": "t"}, "repository": {"repo_name": "r"}}),
+                    &["push_data", "repository"],
+                ),
+                with_any_fields(
+                    serde_json::json!({"type": "PUSH_ARTIFACT", "event_data": {}}),
+                    &["type", "event_data"],
+                ),
+                with_any_fields(
+                    serde_json::json!({"repository": "r", "updated_tags": []}),
+                    &["repository", "updated_tags"],
+                ),
+                with_any_fields(
+                    serde_json::json!({"action": "published", "registry_package": {}}),
+                    &["action", "registry_package"],
+                ),
+                with_any_fields(
+                    serde_json::json!({"domain": "docker", "event_type": "pushed", "data": {}}),
+                    &["domain", "event_type", "data"],
+                ),
+            ],
+        ) {
+            let _ = pushed_tags(&serde_json::to_vec(&payload).unwrap());
+        }
+
+        #[test]
+        fn no_presented_secret_but_the_secret_passes(
+            offered in ".{0,40}",
+            secret in "[!-~]{1,40}",
+        ) {
+            let query: HashMap<String, String> = [("secret".to_owned(), offered.clone())].into();
+            prop_assert_eq!(
+                authorised(&secret, &HeaderMap::new(), &query, b""),
+                offered.trim() == secret
+            );
+        }
     }
 }

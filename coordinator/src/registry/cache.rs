@@ -1,118 +1,111 @@
-//! Single-flight plus a short cache, so one reference costs one request per interval
-//! however many workloads ask; and a content-addressed cache of parsed manifests.
+//! The resolver's caches, all bounded `moka` caches: resolutions (single-flight plus a
+//! short cache, so one reference costs one request per interval however many workloads
+//! ask), parsed manifests by digest, authorizations until their token expires, and each
+//! registry host's pacing. Each holds at most a set number of entries (the least
+//! recently used go first), so no stream of distinct images, credentials or hosts from
+//! workloads and pull secrets grows the coordinator's memory.
 
-use std::collections::{HashMap, VecDeque};
-use std::future::Future;
 use std::hash::Hash;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::time::Instant;
+use moka::Expiry;
+use moka::policy::EvictionPolicy;
 use warmroll_proto::image::Digest;
 
 use super::manifest::ParsedManifest;
 
-struct Cached<V> {
-    value: V,
-    completed: Instant,
+/// The longest a resolution is reused, whatever `min_interval` says (moka refuses a
+/// time to live past 1000 years).
+const MAX_FRESH_FOR: Duration = Duration::from_secs(24 * 3600);
+/// A registry host nobody asked for this long is forgotten (its health report too).
+/// Longer than any wait it can impose (Retry-After and backoff are capped below it).
+const HOST_IDLE: Duration = Duration::from_secs(3600);
+
+/// Resolutions by key. Callers of one key share one fetch: moka's `get_with` runs one
+/// init per key and a caller arriving meanwhile waits for it and takes its result; a
+/// later caller takes the cached result for `fresh_for`, then fetches again. Different
+/// keys never wait for each other.
+pub(crate) fn resolutions<K, V>(fresh_for: Duration, capacity: u64) -> moka::future::Cache<K, V>
+where
+    K: Hash + Eq + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    moka::future::Cache::builder()
+        .max_capacity(capacity)
+        .time_to_live(fresh_for.min(MAX_FRESH_FOR))
+        .eviction_policy(EvictionPolicy::lru())
+        .build()
 }
 
-type Slot<V> = Arc<tokio::sync::Mutex<Option<Cached<V>>>>;
-
-/// Callers of one key share one fetch: a caller that arrives while a fetch is under
-/// way waits for it and takes its result; a later caller takes the cached result for
-/// `fresh_for`, then fetches again. Different keys never wait for each other (each key
-/// has its own async lock; the map lock is held only to find the slot).
-pub(crate) struct SingleFlight<K, V> {
-    slots: Mutex<HashMap<K, Slot<V>>>,
-    fresh_for: Duration,
+/// Parsed manifests by digest. Content-addressed, so entries never go stale.
+pub(crate) fn manifests(capacity: u64) -> moka::sync::Cache<Digest, ParsedManifest> {
+    moka::sync::Cache::builder()
+        .max_capacity(capacity)
+        .eviction_policy(EvictionPolicy::lru())
+        .build()
 }
 
-impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
-    pub(crate) fn new(fresh_for: Duration) -> Self {
-        SingleFlight {
-            slots: Mutex::new(HashMap::new()),
-            fresh_for,
-        }
+/// Per-host state by host, forgotten after [`HOST_IDLE`] without a request.
+pub(crate) fn hosts<V>(capacity: u64) -> moka::sync::Cache<String, V>
+where
+    V: Clone + Send + Sync + 'static,
+{
+    moka::sync::Cache::builder()
+        .max_capacity(capacity)
+        .time_to_idle(HOST_IDLE)
+        .eviction_policy(EvictionPolicy::lru())
+        .build()
+}
+
+/// A value kept for its own lifetime (an authorization until its token expires).
+#[derive(Debug, Clone)]
+pub(crate) struct Expiring<V> {
+    pub value: V,
+    pub lifetime: Duration,
+}
+
+struct ByLifetime;
+
+impl<K, V> Expiry<K, Expiring<V>> for ByLifetime {
+    fn expire_after_create(&self, _: &K, value: &Expiring<V>, _: Instant) -> Option<Duration> {
+        Some(value.lifetime)
     }
 
-    pub(crate) async fn get_or_fetch<F, Fut>(&self, key: &K, fetch: F) -> V
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = V>,
-    {
-        let arrived = Instant::now();
-        let slot = {
-            let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
-            slots.entry(key.clone()).or_default().clone()
-        };
-        let mut cached = slot.lock().await;
-        if let Some(c) = cached.as_ref() {
-            // Finished after we arrived: we were waiting on that very fetch.
-            let shared = c.completed >= arrived;
-            let fresh = Instant::now() < c.completed + self.fresh_for;
-            if shared || fresh {
-                return c.value.clone();
-            }
-        }
-        let value = fetch().await;
-        *cached = Some(Cached {
-            value: value.clone(),
-            completed: Instant::now(),
-        });
-        value
+    fn expire_after_update(
+        &self,
+        _: &K,
+        value: &Expiring<V>,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.lifetime)
     }
 }
 
-/// Parsed manifests by digest. Content-addressed, so entries never go stale; the
-/// oldest are dropped past `capacity` to bound memory.
-pub(crate) struct ManifestCache {
-    inner: Mutex<(HashMap<Digest, ParsedManifest>, VecDeque<Digest>)>,
-    capacity: usize,
-}
-
-impl ManifestCache {
-    pub(crate) fn new(capacity: usize) -> Self {
-        ManifestCache {
-            inner: Mutex::new((HashMap::new(), VecDeque::new())),
-            capacity: capacity.max(1),
-        }
-    }
-
-    pub(crate) fn get(&self, digest: &Digest) -> Option<ParsedManifest> {
-        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        inner.0.get(digest).cloned()
-    }
-
-    pub(crate) fn insert(&self, digest: Digest, manifest: ParsedManifest) {
-        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let (map, order) = &mut *inner;
-        if map.insert(digest.clone(), manifest).is_none() {
-            order.push_back(digest);
-        }
-        while map.len() > self.capacity {
-            match order.pop_front() {
-                Some(oldest) => {
-                    map.remove(&oldest);
-                }
-                None => break,
-            }
-        }
-    }
+/// Values by key, each gone after its own [`Expiring::lifetime`].
+pub(crate) fn expiring<K, V>(capacity: u64) -> moka::sync::Cache<K, Expiring<V>>
+where
+    K: Hash + Eq + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    moka::sync::Cache::builder()
+        .max_capacity(capacity)
+        .expire_after(ByLifetime)
+        .eviction_policy(EvictionPolicy::lru())
+        .build()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    async fn counted(
-        flight: &SingleFlight<&'static str, usize>,
-        key: &'static str,
-        calls: &AtomicUsize,
-    ) -> usize {
-        flight
-            .get_or_fetch(&key, || async {
+    type Flights = moka::future::Cache<&'static str, usize>;
+
+    async fn counted(flights: &Flights, key: &'static str, calls: &AtomicUsize) -> usize {
+        flights
+            .get_with(key, async {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 calls.fetch_add(1, Ordering::SeqCst) + 1
             })
@@ -121,29 +114,32 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn concurrent_callers_share_one_fetch() {
-        let flight = SingleFlight::new(Duration::from_secs(60));
-        let calls = AtomicUsize::new(0);
-        let results =
-            futures::future::join_all((0..100).map(|_| counted(&flight, "a", &calls))).await;
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
-        assert!(results.iter().all(|&r| r == 1));
+        // Even with nothing kept: callers that arrive during the fetch share it.
+        for fresh_for in [Duration::from_secs(60), Duration::ZERO] {
+            let flights = resolutions(fresh_for, 100);
+            let calls = AtomicUsize::new(0);
+            let results =
+                futures::future::join_all((0..100).map(|_| counted(&flights, "a", &calls))).await;
+            assert_eq!(calls.load(Ordering::SeqCst), 1);
+            assert!(results.iter().all(|&r| r == 1));
+        }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn cache_expires_after_the_interval() {
-        let flight = SingleFlight::new(Duration::from_secs(60));
+    // moka keeps its own clock: expiry is tested in real time.
+    #[tokio::test]
+    async fn resolutions_expire_after_the_interval() {
+        let flights = resolutions(Duration::from_millis(300), 100);
         let calls = AtomicUsize::new(0);
-        assert_eq!(counted(&flight, "a", &calls).await, 1);
-        tokio::time::advance(Duration::from_secs(59)).await;
-        assert_eq!(counted(&flight, "a", &calls).await, 1, "still fresh");
-        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(counted(&flights, "a", &calls).await, 1);
+        assert_eq!(counted(&flights, "a", &calls).await, 1, "still fresh");
+        tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(
-            counted(&flight, "a", &calls).await,
+            counted(&flights, "a", &calls).await,
             2,
             "expired: fetched again"
         );
         assert_eq!(
-            counted(&flight, "b", &calls).await,
+            counted(&flights, "b", &calls).await,
             3,
             "other key, own fetch"
         );
@@ -151,21 +147,37 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn keys_do_not_wait_for_each_other() {
-        let flight: SingleFlight<&str, u8> = SingleFlight::new(Duration::ZERO);
-        let slow = flight.get_or_fetch(&"slow", || async {
+        let flights: moka::future::Cache<&str, u8> = resolutions(Duration::ZERO, 10);
+        let slow = flights.get_with("slow", async {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             1
         });
-        let fast = flight.get_or_fetch(&"fast", || async { 2 });
+        let fast = flights.get_with("fast", async { 2 });
         tokio::select! {
             _ = slow => panic!("the slow key finished first"),
             v = fast => assert_eq!(v, 2),
         }
     }
 
+    #[tokio::test]
+    async fn resolutions_are_bounded() {
+        let flights = resolutions(Duration::from_secs(60), 2);
+        let calls = AtomicUsize::new(0);
+        for key in ["a", "b", "c", "d"] {
+            counted(&flights, key, &calls).await;
+        }
+        flights.run_pending_tasks().await;
+        assert!(flights.entry_count() <= 2, "{}", flights.entry_count());
+        assert_eq!(
+            counted(&flights, "d", &calls).await,
+            4,
+            "the newest is kept"
+        );
+    }
+
     #[test]
     fn manifest_cache_is_bounded() {
-        let cache = ManifestCache::new(2);
+        let cache = manifests(2);
         let manifest = ParsedManifest {
             media_type: "m".into(),
             children: Arc::from([]),
@@ -176,8 +188,62 @@ mod tests {
             .collect();
         for d in &digests {
             cache.insert(d.clone(), manifest.clone());
+            cache.run_pending_tasks();
         }
         assert!(cache.get(&digests[0]).is_none());
         assert_eq!(cache.get(&digests[2]), Some(manifest));
+    }
+
+    #[test]
+    fn expiring_entries_live_their_own_lifetime() {
+        let cache = expiring::<&str, u8>(10);
+        let short = Duration::from_millis(200);
+        cache.insert(
+            "short",
+            Expiring {
+                value: 1,
+                lifetime: short,
+            },
+        );
+        cache.insert(
+            "long",
+            Expiring {
+                value: 2,
+                lifetime: Duration::from_secs(60),
+            },
+        );
+        cache.insert(
+            "none",
+            Expiring {
+                value: 3,
+                lifetime: Duration::ZERO,
+            },
+        );
+        assert_eq!(cache.get("short").map(|e| e.value), Some(1));
+        assert!(cache.get("none").is_none(), "a zero lifetime is not kept");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(cache.get("short").is_none());
+        assert_eq!(cache.get("long").map(|e| e.value), Some(2));
+        // A renewed entry lives its new lifetime.
+        cache.insert(
+            "long",
+            Expiring {
+                value: 4,
+                lifetime: short,
+            },
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(cache.get("long").is_none());
+    }
+
+    #[test]
+    fn hosts_are_bounded() {
+        let cache = hosts::<u8>(2);
+        for (i, host) in ["a.io", "b.io", "c.io"].into_iter().enumerate() {
+            cache.get_with_by_ref(host, || u8::try_from(i).unwrap());
+            cache.run_pending_tasks();
+        }
+        assert!(cache.entry_count() <= 2);
+        assert_eq!(cache.get("c.io"), Some(2));
     }
 }

@@ -23,6 +23,7 @@ use k8s_openapi::api::core::v1::Secret;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 use warmroll_proto::image::ImageRef;
+use wildmatch::WildMatch;
 
 use super::error::RegistryError;
 
@@ -430,7 +431,7 @@ impl Keyring {
 
     /// [`Keyring::lookup`] with where each credential came from (for messages).
     pub(crate) fn matches(&self, image: &ImageRef) -> Vec<(&Credentials, &str)> {
-        let target = format!("{}/{}", image.registry(), image.repository());
+        let target = key_target(image);
         fn pick(e: &KeyringEntry) -> (&Credentials, &str) {
             (&e.credentials, e.origin.as_str())
         }
@@ -480,8 +481,12 @@ fn secret_name(secret: &Secret) -> String {
 /// Whether a registry key or glob (`*.corp.io`, `reg:5000/team`) covers `image`, as a
 /// keyring entry under it would.
 pub(crate) fn pattern_matches(pattern: &str, image: &ImageRef) -> bool {
-    let target = format!("{}/{}", image.registry(), image.repository());
-    key_matches(&normalise_key(pattern), &target)
+    key_matches(&normalise_key(pattern), &key_target(image))
+}
+
+/// What keys are matched against: `registry/repository`.
+fn key_target(image: &ImageRef) -> String {
+    format!("{}/{}", image.registry(), image.repository())
 }
 
 fn is_default_registry(image: &ImageRef) -> bool {
@@ -494,10 +499,7 @@ fn normalise_key(key: &str) -> String {
         .strip_prefix("https://")
         .or_else(|| key.strip_prefix("http://"))
         .unwrap_or(key);
-    let (host, path) = match key.find('/') {
-        Some(i) => key.split_at(i),
-        None => (key, ""),
-    };
+    let (host, path) = split_host_path(key);
     let path = if path.starts_with("/v1/") || path.starts_with("/v2/") {
         path.get(3..).unwrap_or_default()
     } else {
@@ -510,7 +512,12 @@ fn normalise_key(key: &str) -> String {
     }
 }
 
-/// kubelet's `URLsMatch` on schemeless `host[:port][/path]` strings.
+/// kubelet's `URLsMatch` on schemeless `host[:port][/path]` strings: the ports equal,
+/// the key's path a prefix of the target's, and the hosts with as many `.`-separated
+/// labels, each matching as a glob (`*` any run within the label, `?` one character,
+/// ASCII case ignored). The globs come from pull secrets anyone who may write a Secret
+/// controls, and are matched in the engine's loop: `wildmatch` matches without
+/// backtracking past the last `*`, so a label costs at most its length times the glob's.
 fn key_matches(key: &str, target: &str) -> bool {
     let (key_host, key_path) = split_host_path(key);
     let (target_host, target_path) = split_host_path(target);
@@ -525,7 +532,7 @@ fn key_matches(key: &str, target: &str) -> bool {
         && key_parts
             .iter()
             .zip(&target_parts)
-            .all(|(glob, part)| glob_match(glob.as_bytes(), part.as_bytes()))
+            .all(|(glob, part)| WildMatch::new_case_insensitive(glob).matches(part))
 }
 
 fn split_host_path(s: &str) -> (&str, &str) {
@@ -547,20 +554,6 @@ fn split_port(host: &str) -> (&str, &str) {
         };
     }
     host.rsplit_once(':').unwrap_or((host, ""))
-}
-
-/// `filepath.Match` for one host label: `*` any run, `?` one character.
-fn glob_match(glob: &[u8], text: &[u8]) -> bool {
-    match glob.split_first() {
-        None => text.is_empty(),
-        Some((b'*', rest)) => {
-            (0..=text.len()).any(|i| text.get(i..).is_some_and(|t| glob_match(rest, t)))
-        }
-        Some((b'?', rest)) => text.split_first().is_some_and(|(_, t)| glob_match(rest, t)),
-        Some((c, rest)) => text
-            .split_first()
-            .is_some_and(|(t, tail)| t.eq_ignore_ascii_case(c) && glob_match(rest, tail)),
-    }
 }
 
 #[cfg(test)]
@@ -629,6 +622,41 @@ mod tests {
         assert!(!key_matches("localhost:5000", "localhost:5001/app"));
         assert!(!key_matches("localhost", "localhost:5000/app"));
         assert!(key_matches("REG.io", "reg.io/app"));
+        assert!(key_matches("r*g*.i?", "registry.io/app"));
+        assert!(key_matches("*", "localhost/app"));
+        assert!(!key_matches("reg?.io", "reg.io/app"), "? is one character");
+        assert!(
+            !key_matches("*.io", "reg.io:5000/app"),
+            "the port must match"
+        );
+        assert!(key_matches("*.io:5000", "reg.io:5000/app"));
+    }
+
+    #[test]
+    fn globs_match_in_linear_time() {
+        // 30 stars against a 255-character label: the recursive matcher this replaced
+        // took exponential time here.
+        let glob = format!("{}b", "a*".repeat(30));
+        let host = "a".repeat(255);
+        let started = std::time::Instant::now();
+        for _ in 0..100 {
+            assert!(!key_matches(&glob, &format!("{host}/app")));
+            assert!(key_matches(&glob, &format!("{host}b/app")));
+        }
+        let took = started.elapsed();
+        assert!(
+            took < std::time::Duration::from_millis(500),
+            "200 matches took {took:?}"
+        );
+        // The same glob in a keyring entry, looked up as the engine does (an image name
+        // is at most 255 characters in all).
+        let mut k = Keyring::new();
+        k.add(&format!("{glob}.io"), Credentials::new("u", "p"), "test");
+        let started = std::time::Instant::now();
+        let long = "a".repeat(240);
+        assert!(k.lookup(&image(&format!("{long}.io/app"))).is_empty());
+        assert_eq!(users(&k, &format!("{long}b.io/app")), ["u"]);
+        assert!(started.elapsed() < std::time::Duration::from_millis(100));
     }
 
     #[test]
@@ -880,5 +908,34 @@ mod tests {
         }
         assert!(format!("{c:?}").contains("alice"));
         assert_ne!(c.identity(), Credentials::new("alice", "other").identity());
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_key_against_any_target_is_no_panic(key in ".{0,80}", target in ".{0,80}") {
+            let _ = key_matches(&key, &target);
+        }
+
+        #[test]
+        fn keys_match_their_own_host_and_stars_stay_within_a_label(
+            labels in prop::collection::vec("[a-z0-9-]{1,20}", 1..5),
+            port in proptest::option::of(1..65535u16),
+            path in "(/[a-z0-9]{1,8}){0,3}",
+        ) {
+            let port = port.map(|p| format!(":{p}")).unwrap_or_default();
+            let host = labels.join(".");
+            let target = format!("{host}{port}{path}/app");
+            let upper = format!("{}{port}{path}", host.to_uppercase());
+            prop_assert!(key_matches(&upper, &target));
+            let stars = format!("{}{port}", vec!["*"; labels.len()].join("."));
+            prop_assert!(key_matches(&stars, &target));
+            // One label more: no match, as in kubelet.
+            let more_stars = format!("*.{stars}");
+            prop_assert!(!key_matches(&more_stars, &target));
+            let more = format!("x.{host}{port}");
+            prop_assert!(!key_matches(&more, &target));
+        }
     }
 }

@@ -312,4 +312,46 @@ mod tests {
             "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
     }
+
+    use crate::registry::strategies::{json_value, with_any_fields};
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_manifest_bytes_are_no_panic(
+            body in any::<Vec<u8>>(),
+            content_type in proptest::option::of(".{0,40}"),
+        ) {
+            let _ = parse_manifest(&body, content_type.as_deref());
+        }
+
+        #[test]
+        fn any_json_manifest_is_no_panic(value in json_value()) {
+            let _ = parse_manifest(&serde_json::to_vec(&value).unwrap(), None);
+        }
+
+        #[test]
+        fn indexes_with_any_field_values_keep_only_their_platform_entries(
+            entries in prop::collection::vec(with_any_fields(
+                serde_json::json!({
+                    "mediaType": OCI_IMAGE_MEDIA_TYPE,
+                    "digest": A,
+                    "size": 1,
+                    "platform": {"os": "linux", "architecture": "amd64"},
+                }),
+                &["mediaType", "digest", "size", "platform", "annotations"],
+            ), 0..6),
+            index in with_any_fields(
+                serde_json::json!({"schemaVersion": 2, "mediaType": OCI_IMAGE_INDEX_MEDIA_TYPE}),
+                &["schemaVersion", "mediaType"],
+            ),
+        ) {
+            let mut index = index;
+            index["manifests"] = serde_json::Value::from(entries.clone());
+            let body = serde_json::to_vec(&index).unwrap();
+            if let Ok(parsed) = parse_manifest(&body, None) {
+                prop_assert!(parsed.children.len() <= entries.len());
+            }
+        }
+    }
 }

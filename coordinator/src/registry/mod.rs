@@ -9,19 +9,20 @@
 //! a registry sends no `Docker-Content-Digest` is the manifest fetched by tag and its
 //! body hashed. Concurrent and repeated resolutions of one reference (with one set of
 //! credentials) share one request per [`ResolverConfig::min_interval`]
-//! (single-flight plus cache).
+//! (single-flight plus cache). Every cache is bounded ([`ResolverConfig`]).
 //!
-//! ## Why HEAD/GET are thin reqwest calls next to oci-client
-//! `oci-client` runs the token flow here ([`oci_client::Client::auth`]: the `/v2/`
-//! challenge, anonymous or Basic credentials to the token server, Basic fallback), and
-//! its manifest types parse indexes. Its manifest calls do not fit:
+//! ## Why the requests are thin reqwest calls, not oci-client's
+//! `oci-client`'s manifest types parse indexes here. Its calls do not fit:
 //! `fetch_manifest_digest` hides the status and headers (on a `429` it silently
 //! retries with a GET, doubling the load on a registry that asked us to slow down, and
 //! `Retry-After` is lost), returns no media type (so an index could not be told from a
-//! single manifest without a second request), and `pull_manifest_raw` reads bodies
-//! without a size bound. So the HEAD and GET are single reqwest requests carrying the
-//! `Authorization` that oci-client's flow produced, cached until the token expires; a
-//! `401` refreshes it once.
+//! single manifest without a second request), and `pull_manifest_raw` and the token
+//! flow (`Client::auth`) read bodies without a size bound. So the token flow (the
+//! `/v2/` challenge, the token server asked with anonymous, Basic or identity-token
+//! credentials, Basic without a token server), the HEAD and the GET are single reqwest
+//! requests whose bodies are read bounded (manifests by
+//! [`ResolverConfig::max_manifest_bytes`], token answers by 1 MiB). The `Authorization`
+//! is cached until the token expires, at most an hour; a `401` refreshes it once.
 //!
 //! ## Politeness
 //! Per registry host: a token bucket, `429` + `Retry-After` honoured (the host is not
@@ -35,16 +36,17 @@ mod credentials;
 mod error;
 mod manifest;
 pub(crate) mod polite;
+#[cfg(test)]
+pub(crate) mod strategies;
 mod transport;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use reqwest::Method;
-use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
+use reqwest::header::{CONTENT_TYPE, HeaderMap};
 use tokio::time::Instant;
 use warmroll_proto::image::{Digest, DigestAlgorithm, ImageRef, Tracking};
 
@@ -53,10 +55,9 @@ pub use error::RegistryError;
 pub use manifest::{Child, Resolution, Resolved, digest_matches};
 pub use polite::{HostHealth, Politeness};
 
-use cache::{ManifestCache, SingleFlight};
 use manifest::{ParsedManifest, is_index_media_type, is_known_media_type, media_type_of};
 use polite::HostState;
-use transport::{Layout, Transport, TransportConfig, truncate};
+use transport::{Layout, Transport, TransportConfig, bad_response, read_bounded};
 
 const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
 
@@ -78,7 +79,11 @@ pub struct ResolverConfig {
     /// Manifests larger than this are refused.
     pub max_manifest_bytes: u64,
     /// Index and manifest cache size (entries).
-    pub manifest_cache_entries: usize,
+    pub manifest_cache_entries: u64,
+    /// Resolutions kept (entries), and as many authorizations.
+    pub resolution_cache_entries: u64,
+    /// Registry hosts whose pacing and health are kept.
+    pub max_hosts: u64,
     pub politeness: Politeness,
 }
 
@@ -94,6 +99,8 @@ impl Default for ResolverConfig {
             // containerd's limit for manifests.
             max_manifest_bytes: 4 * 1024 * 1024,
             manifest_cache_entries: 4096,
+            resolution_cache_entries: 10_000,
+            max_hosts: 1024,
             politeness: Politeness::default(),
         }
     }
@@ -112,9 +119,9 @@ struct Inner {
     config: ResolverConfig,
     transport: Transport,
     keyring: Keyring,
-    flights: SingleFlight<FlightKey, Result<Resolved, RegistryError>>,
-    manifests: ManifestCache,
-    hosts: Mutex<HashMap<String, Arc<Mutex<HostState>>>>,
+    flights: moka::future::Cache<FlightKey, Result<Resolved, RegistryError>>,
+    manifests: moka::sync::Cache<Digest, ParsedManifest>,
+    hosts: moka::sync::Cache<String, Arc<Mutex<HostState>>>,
     requests: Family<Vec<(String, String)>, Counter>,
 }
 
@@ -127,15 +134,16 @@ impl Resolver {
             ca_bundles_pem: &config.ca_bundles_pem,
             connect_timeout: config.connect_timeout,
             request_timeout: config.request_timeout,
+            auth_cache_entries: config.resolution_cache_entries,
         })?;
         Ok(Resolver {
             inner: Arc::new(Inner {
-                flights: SingleFlight::new(config.min_interval),
-                manifests: ManifestCache::new(config.manifest_cache_entries),
+                flights: cache::resolutions(config.min_interval, config.resolution_cache_entries),
+                manifests: cache::manifests(config.manifest_cache_entries),
+                hosts: cache::hosts(config.max_hosts),
                 config,
                 transport,
                 keyring,
-                hosts: Mutex::new(HashMap::new()),
                 requests: Family::default(),
             }),
         })
@@ -150,22 +158,16 @@ impl Resolver {
         );
     }
 
-    /// Health of every registry host asked so far, sorted by host.
+    /// Health of every registry host asked in the last hour, sorted by host.
     pub fn health(&self) -> Vec<HostHealth> {
-        let hosts: Vec<(String, Arc<Mutex<HostState>>)> = {
-            let hosts = self
-                .inner
-                .hosts
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            hosts.iter().map(|(h, s)| (h.clone(), s.clone())).collect()
-        };
         let now = Instant::now();
-        let mut health: Vec<HostHealth> = hosts
+        let mut health: Vec<HostHealth> = self
+            .inner
+            .hosts
             .iter()
             .map(|(host, state)| {
                 let state = state.lock().unwrap_or_else(PoisonError::into_inner);
-                state.health(host, &self.inner.config.politeness, now)
+                state.health(&host, &self.inner.config.politeness, now)
             })
             .collect();
         health.sort_by(|a, b| a.host.cmp(&b.host));
@@ -205,9 +207,7 @@ impl Resolver {
         let resolved = self
             .inner
             .flights
-            .get_or_fetch(&key, || {
-                self.fetch_with_candidates(image, &tag, &candidates)
-            })
+            .get_with(key, self.fetch_with_candidates(image, &tag, &candidates))
             .await?;
         Ok(Resolution::Tag(resolved))
     }
@@ -318,7 +318,7 @@ impl Resolver {
                     .exchange(Method::GET, image, tag, credentials, used, layout)
                     .await?;
                 let media_type = content_type(get.headers());
-                let body = self.read_body(image, get).await?;
+                let body = self.read_manifest(image, get).await?;
                 let digest = manifest::sha256_of(&body).map_err(|r| bad_response(image, r))?;
                 let parsed = manifest::parse_manifest(&body, media_type.as_deref())
                     .map_err(|r| bad_response(image, r))?;
@@ -359,7 +359,7 @@ impl Resolver {
             )
             .await?;
         let media_type = content_type(get.headers());
-        let body = self.read_body(image, get).await?;
+        let body = self.read_manifest(image, get).await?;
         let actual = match digest.algorithm() {
             DigestAlgorithm::Sha256 => manifest::sha256_of(&body),
             DigestAlgorithm::Sha512 => manifest::sha512_of(&body),
@@ -377,50 +377,22 @@ impl Resolver {
         Ok(parsed)
     }
 
-    async fn read_body(
+    async fn read_manifest(
         &self,
         image: &ImageRef,
-        mut response: reqwest::Response,
+        response: reqwest::Response,
     ) -> Result<Vec<u8>, RegistryError> {
         let limit = self.inner.config.max_manifest_bytes;
-        let too_big = |size: String| {
-            bad_response(
-                image,
-                format!("manifest of {size} bytes exceeds the {limit}-byte limit"),
-            )
-        };
-        if let Some(length) = response.content_length().filter(|&l| l > limit) {
-            return Err(too_big(length.to_string()));
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| transport::network_error(image, &e))?
-        {
-            if (body.len() + chunk.len()) as u64 > limit {
-                return Err(too_big("more than that".to_owned()));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
+        read_bounded(image, response, limit, "manifest").await
     }
 
     fn host_state(&self, host: &str) -> Arc<Mutex<HostState>> {
-        let mut hosts = self
-            .inner
-            .hosts
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        hosts
-            .entry(host.to_owned())
-            .or_insert_with(|| {
-                Arc::new(Mutex::new(HostState::new(
-                    &self.inner.config.politeness,
-                    Instant::now(),
-                )))
-            })
-            .clone()
+        self.inner.hosts.get_with_by_ref(host, || {
+            Arc::new(Mutex::new(HostState::new(
+                &self.inner.config.politeness,
+                Instant::now(),
+            )))
+        })
     }
 
     /// Waits for the host's token bucket, or fails at once while it is rate-limited or
@@ -494,11 +466,7 @@ impl Resolver {
                 continue;
             }
             if status == 429 {
-                let retry_after = response
-                    .headers()
-                    .get(RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| polite::parse_retry_after(v, SystemTime::now()))
+                let retry_after = polite::retry_after(response.headers(), SystemTime::now())
                     .unwrap_or(politeness.default_retry_after);
                 let error = state
                     .lock()
@@ -541,14 +509,6 @@ fn content_type(headers: &HeaderMap) -> Option<String> {
         .and_then(|v| v.to_str().ok())
         .map(|v| media_type_of(v).to_owned())
         .filter(|m| !m.is_empty())
-}
-
-fn bad_response(image: &ImageRef, reason: impl Into<String>) -> RegistryError {
-    RegistryError::BadResponse {
-        registry: image.api_host().to_owned(),
-        image: image.to_string(),
-        reason: truncate(&reason.into(), 300),
-    }
 }
 
 /// What a manifest response status means (429 is handled before, with its header).

@@ -6,6 +6,7 @@
 use std::time::{Duration, SystemTime};
 
 use jiff::Timestamp;
+use reqwest::header::{HeaderMap, RETRY_AFTER};
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -52,15 +53,38 @@ pub(crate) fn backoff_delay(failures: u32, base: Duration, max: Duration, jitter
     half + half.mul_f64(jitter.clamp(0.0, 1.0))
 }
 
-/// Parses `Retry-After`: delay-seconds or an HTTP date (relative to `now`). A date in
-/// the past means "now"; anything unparsable is `None`.
-pub(crate) fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+/// The longest wait a `Retry-After` imposes. A registry (or a notification receiver)
+/// asking for more, up to `18446744073709551615` seconds or a date in the year 9999, is
+/// asked again after this: long enough to be polite to a registry that is throttling,
+/// short enough that a wrong or hostile answer costs one host ten minutes, not forever.
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(10 * 60);
+
+/// The wait an answer's `Retry-After` header asks for ([`parse_retry_after`]); `None`
+/// without a usable one.
+pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?;
+    parse_retry_after(value, now)
+}
+
+/// Parses `Retry-After`: delay-seconds or an HTTP date (relative to `now`), at most
+/// [`MAX_RETRY_AFTER`]. A date in the past means "now"; more seconds than fit in a `u64`
+/// are the cap; anything unparsable is `None`.
+fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+    let wait = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        Duration::from_secs(value.parse::<u64>().unwrap_or(u64::MAX))
+    } else {
+        let at = httpdate::parse_http_date(value).ok()?;
+        at.duration_since(now).unwrap_or(Duration::ZERO)
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
+}
+
+/// `now + delay` without the panic of `Instant + Duration`: the delays here are capped
+/// (Retry-After, backoff, token lifetimes), so the sum always fits; should it not, the
+/// deadline is `now` (no wait) rather than a crash.
+pub(crate) fn deadline(now: Instant, delay: Duration) -> Instant {
+    now.checked_add(delay).unwrap_or(now)
 }
 
 /// A classic token bucket.
@@ -178,7 +202,7 @@ impl HostState {
         retry_after: Duration,
     ) -> RegistryError {
         let until_wall = wall_clock_after(retry_after);
-        self.blocked = Some((now + retry_after, until_wall, Block::RateLimited));
+        self.blocked = Some((deadline(now, retry_after), until_wall, Block::RateLimited));
         self.last_error = Some("rate-limited (429)".to_owned());
         RegistryError::RateLimited {
             registry: host.to_owned(),
@@ -209,7 +233,7 @@ impl HostState {
                 );
                 let reason = error.to_string();
                 self.blocked = Some((
-                    now + delay,
+                    deadline(now, delay),
                     wall_clock_after(delay),
                     Block::BackingOff {
                         reason: reason.clone(),
@@ -279,6 +303,59 @@ mod tests {
         );
         assert_eq!(parse_retry_after("soon", now), None);
         assert_eq!(parse_retry_after("-5", now), None);
+        assert_eq!(parse_retry_after("+5", now), None);
+        assert_eq!(parse_retry_after("", now), None);
+
+        let mut headers = HeaderMap::new();
+        assert_eq!(retry_after(&headers, now), None);
+        headers.insert(RETRY_AFTER, " 120 ".parse().unwrap());
+        assert_eq!(retry_after(&headers, now), Some(Duration::from_secs(120)));
+        headers.insert(
+            RETRY_AFTER,
+            reqwest::header::HeaderValue::from_bytes(b"\xff").unwrap(),
+        );
+        assert_eq!(retry_after(&headers, now), None, "not text");
+    }
+
+    #[test]
+    fn retry_after_is_capped() {
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT").unwrap();
+        for far in [
+            "18446744073709551615",
+            "18446744073709551616",
+            "99999999999999999999999999999999",
+            "601",
+            "Fri, 31 Dec 9999 23:59:59 GMT",
+        ] {
+            assert_eq!(parse_retry_after(far, now), Some(MAX_RETRY_AFTER), "{far}");
+        }
+        assert_eq!(
+            parse_retry_after("600", now),
+            Some(Duration::from_secs(600))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadlines_never_overflow() {
+        let now = Instant::now();
+        assert_eq!(
+            deadline(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
+        assert_eq!(
+            deadline(now, Duration::MAX),
+            now,
+            "unrepresentable: no wait"
+        );
+        // A 429 asking for u64::MAX seconds blocks the host for the cap, not forever.
+        let p = Politeness::default();
+        let mut host = HostState::new(&p, now);
+        let retry_after = parse_retry_after("18446744073709551615", SystemTime::now()).unwrap();
+        host.rate_limited("reg.io", now, retry_after);
+        tokio::time::advance(MAX_RETRY_AFTER - Duration::from_secs(1)).await;
+        assert!(host.admit("reg.io", Instant::now()).is_err());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(host.admit("reg.io", Instant::now()), Ok(None));
     }
 
     #[tokio::test(start_paused = true)]
@@ -363,5 +440,52 @@ mod tests {
             Ok(None),
             "404 is no backoff"
         );
+    }
+
+    use proptest::prelude::*;
+
+    /// Seconds since the epoch up to the last second of the year 9999.
+    const YEAR_9999: u64 = 253_402_300_799;
+
+    proptest! {
+        #[test]
+        fn any_retry_after_is_within_the_cap(value in any::<String>(), now in 0..=YEAR_9999) {
+            let now = SystemTime::UNIX_EPOCH + Duration::from_secs(now);
+            if let Some(wait) = parse_retry_after(&value, now) {
+                prop_assert!(wait <= MAX_RETRY_AFTER);
+            }
+        }
+
+        #[test]
+        fn seconds_and_dates_wait_as_asked_up_to_the_cap(
+            seconds in any::<u64>(),
+            digits in "[0-9]{1,60}",
+            at in 0..=YEAR_9999,
+            now in 0..=YEAR_9999,
+        ) {
+            let now_time = SystemTime::UNIX_EPOCH + Duration::from_secs(now);
+            prop_assert_eq!(
+                parse_retry_after(&seconds.to_string(), now_time),
+                Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER))
+            );
+            let wait = parse_retry_after(&digits, now_time);
+            prop_assert!(wait.is_some_and(|w| w <= MAX_RETRY_AFTER));
+            let date = httpdate::fmt_http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(at));
+            prop_assert_eq!(
+                parse_retry_after(&date, now_time),
+                Some(Duration::from_secs(at.saturating_sub(now)).min(MAX_RETRY_AFTER))
+            );
+        }
+
+        #[test]
+        fn no_wait_panics_a_host(seconds in any::<u64>(), nanos in 0..1_000_000_000u32) {
+            let delay = Duration::new(seconds, nanos);
+            let p = Politeness::default();
+            let now = Instant::now();
+            let mut host = HostState::new(&p, now);
+            host.rate_limited("reg.io", now, delay);
+            let blocked = host.admit("reg.io", now).is_err();
+            prop_assert_eq!(blocked, deadline(now, delay) > now);
+        }
     }
 }

@@ -1,33 +1,39 @@
 //! HTTP to one registry: TLS (system roots plus configured CA bundles), plain HTTP
 //! only for hosts configured insecure, timeouts, bounded bodies, and the
-//! `Authorization` header from `oci-client`'s token flow, cached until the token
-//! expires.
+//! `Authorization` header from the distribution token flow, cached until the token
+//! expires (at most [`MAX_TOKEN_LIFETIME`]).
+//!
+//! The token flow is run here rather than by oci-client: its `Client::auth` reads the
+//! token server's answer, and its error bodies, without a size bound.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
-use oci_client::errors::OciDistributionError;
-use oci_client::secrets::RegistryAuth;
-use oci_client::{Reference, RegistryOperation};
 use reqwest::Method;
-use tokio::time::Instant;
+use reqwest::header::{CONTENT_TYPE, WWW_AUTHENTICATE};
 use warmroll_proto::image::ImageRef;
 
+use super::cache::{self, Expiring};
 use super::credentials::{AuthSecret, Credentials};
 use super::error::RegistryError;
 use super::manifest::ACCEPT;
 
-/// How long an opaque bearer token (no JWT `exp`) is used: the Docker token spec's
-/// default `expires_in`.
+/// How long a bearer token without `expires_in` or a JWT `exp` is used: the Docker token
+/// spec's default `expires_in`.
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+/// The longest a bearer token is used, whatever its `expires_in` or JWT `exp` claims (a
+/// token server may say 2^63 seconds, or the year 9999): a token is fetched again at
+/// least hourly, and no answer can push a deadline past what the clock holds.
+pub(crate) const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// How long "no auth needed" / "basic auth" is remembered (a 401 re-learns sooner).
 const NON_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// Tokens are renewed this long before they expire.
 const TOKEN_MARGIN: Duration = Duration::from_secs(5);
+/// The largest token server answer read. A token is a few KiB (a JWT, perhaps with its
+/// signing certificate); a bigger answer is a broken or hostile server, refused before
+/// it fills memory, as manifests past [`super::ResolverConfig::max_manifest_bytes`] are.
+pub(crate) const MAX_TOKEN_ANSWER_BYTES: u64 = 1024 * 1024;
 const USER_AGENT: &str = concat!("warmroll-coordinator/", env!("CARGO_PKG_VERSION"));
 
 #[derive(Clone)]
@@ -54,40 +60,40 @@ struct AuthKey {
     identity: String,
 }
 
-struct CachedAuth {
-    header: AuthHeader,
-    expires: Instant,
-}
-
 /// Settings of the HTTP transport.
 pub(crate) struct TransportConfig<'a> {
     pub insecure: &'a [String],
     pub ca_bundles_pem: &'a [Vec<u8>],
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    pub auth_cache_entries: u64,
 }
 
 pub(crate) struct Transport {
     http: reqwest::Client,
-    oci: oci_client::Client,
     insecure: Vec<String>,
-    auth: Mutex<HashMap<AuthKey, CachedAuth>>,
+    auth: moka::sync::Cache<AuthKey, Expiring<AuthHeader>>,
 }
 
-/// Splits a PEM bundle into single certificates (oci-client reads one per entry).
-pub(crate) fn split_pem_bundle(pem: &[u8]) -> Vec<Vec<u8>> {
-    const END: &str = "-----END CERTIFICATE-----";
-    let text = String::from_utf8_lossy(pem);
-    let mut certs = Vec::new();
-    let mut rest = text.as_ref();
-    while let Some(begin) = rest.find("-----BEGIN CERTIFICATE-----") {
-        let from = rest.get(begin..).unwrap_or_default();
-        let Some(end) = from.find(END) else { break };
-        let cert = from.get(..end + END.len()).unwrap_or_default();
-        certs.push(format!("{cert}\n").into_bytes());
-        rest = from.get(end + END.len()..).unwrap_or_default();
+/// What the token server is asked with.
+#[derive(Clone, Copy)]
+enum Grant<'a> {
+    Anonymous,
+    /// A password: `GET <realm>` with Basic auth.
+    Password(&'a Credentials, &'a str),
+    /// An identity token: OAuth2's `POST <realm>` with `grant_type=refresh_token`.
+    Refresh(&'a Credentials, &'a str),
+}
+
+impl Grant<'_> {
+    /// For messages: never the secret.
+    fn describe(self) -> &'static str {
+        match self {
+            Grant::Anonymous => "anonymous access",
+            Grant::Password(..) => "the password",
+            Grant::Refresh(..) => "the identity token",
+        }
     }
-    certs
 }
 
 impl Transport {
@@ -97,22 +103,16 @@ impl Transport {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client_error = |reason: String| RegistryError::Client { reason };
 
-        let pems: Vec<Vec<u8>> = config
-            .ca_bundles_pem
-            .iter()
-            .flat_map(|bundle| split_pem_bundle(bundle))
-            .collect();
-        if pems.len() < config.ca_bundles_pem.len() {
-            return Err(client_error(
-                "a CA bundle holds no PEM certificate".to_owned(),
-            ));
-        }
         let mut roots = Vec::new();
-        for pem in &pems {
-            roots.push(
-                reqwest::Certificate::from_pem(pem)
-                    .map_err(|e| client_error(format!("bad CA certificate: {e}")))?,
-            );
+        for bundle in config.ca_bundles_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(bundle)
+                .map_err(|e| client_error(format!("bad CA certificate: {e}")))?;
+            if certs.is_empty() {
+                return Err(client_error(
+                    "a CA bundle holds no PEM certificate".to_owned(),
+                ));
+            }
+            roots.extend(certs);
         }
         let http = reqwest::Client::builder()
             .tls_certs_merge(roots)
@@ -121,29 +121,10 @@ impl Transport {
             .user_agent(USER_AGENT)
             .build()
             .map_err(|e| client_error(error_chain(&e)))?;
-
-        let oci_config = ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(config.insecure.to_vec()),
-            extra_root_certificates: pems
-                .into_iter()
-                .map(|data| Certificate {
-                    encoding: CertificateEncoding::Pem,
-                    data,
-                })
-                .collect(),
-            connect_timeout: Some(config.connect_timeout),
-            read_timeout: Some(config.request_timeout),
-            user_agent: USER_AGENT,
-            platform_resolver: None,
-            ..ClientConfig::default()
-        };
-        let oci = oci_client::Client::try_from(oci_config)
-            .map_err(|e| client_error(format!("oci-client: {e}")))?;
         Ok(Transport {
             http,
-            oci,
             insecure: config.insecure.to_vec(),
-            auth: Mutex::new(HashMap::new()),
+            auth: cache::expiring(config.auth_cache_entries),
         })
     }
 
@@ -155,8 +136,8 @@ impl Transport {
         }
     }
 
-    /// The `Authorization` to use for `image`, from the cache or a fresh run of
-    /// oci-client's token flow (`/v2/` challenge, then Bearer token or Basic).
+    /// The `Authorization` to use for `image`, from the cache or a fresh run of the
+    /// token flow (`/v2/` challenge, then Bearer token or Basic).
     pub(crate) async fn authorization(
         &self,
         image: &ImageRef,
@@ -168,84 +149,41 @@ impl Transport {
             repository: image.repository().to_owned(),
             identity: credentials.map_or_else(|| "anonymous".to_owned(), Credentials::identity),
         };
-        if !refresh {
-            let cache = self.auth.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(cached) = cache.get(&key).filter(|c| Instant::now() < c.expires) {
-                return Ok(cached.header.clone());
-            }
+        if !refresh && let Some(cached) = self.auth.get(&key) {
+            return Ok(cached.value);
         }
-        let (header, lifetime) = match credentials.map(|c| (c, c.secret())) {
+        let grant = match credentials.map(|c| (c, c.secret())) {
             // Sent as it is: nothing to learn or cache.
             Some((_, AuthSecret::RegistryToken(token))) => {
                 return Ok(AuthHeader::Bearer(token.clone()));
             }
-            Some((c, AuthSecret::IdentityToken(token))) => {
-                self.refresh_token_grant(image, c, token).await?
-            }
-            Some((c, AuthSecret::Password(password))) => {
-                let basic = RegistryAuth::Basic(c.username().to_owned(), password.clone());
-                self.oci_auth(image, &basic, Some(c)).await?
-            }
-            None => self.oci_auth(image, &RegistryAuth::Anonymous, None).await?,
+            Some((c, AuthSecret::IdentityToken(token))) => Grant::Refresh(c, token),
+            Some((c, AuthSecret::Password(password))) => Grant::Password(c, password),
+            None => Grant::Anonymous,
         };
+        let (header, lifetime) = self.token_flow(image, grant).await?;
         tracing::debug!(registry = image.api_host(), auth = ?header, ?lifetime, "registry authorization");
-        let mut cache = self.auth.lock().unwrap_or_else(PoisonError::into_inner);
-        cache.insert(
+        self.auth.insert(
             key,
-            CachedAuth {
-                header: header.clone(),
-                expires: Instant::now() + lifetime,
+            Expiring {
+                value: header.clone(),
+                lifetime,
             },
         );
         Ok(header)
     }
 
-    /// oci-client's token flow with anonymous or Basic credentials.
-    async fn oci_auth(
+    /// The distribution token flow, as docker and containerd run it: `GET /v2/`; a
+    /// `Bearer` challenge names the token server, asked for a pull token of the
+    /// repository (see [`Grant`]). Without a bearer challenge the registry takes the
+    /// credentials as Basic auth (an identity token as the password of its user:
+    /// Artifactory takes them so), or needs none.
+    async fn token_flow(
         &self,
         image: &ImageRef,
-        registry_auth: &RegistryAuth,
-        credentials: Option<&Credentials>,
-    ) -> Result<(AuthHeader, Duration), RegistryError> {
-        let reference = Reference::with_tag(
-            image.api_host().to_owned(),
-            image.repository().to_owned(),
-            image.tag().unwrap_or("latest").to_owned(),
-        );
-        match self
-            .oci
-            .auth(&reference, registry_auth, RegistryOperation::Pull)
-            .await
-        {
-            Ok(Some(token)) => {
-                let lifetime = token_lifetime(&token, SystemTime::now());
-                Ok((AuthHeader::Bearer(token), lifetime))
-            }
-            Ok(None) => Ok((
-                credentials.map_or(AuthHeader::Anonymous, |c| AuthHeader::Basic(c.clone())),
-                NON_TOKEN_LIFETIME,
-            )),
-            Err(e) => Err(oci_error(image, e)),
-        }
-    }
-
-    /// Docker's identity-token flow (oci-client has none): the `/v2/` challenge names
-    /// the token server, which trades the refresh token for an access token (OAuth2
-    /// `grant_type=refresh_token`, as docker and containerd send it). A registry without
-    /// a token server gets the token as the password of Basic auth, when there is a
-    /// username (Artifactory takes identity tokens so).
-    async fn refresh_token_grant(
-        &self,
-        image: &ImageRef,
-        credentials: &Credentials,
-        refresh_token: &str,
+        grant: Grant<'_>,
     ) -> Result<(AuthHeader, Duration), RegistryError> {
         let host = image.api_host();
-        let auth_error = |reason: String| RegistryError::Auth {
-            registry: host.to_owned(),
-            image: image.to_string(),
-            reason,
-        };
         let ping = self
             .http
             .get(format!("{}://{host}/v2/", self.scheme(host)))
@@ -254,26 +192,66 @@ impl Transport {
             .map_err(|e| network_error(image, &e))?;
         let challenge = ping
             .headers()
-            .get(reqwest::header::WWW_AUTHENTICATE)
+            .get(WWW_AUTHENTICATE)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_bearer_challenge);
         let Some(challenge) = challenge else {
-            if ping.status().is_success() {
-                return Ok((AuthHeader::Anonymous, NON_TOKEN_LIFETIME));
-            }
-            if credentials.username().is_empty() {
-                return Err(auth_error(
-                    "the registry names no token server to trade the identity token at, and \
-                     the credential has no username for Basic auth"
-                        .to_owned(),
-                ));
-            }
-            let basic = Credentials::new(credentials.username(), refresh_token);
-            return Ok((AuthHeader::Basic(basic), NON_TOKEN_LIFETIME));
+            let header = without_token_server(image, grant, ping.status().is_success())?;
+            return Ok((header, NON_TOKEN_LIFETIME));
         };
+        let response = self
+            .token_request(image, &challenge, grant)?
+            .send()
+            .await
+            .map_err(|e| network_error(image, &e))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(auth_error(
+                image,
+                format!(
+                    "the token server refused {} (HTTP {})",
+                    grant.describe(),
+                    status.as_u16()
+                ),
+            ));
+        }
+        let body = read_bounded(
+            image,
+            response,
+            MAX_TOKEN_ANSWER_BYTES,
+            "token server answer",
+        )
+        .await?;
+        let (token, lifetime) = parse_token_answer(&body, SystemTime::now()).map_err(|reason| {
+            bad_response(
+                image,
+                format!("token server sent no usable token: {reason}"),
+            )
+        })?;
+        Ok((AuthHeader::Bearer(token), lifetime))
+    }
+
+    /// The request for a pull token of `image`'s repository at the challenge's realm: a
+    /// `GET` with `scope` and `service` (Basic auth with a password), or for an identity
+    /// token OAuth2's form `POST` (`grant_type=refresh_token`, as docker and containerd
+    /// send it).
+    fn token_request(
+        &self,
+        image: &ImageRef,
+        challenge: &BearerChallenge,
+        grant: Grant<'_>,
+    ) -> Result<reqwest::RequestBuilder, RegistryError> {
+        let mut realm = reqwest::Url::parse(&challenge.realm).map_err(|e| {
+            bad_response(
+                image,
+                format!(
+                    "the token server's realm {:?} is not a URL: {e}",
+                    truncate(&challenge.realm, 100)
+                ),
+            )
+        })?;
         let scope = format!("repository:{}:pull", image.repository());
-        // Built at once: the serializer is not `Send` and must not live across an await.
-        let body = {
+        if let Grant::Refresh(_, refresh_token) = grant {
             let mut form = form_urlencoded::Serializer::new(String::new());
             form.append_pair("grant_type", "refresh_token")
                 .append_pair("client_id", "warmroll")
@@ -282,52 +260,24 @@ impl Transport {
             if let Some(service) = &challenge.service {
                 form.append_pair("service", service);
             }
-            form.finish()
-        };
-        let response = self
-            .http
-            .post(&challenge.realm)
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/x-www-form-urlencoded",
-            )
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| network_error(image, &e))?;
-        let status = response.status();
-        if !status.is_success() {
-            return Err(auth_error(format!(
-                "the token server refused the identity token (HTTP {})",
-                status.as_u16()
-            )));
+            return Ok(self
+                .http
+                .post(realm)
+                .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(form.finish()));
         }
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| network_error(image, &e))?;
-        let answer: TokenAnswer =
-            serde_json::from_slice(&body).map_err(|e| RegistryError::BadResponse {
-                registry: host.to_owned(),
-                image: image.to_string(),
-                reason: format!("token server sent no usable token: {e}"),
-            })?;
-        let Some(token) = answer
-            .access_token
-            .or(answer.token)
-            .filter(|t| !t.is_empty())
-        else {
-            return Err(RegistryError::BadResponse {
-                registry: host.to_owned(),
-                image: image.to_string(),
-                reason: "token server sent no usable token: no access_token".to_owned(),
-            });
-        };
-        let lifetime = match answer.expires_in {
-            Some(secs) => Duration::from_secs(secs).saturating_sub(TOKEN_MARGIN),
-            None => token_lifetime(&token, SystemTime::now()),
-        };
-        Ok((AuthHeader::Bearer(token), lifetime))
+        {
+            let mut query = realm.query_pairs_mut();
+            query.append_pair("scope", &scope);
+            if let Some(service) = &challenge.service {
+                query.append_pair("service", service);
+            }
+        }
+        let request = self.http.get(realm);
+        Ok(match grant {
+            Grant::Password(c, password) => request.basic_auth(c.username(), Some(password)),
+            Grant::Anonymous | Grant::Refresh(..) => request,
+        })
     }
 
     /// One manifest request (`reference` is a tag or a digest).
@@ -385,10 +335,26 @@ pub(crate) fn manifest_path(repository: &str, reference: &str, layout: Layout) -
     }
 }
 
-/// How long to use a bearer token: until its JWT `exp` (less a margin), or the spec's
-/// default for opaque tokens.
-pub(crate) fn token_lifetime(token: &str, now: SystemTime) -> Duration {
-    let exp = token
+/// How long to use a bearer token: until the sooner of the answer's `expires_in` and
+/// the token's JWT `exp`, or the spec's default without either; less a margin, and at
+/// most [`MAX_TOKEN_LIFETIME`].
+pub(crate) fn token_lifetime(token: &str, expires_in: Option<u64>, now: SystemTime) -> Duration {
+    let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let until_exp = jwt_exp(token).map(|exp| Duration::from_secs(exp).saturating_sub(since_epoch));
+    let valid_for = match (expires_in.map(Duration::from_secs), until_exp) {
+        (Some(a), Some(b)) => a.min(b),
+        (Some(d), None) | (None, Some(d)) => d,
+        (None, None) => DEFAULT_TOKEN_LIFETIME,
+    };
+    valid_for
+        .saturating_sub(TOKEN_MARGIN)
+        .min(MAX_TOKEN_LIFETIME)
+}
+
+/// A JWT's `exp` claim (seconds since the epoch), read without checking the signature:
+/// only to know when to fetch a new token.
+fn jwt_exp(token: &str) -> Option<u64> {
+    token
         .split('.')
         .nth(1)
         .and_then(|payload| {
@@ -397,14 +363,49 @@ pub(crate) fn token_lifetime(token: &str, now: SystemTime) -> Duration {
                 .ok()
         })
         .and_then(|json| serde_json::from_slice::<serde_json::Value>(&json).ok())
-        .and_then(|claims| claims.get("exp").and_then(serde_json::Value::as_u64));
-    let Some(exp) = exp else {
-        return DEFAULT_TOKEN_LIFETIME;
-    };
-    let now = now.duration_since(UNIX_EPOCH).unwrap_or_default();
-    Duration::from_secs(exp)
-        .saturating_sub(now)
-        .saturating_sub(TOKEN_MARGIN)
+        .and_then(|claims| claims.get("exp").and_then(serde_json::Value::as_u64))
+}
+
+/// The `Authorization` for a registry whose `/v2/` names no token server: the
+/// credentials as Basic auth, or none. An identity token goes as the password of its
+/// user; a registry that answered `/v2/` without asking for anything needs none.
+fn without_token_server(
+    image: &ImageRef,
+    grant: Grant<'_>,
+    ping_ok: bool,
+) -> Result<AuthHeader, RegistryError> {
+    match grant {
+        Grant::Anonymous => Ok(AuthHeader::Anonymous),
+        Grant::Password(c, _) => Ok(AuthHeader::Basic(c.clone())),
+        Grant::Refresh(..) if ping_ok => Ok(AuthHeader::Anonymous),
+        Grant::Refresh(c, _) if c.username().is_empty() => Err(auth_error(
+            image,
+            "the registry names no token server to trade the identity token at, and the \
+             credential has no username for Basic auth"
+                .to_owned(),
+        )),
+        Grant::Refresh(c, token) => Ok(AuthHeader::Basic(Credentials::new(c.username(), token))),
+    }
+}
+
+/// A token server's answer: the token (OAuth2's `access_token`, else the Docker token
+/// spec's `token`) and how long to use it ([`token_lifetime`]). Errors are reasons.
+pub(crate) fn parse_token_answer(
+    body: &[u8],
+    now: SystemTime,
+) -> Result<(String, Duration), String> {
+    let answer: TokenAnswer = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let expires_in = answer
+        .expires_in
+        .as_ref()
+        .and_then(serde_json::Value::as_u64);
+    let token = answer
+        .access_token
+        .or(answer.token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| "no access_token or token".to_owned())?;
+    let lifetime = token_lifetime(&token, expires_in, now);
+    Ok((token, lifetime))
 }
 
 /// A token server's answer (Docker token spec: `token`, OAuth2: `access_token`).
@@ -414,8 +415,10 @@ struct TokenAnswer {
     token: Option<String>,
     #[serde(default)]
     access_token: Option<String>,
+    /// Seconds; anything but a non-negative integer (a string, `-1`, `1e30`) is taken
+    /// as absent rather than failing the token.
     #[serde(default)]
-    expires_in: Option<u64>,
+    expires_in: Option<serde_json::Value>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -483,6 +486,54 @@ pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// A response body of at most `limit` bytes (`what` names it in the error): refused at
+/// once by its `Content-Length`, else as soon as the bytes read pass the limit.
+pub(crate) async fn read_bounded(
+    image: &ImageRef,
+    mut response: reqwest::Response,
+    limit: u64,
+    what: &str,
+) -> Result<Vec<u8>, RegistryError> {
+    let too_big = |size: String| {
+        bad_response(
+            image,
+            format!("{what} of {size} bytes exceeds the {limit}-byte limit"),
+        )
+    };
+    if let Some(length) = response.content_length().filter(|&l| l > limit) {
+        return Err(too_big(length.to_string()));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| network_error(image, &e))?
+    {
+        let size = u64::try_from(body.len().saturating_add(chunk.len())).unwrap_or(u64::MAX);
+        if size > limit {
+            return Err(too_big("more than that".to_owned()));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+pub(crate) fn bad_response(image: &ImageRef, reason: impl Into<String>) -> RegistryError {
+    RegistryError::BadResponse {
+        registry: image.api_host().to_owned(),
+        image: image.to_string(),
+        reason: truncate(&reason.into(), 300),
+    }
+}
+
+fn auth_error(image: &ImageRef, reason: String) -> RegistryError {
+    RegistryError::Auth {
+        registry: image.api_host().to_owned(),
+        image: image.to_string(),
+        reason,
+    }
+}
+
 pub(crate) fn network_error(image: &ImageRef, error: &reqwest::Error) -> RegistryError {
     let reason = if error.is_timeout() {
         format!("timed out: {}", error_chain(error))
@@ -493,28 +544,6 @@ pub(crate) fn network_error(image: &ImageRef, error: &reqwest::Error) -> Registr
         registry: image.api_host().to_owned(),
         image: image.to_string(),
         reason,
-    }
-}
-
-fn oci_error(image: &ImageRef, error: OciDistributionError) -> RegistryError {
-    let registry = image.api_host().to_owned();
-    match error {
-        OciDistributionError::RequestError(e) => network_error(image, &e),
-        OciDistributionError::RegistryTokenDecodeError(reason) => RegistryError::BadResponse {
-            registry,
-            image: image.to_string(),
-            reason: format!("token server sent no usable token: {reason}"),
-        },
-        OciDistributionError::AuthenticationFailure(body) => RegistryError::Auth {
-            registry,
-            image: image.to_string(),
-            reason: format!("token request rejected: {}", truncate(body.trim(), 200)),
-        },
-        other => RegistryError::Auth {
-            registry,
-            image: image.to_string(),
-            reason: other.to_string(),
-        },
     }
 }
 
@@ -535,32 +564,113 @@ mod tests {
     }
 
     #[test]
-    fn token_lifetime_from_jwt_exp_or_default() {
+    fn token_lifetime_from_expires_in_jwt_exp_or_default() {
         let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let secs = Duration::from_secs;
+        let default = DEFAULT_TOKEN_LIFETIME - TOKEN_MARGIN;
         assert_eq!(
-            token_lifetime(&jwt(r#"{"exp":1000300}"#), now),
-            Duration::from_secs(295)
+            token_lifetime(&jwt(r#"{"exp":1000300}"#), None, now),
+            secs(295)
         );
         assert_eq!(
-            token_lifetime(&jwt(r#"{"exp":999000}"#), now),
+            token_lifetime(&jwt(r#"{"exp":999000}"#), None, now),
             Duration::ZERO
         );
+        assert_eq!(token_lifetime(&jwt(r#"{"sub":"x"}"#), None, now), default);
+        assert_eq!(token_lifetime("opaque-token", None, now), default);
+        assert_eq!(token_lifetime("a.!!!.c", None, now), default);
+        assert_eq!(token_lifetime("opaque-token", Some(120), now), secs(115));
+        // The sooner of expires_in and exp.
         assert_eq!(
-            token_lifetime(&jwt(r#"{"sub":"x"}"#), now),
-            DEFAULT_TOKEN_LIFETIME
+            token_lifetime(&jwt(r#"{"exp":1000300}"#), Some(120), now),
+            secs(115)
         );
-        assert_eq!(token_lifetime("opaque-token", now), DEFAULT_TOKEN_LIFETIME);
-        assert_eq!(token_lifetime("a.!!!.c", now), DEFAULT_TOKEN_LIFETIME);
+        assert_eq!(
+            token_lifetime(&jwt(r#"{"exp":1000100}"#), Some(600), now),
+            secs(95)
+        );
     }
 
     #[test]
-    fn pem_bundles_split_into_certificates() {
-        let one = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----";
-        let bundle = format!("# comment\n{one}\n{one}\ntrailing");
-        let certs = split_pem_bundle(bundle.as_bytes());
-        assert_eq!(certs.len(), 2);
-        assert_eq!(certs[0], format!("{one}\n").into_bytes());
-        assert!(split_pem_bundle(b"nothing here").is_empty());
+    fn token_lifetimes_are_capped() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        for (token, expires_in) in [
+            ("opaque".to_owned(), Some(1 << 63)),
+            ("opaque".to_owned(), Some(u64::MAX)),
+            (jwt(r#"{"exp":253402300799}"#), None),
+            (jwt(&format!(r#"{{"exp":{}}}"#, u64::MAX)), Some(u64::MAX)),
+        ] {
+            assert_eq!(token_lifetime(&token, expires_in, now), MAX_TOKEN_LIFETIME);
+        }
+        // A clock before the epoch is no panic either.
+        let before = UNIX_EPOCH - Duration::from_secs(10);
+        assert_eq!(
+            token_lifetime("opaque", Some(1 << 63), before),
+            MAX_TOKEN_LIFETIME
+        );
+    }
+
+    #[test]
+    fn token_answers_parse() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let parse = |body: &str| parse_token_answer(body.as_bytes(), now);
+        assert_eq!(
+            parse(r#"{"token":"t1","expires_in":120}"#),
+            Ok(("t1".to_owned(), Duration::from_secs(115)))
+        );
+        assert_eq!(
+            parse(r#"{"token":"t1","access_token":"a1"}"#),
+            Ok(("a1".to_owned(), DEFAULT_TOKEN_LIFETIME - TOKEN_MARGIN))
+        );
+        // Absurd or malformed lifetimes: capped, or taken as absent.
+        for expires_in in ["9223372036854775808", "18446744073709551615"] {
+            let body = format!(r#"{{"token":"t","expires_in":{expires_in}}}"#);
+            assert_eq!(parse(&body), Ok(("t".to_owned(), MAX_TOKEN_LIFETIME)));
+        }
+        for expires_in in ["-1", "1e30", "\"soon\"", "null", "[]"] {
+            let body = format!(r#"{{"token":"t","expires_in":{expires_in}}}"#);
+            assert_eq!(
+                parse(&body),
+                Ok(("t".to_owned(), DEFAULT_TOKEN_LIFETIME - TOKEN_MARGIN)),
+                "{expires_in}"
+            );
+        }
+        for bad in [
+            "",
+            "[]",
+            "{}",
+            r#"{"token":""}"#,
+            r#"{"token":5}"#,
+            "<html>",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn registries_without_a_token_server() {
+        let image = ImageRef::parse("reg.io/app:v1").unwrap();
+        let password = Credentials::new("u", "pw");
+        let identity = Credentials::identity_token("u", "refresh");
+        let bare = Credentials::identity_token("", "refresh");
+        let header = |grant, ok| format!("{:?}", without_token_server(&image, grant, ok));
+        assert_eq!(header(Grant::Anonymous, false), "Ok(Anonymous)");
+        assert_eq!(
+            header(Grant::Password(&password, "pw"), true),
+            "Ok(Basic(u))"
+        );
+        assert_eq!(
+            header(Grant::Refresh(&identity, "refresh"), true),
+            "Ok(Anonymous)"
+        );
+        assert_eq!(
+            header(Grant::Refresh(&identity, "refresh"), false),
+            "Ok(Basic(u))"
+        );
+        let err =
+            without_token_server(&image, Grant::Refresh(&bare, "refresh"), false).unwrap_err();
+        assert!(err.to_string().contains("no username"), "{err}");
+        assert!(!err.to_string().contains("refresh"), "{err}");
     }
 
     #[test]
@@ -620,5 +730,78 @@ mod tests {
     fn truncation_is_char_safe() {
         assert_eq!(truncate("ééé", 2), "éé…");
         assert_eq!(truncate("ab", 5), "ab");
+    }
+
+    use crate::registry::strategies::{json_value, with_any_fields};
+    use proptest::prelude::*;
+
+    /// A clock anywhere from before the epoch to the year 9999.
+    fn any_now() -> impl Strategy<Value = SystemTime> {
+        prop_oneof![
+            (0..=253_402_300_799_u64).prop_map(|s| UNIX_EPOCH + Duration::from_secs(s)),
+            (0..=1_u64 << 31).prop_map(|s| UNIX_EPOCH - Duration::from_secs(s)),
+        ]
+    }
+
+    /// Opaque tokens and JWTs whose claims (`exp` above all) are any JSON.
+    fn any_token() -> impl Strategy<Value = String> {
+        prop_oneof![
+            ".{0,40}",
+            json_value().prop_map(|exp| jwt(&serde_json::json!({ "exp": exp }).to_string())),
+            json_value().prop_map(|claims| jwt(&claims.to_string())),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn any_token_answer_bytes_are_no_panic(body in any::<Vec<u8>>(), now in any_now()) {
+            if let Ok((_, lifetime)) = parse_token_answer(&body, now) {
+                prop_assert!(lifetime <= MAX_TOKEN_LIFETIME);
+            }
+        }
+
+        #[test]
+        fn token_answers_with_any_field_values_stay_within_the_cap(
+            answer in any_token().prop_flat_map(|token| with_any_fields(
+                serde_json::json!({ "token": token, "expires_in": 300 }),
+                &["token", "access_token", "expires_in", "issued_at"],
+            )),
+            now in any_now(),
+        ) {
+            let body = serde_json::to_vec(&answer).unwrap();
+            if let Ok((token, lifetime)) = parse_token_answer(&body, now) {
+                prop_assert!(!token.is_empty());
+                prop_assert!(lifetime <= MAX_TOKEN_LIFETIME);
+            }
+        }
+
+        #[test]
+        fn token_lifetimes_stay_within_the_cap(
+            token in any_token(),
+            expires_in in any::<Option<u64>>(),
+            now in any_now(),
+        ) {
+            prop_assert!(token_lifetime(&token, expires_in, now) <= MAX_TOKEN_LIFETIME);
+        }
+
+        #[test]
+        fn any_www_authenticate_is_no_panic(header in any::<String>()) {
+            if let Some(challenge) = parse_bearer_challenge(&header) {
+                prop_assert!(!challenge.realm.is_empty());
+            }
+        }
+
+        #[test]
+        fn bearer_challenges_give_back_their_realm_and_service(
+            realm in "[^\"]{1,40}",
+            service in "[^\"]{0,20}",
+            scope in "[^\"]{0,20}",
+        ) {
+            let header = format!(r#"Bearer realm="{realm}",service="{service}",scope="{scope}""#);
+            prop_assert_eq!(
+                parse_bearer_challenge(&header),
+                Some(BearerChallenge { realm, service: Some(service) })
+            );
+        }
     }
 }

@@ -6,7 +6,9 @@
 //!                                 │  records method/path/status of every request
 //!                                 │  injects faults (429, 5xx, closed connections, down)
 //!                                 │  throttles response bodies and adds latency
-//!                                 └─ serves the token endpoint (`/token`) for token auth
+//!                                 └─ serves the token endpoint (`/token`) for token auth,
+//!                                    its answers dressed as a test asks (absurd
+//!                                    lifetimes, huge bodies: `set_token_answer`)
 //! ```
 //!
 //! Why this arrangement:
@@ -45,6 +47,7 @@ use crate::scratch;
 use crate::tls::TestCa;
 
 pub use proxy::{Fault, FaultRule, RecordedRequest};
+pub use token::TokenServerAnswer;
 
 /// Path of the registry binary (Debian package `docker-registry`).
 pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
@@ -370,6 +373,11 @@ impl Registry {
     /// Delay added before each request is answered.
     pub fn set_latency(&self, latency: Duration) {
         self.proxy.state.set_latency(latency);
+    }
+
+    /// How the token endpoint (token auth) dresses its answers from now on.
+    pub fn set_token_answer(&self, answer: TokenServerAnswer) {
+        self.proxy.state.set_token_answer(answer);
     }
 }
 

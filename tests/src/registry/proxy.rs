@@ -22,7 +22,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
-use super::token::TokenIssuer;
+use super::token::{TokenIssuer, TokenServerAnswer};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub(super) type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -47,6 +47,9 @@ pub struct RecordedRequest {
 pub enum Fault {
     /// `429 Too Many Requests` with `Retry-After: <secs>` and a registry error body.
     TooManyRequests { retry_after_secs: u64 },
+    /// `429 Too Many Requests` with this `Retry-After` value as it is (an HTTP date, a
+    /// number past `u64`, garbage); a value that cannot be a header is sent as `invalid`.
+    TooManyRequestsWith { retry_after: String },
     /// Any status (e.g. 500, 503) with a registry error body.
     Status(u16),
     /// Close the connection without answering.
@@ -127,6 +130,7 @@ pub(super) struct ProxyState {
     faults: Mutex<Vec<FaultRule>>,
     down: AtomicBool,
     link: Mutex<Link>,
+    token_answer: Mutex<TokenServerAnswer>,
 }
 
 impl ProxyState {
@@ -140,7 +144,21 @@ impl ProxyState {
                 latency: Duration::ZERO,
                 next_free: Instant::now(),
             }),
+            token_answer: Mutex::new(TokenServerAnswer::default()),
         }
+    }
+
+    pub(super) fn set_token_answer(&self, answer: TokenServerAnswer) {
+        if let Ok(mut current) = self.token_answer.lock() {
+            *current = answer;
+        }
+    }
+
+    fn token_answer(&self) -> TokenServerAnswer {
+        self.token_answer
+            .lock()
+            .map(|a| a.clone())
+            .unwrap_or_default()
     }
 
     pub(super) fn requests(&self) -> Vec<RecordedRequest> {
@@ -341,6 +359,17 @@ async fn handle(
                     .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
                 response
             }
+            Fault::TooManyRequestsWith { retry_after } => {
+                let mut response = error_response(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "TOOMANYREQUESTS",
+                    "too many requests (injected by the test bed)",
+                );
+                let value = HeaderValue::from_str(&retry_after)
+                    .unwrap_or_else(|_| HeaderValue::from_static("invalid"));
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+                response
+            }
             Fault::Status(code) => error_response(
                 StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                 "UNKNOWN",
@@ -358,7 +387,7 @@ async fn handle(
     if path == "/token"
         && let Some(token) = &shared.token
     {
-        let response = token.handle(req).await;
+        let response = token.handle(req, &state.token_answer()).await;
         record(response.status().as_u16());
         return Ok(response.map(|b| b.map_err(BoxError::from).boxed_unsync()));
     }

@@ -20,6 +20,22 @@ use crate::tls::TestCa;
 /// Seconds a token is valid.
 const TOKEN_LIFETIME_SECS: u64 = 300;
 
+/// How the token endpoint dresses its answers ([`super::Registry::set_token_answer`]).
+/// The default is a well-behaved server's; a test of a hostile one sets absurd values.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TokenServerAnswer {
+    /// The answer's `expires_in`, as any JSON (default `300`): `9223372036854775808`,
+    /// `-1`, `"soon"`.
+    pub expires_in: Option<serde_json::Value>,
+    /// The JWT's `exp` claim, as any JSON (default now + 300 seconds since the epoch).
+    /// distribution checks it: it refuses a token past its `exp`, one whose `exp` is
+    /// not an `int64`, and one too far out for Go's time (it wraps into the past); the
+    /// year 9999 (`253402300799`) it takes.
+    pub exp: Option<serde_json::Value>,
+    /// This many bytes of padding in an extra `padding` field: a huge answer.
+    pub padding: usize,
+}
+
 pub(super) struct TokenIssuer {
     issuer: String,
     service: String,
@@ -70,7 +86,11 @@ impl TokenIssuer {
     /// `POST /token` (`grant_type=password&username=..&password=..`, as containerd
     /// tries first, or `grant_type=refresh_token&refresh_token=..` with the identity
     /// token, as docker and containerd trade one).
-    pub(super) async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    pub(super) async fn handle(
+        &self,
+        req: Request<Incoming>,
+        dress: &TokenServerAnswer,
+    ) -> Response<Full<Bytes>> {
         let (parts, body) = req.into_parts();
         let mut params: Vec<(String, String)> = parts
             .uri
@@ -129,16 +149,19 @@ impl TokenIssuer {
             .flat_map(|(_, v)| v.split(' '))
             .filter_map(parse_scope)
             .collect();
-        match self.sign(&access) {
-            Ok(token) => json_response(
-                StatusCode::OK,
-                serde_json::json!({
+        match self.sign(&access, dress.exp.clone()) {
+            Ok(token) => {
+                let mut answer = serde_json::json!({
                     "token": token,
                     "access_token": token,
-                    "expires_in": TOKEN_LIFETIME_SECS,
+                    "expires_in": dress.expires_in.clone().unwrap_or(TOKEN_LIFETIME_SECS.into()),
                     "issued_at": jiff::Timestamp::now().to_string(),
-                }),
-            ),
+                });
+                if dress.padding > 0 {
+                    answer["padding"] = "x".repeat(dress.padding).into();
+                }
+                json_response(StatusCode::OK, answer)
+            }
             Err(e) => json_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 error_body(&format!("signing token: {e}")),
@@ -146,14 +169,14 @@ impl TokenIssuer {
         }
     }
 
-    fn sign(&self, access: &[serde_json::Value]) -> Result<String> {
+    fn sign(&self, access: &[serde_json::Value], exp: Option<serde_json::Value>) -> Result<String> {
         let now = jiff::Timestamp::now().as_second();
         let header = serde_json::json!({"typ": "JWT", "alg": "ES256", "x5c": [self.x5c]});
         let claims = serde_json::json!({
             "iss": self.issuer,
             "sub": self.user,
             "aud": self.service,
-            "exp": now + TOKEN_LIFETIME_SECS as i64,
+            "exp": exp.unwrap_or((now + TOKEN_LIFETIME_SECS as i64).into()),
             "nbf": now - 10,
             "iat": now,
             "jti": hex::encode(rand::random::<[u8; 12]>()),

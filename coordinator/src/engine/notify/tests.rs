@@ -6,6 +6,7 @@ use axum::http::{HeaderMap as AxumHeaders, StatusCode};
 use axum::routing::post;
 
 use reqwest::Url;
+use reqwest::header::RETRY_AFTER;
 
 use super::*;
 
