@@ -902,7 +902,7 @@ async fn a_forged_pod_report_triggers_no_rollout(bed: &Bed) {
             uid: "00000000-0000-0000-0000-000000000001".into(),
         }),
         pod_labels: [("app".to_owned(), "forged".to_owned())].into(),
-        name: "app".into(),
+        name: "main".into(),
         image: bed.image(&old),
         image_id: format!("sha256:{}", "0".repeat(64)),
         digest: old.manifest_digest.clone(),
