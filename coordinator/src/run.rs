@@ -40,7 +40,8 @@ pub struct RunArgs {
     /// Address of the agents' gRPC fleet API (TLS).
     #[arg(long, env = "WARMROLL_GRPC_LISTEN", default_value = "0.0.0.0:8443")]
     pub grpc_listen: SocketAddr,
-    /// Address of the HTTP server (/healthz, /readyz, /metrics, /fleet).
+    /// Address of the HTTP server (/healthz, /readyz, /metrics, /fleet, /report, the
+    /// registry webhook).
     #[arg(long, env = "WARMROLL_HTTP_LISTEN", default_value = "0.0.0.0:8080")]
     pub http_listen: SocketAddr,
     /// The fleet API's TLS certificate chain (PEM).
@@ -94,6 +95,9 @@ pub struct RunArgs {
     /// agents are still served).
     #[arg(long, env = "WARMROLL_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Who may read the HTTP port.
+    #[command(flatten)]
+    pub http_auth: crate::http::auth::HttpAuthArgs,
 }
 
 /// A ServiceAccount `namespace:name`.
@@ -297,6 +301,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         fleet.clone(),
     )
     .merge(engine_routes);
+    let router = crate::http::auth::guard(router, client.clone(), &args.http_auth);
     let mut http_server = {
         let mut stop = shutdown.clone();
         tokio::spawn(crate::http::serve(http_listener, router, async move {
