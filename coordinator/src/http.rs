@@ -4,8 +4,10 @@
 //!
 //! - [`auth`]: the bearer-token check (TokenReview + SubjectAccessReview) in front of
 //!   every path but the probes and the webhook.
+//! - [`reader`]: how `report` and `approve` present a token to it.
 
 pub mod auth;
+pub mod reader;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

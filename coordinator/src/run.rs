@@ -107,7 +107,7 @@ pub struct ServiceAccount {
     pub name: String,
 }
 
-fn parse_service_account(s: &str) -> Result<ServiceAccount, String> {
+pub(crate) fn parse_service_account(s: &str) -> Result<ServiceAccount, String> {
     match s.split_once(':') {
         Some((namespace, name))
             if !namespace.is_empty() && !name.is_empty() && !name.contains(':') =>

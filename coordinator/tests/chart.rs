@@ -901,3 +901,33 @@ fn http_auth_grants_the_readers_and_the_service_monitor_presents_a_token() {
         "{err}"
     );
 }
+
+#[test]
+fn the_report_commands_default_reader_is_the_charts_when_installed_as_warmroll() {
+    let text = template_as("warmroll", "warmroll", &None, &[]).unwrap();
+    let rendered = Rendered::parse(&text, "release warmroll");
+    let readers: Vec<String> = rendered
+        .typed::<ServiceAccount>("ServiceAccount")
+        .into_iter()
+        .filter(|a| {
+            a.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l["app.kubernetes.io/component"] == "reader")
+        })
+        .map(|a| {
+            format!(
+                "{}:{}",
+                a.metadata.namespace.unwrap(),
+                a.metadata.name.unwrap()
+            )
+        })
+        .collect();
+    let cli =
+        warmroll_coordinator::cli::Cli::try_parse_from(["warmroll-coordinator", "report"]).unwrap();
+    let warmroll_coordinator::cli::Command::Report(args) = cli.command else {
+        panic!("not report")
+    };
+    let default = &args.coordinator.reader_service_account;
+    assert_eq!(readers, [format!("{}:{}", default.namespace, default.name)]);
+}

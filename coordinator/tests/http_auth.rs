@@ -1,6 +1,7 @@
 //! The HTTP port's authentication end to end: the router `run` serves (health, metrics,
 //! the fleet summary, the engine's `/report` and registry webhook) behind the gate, on a
-//! real socket, against the KubeApi stand-in's TokenReview and SubjectAccessReview.
+//! real socket, against the KubeApi stand-in's TokenReview and SubjectAccessReview; and
+//! `warmroll-coordinator report` getting in with a kubeconfig.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -13,17 +14,19 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::ServiceAccount as ServiceAccountObject;
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use warmroll_coordinator::config::Config;
-use warmroll_coordinator::engine::{Engine, spawn};
+use warmroll_coordinator::engine::{Engine, fetch_report, spawn};
 use warmroll_coordinator::fleet::FleetView;
 use warmroll_coordinator::http::auth::{HttpAuthArgs, guard};
+use warmroll_coordinator::http::reader::from_kubeconfig;
 use warmroll_coordinator::http::{Health, register_metrics, router};
-use warmroll_coordinator::run::Context;
+use warmroll_coordinator::run::{Context, ServiceAccount};
 use warmroll_tests::kubeapi::{KubeApi, RecordedRequest};
 
 const PROMETHEUS: &str = "system:serviceaccount:monitoring:prometheus";
@@ -324,4 +327,109 @@ async fn a_failing_review_is_a_503_without_the_token_and_is_asked_again() {
     assert!(body.contains("the SubjectAccessReview failed"), "{body}");
     port.api.heal_paths();
     assert_eq!(port.get("/metrics", Some(PROMETHEUS_TOKEN)).await.0, 200);
+}
+
+fn reader_account(port: &Port, name: &str) -> ServiceAccount {
+    port.api
+        .insert(
+            &serde_json::from_value::<ServiceAccountObject>(
+                json!({"metadata": {"name": name, "namespace": "warmroll"}}),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    ServiceAccount {
+        namespace: "warmroll".into(),
+        name: name.into(),
+    }
+}
+
+/// `warmroll-coordinator report` as an operator runs it, with the stand-in's kubeconfig.
+fn report_command(port: &Port, env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_warmroll-coordinator"));
+    command
+        .args(["report", "--url", &port.url])
+        .env("KUBECONFIG", port.api.kubeconfig_path())
+        .env_remove("WARMROLL_TOKEN")
+        .env_remove("WARMROLL_READER_SERVICE_ACCOUNT");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_report_command_presents_a_reader_token_its_kubeconfig_or_the_given_one() {
+    let port = Port::start(true).await;
+    let reader = reader_account(&port, "warmroll-reader");
+    let reader_user = "system:serviceaccount:warmroll:warmroll-reader";
+    port.api
+        .grant_non_resource_urls(reader_user, &["get"], &READER_PATHS);
+    port.wait_report(PROMETHEUS_TOKEN).await;
+
+    // The default: a 10-minute token of the reader account, minted with the kubeconfig.
+    let output = report_command(&port, &[]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("0 workloads, 0 containers"), "{stdout}");
+    let minted: Vec<Value> = port
+        .api
+        .writes()
+        .iter()
+        .filter(|r| r.path == "/api/v1/namespaces/warmroll/serviceaccounts/warmroll-reader/token")
+        .filter_map(RecordedRequest::json)
+        .collect();
+    assert_eq!(minted.len(), 1, "one TokenRequest");
+    assert_eq!(minted[0]["spec"]["expirationSeconds"], 600);
+    assert!(
+        port.reviews("subjectaccessreviews")
+            .iter()
+            .filter_map(RecordedRequest::json)
+            .any(|r| r["spec"]["user"] == reader_user),
+        "the coordinator checked the reader account"
+    );
+
+    // --token (here through WARMROLL_TOKEN) wins; refused, the error says what was sent.
+    let output = report_command(&port, &[("WARMROLL_TOKEN", INTRUDER_TOKEN)]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("answered 403"), "{stderr}");
+    assert!(
+        stderr.contains("presented the token of --token"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(INTRUDER_TOKEN), "{stderr}");
+
+    // No such reader account (404): the kubeconfig's own bearer token, whose user (the
+    // stand-in's admin, a system:masters member) may read.
+    let credential = from_kubeconfig(
+        port.api.config(),
+        &ServiceAccount {
+            namespace: "warmroll".into(),
+            name: "absent".into(),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        credential
+            .source()
+            .starts_with("your kubeconfig's own bearer token"),
+        "{}",
+        credential.source()
+    );
+    let report = fetch_report(&port.url, &credential).await.unwrap();
+    assert_eq!(report.summary.workloads, 0);
+
+    // A minted token works as well through the library call.
+    let credential = from_kubeconfig(port.api.config(), &reader).await.unwrap();
+    assert!(
+        credential
+            .source()
+            .contains("ServiceAccount warmroll:warmroll-reader")
+    );
+    fetch_report(&port.url, &credential).await.unwrap();
 }
