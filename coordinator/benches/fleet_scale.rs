@@ -305,6 +305,8 @@ async fn bench() -> Result<()> {
         .env("WARMROLL_TLS_KEY", dir.path().join("tls.key"))
         .env("POD_NAMESPACE", "warmroll")
         .env("POD_NAME", "bench-coordinator")
+        // The benchmark reads /fleet without a token.
+        .env("WARMROLL_HTTP_AUTH", "false")
         .env("WARMROLL_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

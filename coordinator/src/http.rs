@@ -1,6 +1,13 @@
 //! The coordinator's HTTP endpoints: `/healthz`, `/readyz`, `/metrics` and the fleet
 //! view's debug summary (`/fleet`, `/fleet/nodes/{node}`). The policy engine merges its
 //! own routes (`/report`, webhooks) into the same server.
+//!
+//! - [`auth`]: the bearer-token check (TokenReview + SubjectAccessReview) in front of
+//!   every path but the probes and the webhook.
+//! - [`reader`]: how `report` and `approve` present a token to it.
+
+pub mod auth;
+pub mod reader;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -45,7 +45,8 @@ pub struct RunArgs {
     /// Address of the agents' gRPC fleet API (TLS).
     #[arg(long, env = "WARMROLL_GRPC_LISTEN", default_value = "0.0.0.0:8443")]
     pub grpc_listen: SocketAddr,
-    /// Address of the HTTP server (/healthz, /readyz, /metrics, /fleet).
+    /// Address of the HTTP server (/healthz, /readyz, /metrics, /fleet, /report, the
+    /// registry webhook).
     #[arg(long, env = "WARMROLL_HTTP_LISTEN", default_value = "0.0.0.0:8080")]
     pub http_listen: SocketAddr,
     /// The fleet API's TLS certificate chain (PEM).
@@ -110,6 +111,9 @@ pub struct RunArgs {
     /// Bounds on what one agent session may send.
     #[command(flatten)]
     pub limits: SessionLimits,
+    /// Who may read the HTTP port.
+    #[command(flatten)]
+    pub http_auth: crate::http::auth::HttpAuthArgs,
 }
 
 /// A ServiceAccount `namespace:name`.
@@ -119,7 +123,7 @@ pub struct ServiceAccount {
     pub name: String,
 }
 
-fn parse_service_account(s: &str) -> Result<ServiceAccount, String> {
+pub(crate) fn parse_service_account(s: &str) -> Result<ServiceAccount, String> {
     match s.split_once(':') {
         Some((namespace, name))
             if !namespace.is_empty() && !name.is_empty() && !name.contains(':') =>
@@ -308,6 +312,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         fleet.clone(),
     )
     .merge(engine_routes);
+    let router = crate::http::auth::guard(router, client.clone(), &args.http_auth);
     tasks.spawn(
         "HTTP server",
         crate::http::serve(http_listener, router, stopping(shutdown.clone())),

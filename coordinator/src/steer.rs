@@ -1,8 +1,9 @@
 //! `warmroll-coordinator approve` and `rollout`: steer one workload by annotating it.
 //! The annotation is written with the caller's own Kubernetes credentials (kubeconfig
 //! or in-cluster), so RBAC (`patch` on the workload) decides who may; the leader sees it
-//! through its watch, and the same annotation works from kubectl or GitOps. Nothing
-//! rides on the coordinator's HTTP port, which has no authentication.
+//! through its watch, and the same annotation works from kubectl or GitOps. Only
+//! reading what awaits approval goes to the coordinator's HTTP port (`/report`, with a
+//! bearer token: [`crate::http::reader`]); nothing is written through it.
 
 use std::io::Write;
 
@@ -13,6 +14,7 @@ use warmroll_proto::image::Digest;
 
 use crate::drift::State;
 use crate::engine::{ReportError, fetch_report};
+use crate::http::reader::{Credential, ReaderArgs};
 use crate::workload::{APPROVE_ANNOTATION, ROLLOUT_REQUEST_ANNOTATION, WorkloadKey, merge_patch};
 
 #[derive(Debug, Args)]
@@ -24,9 +26,10 @@ pub struct ApproveArgs {
     /// coordinator's report says the workload awaits approval for.
     #[arg(long, env = "WARMROLL_APPROVE_DIGEST", value_delimiter = ',')]
     pub digest: Vec<String>,
-    /// Base URL of a running coordinator's HTTP server (read when no --digest is given).
-    #[arg(long, env = "WARMROLL_URL", default_value = "http://127.0.0.1:8080")]
-    pub url: String,
+    /// The running coordinator whose report says what awaits approval (read when no
+    /// --digest is given), and the token to present.
+    #[command(flatten)]
+    pub coordinator: ReaderArgs,
 }
 
 #[derive(Debug, Args)]
@@ -67,7 +70,8 @@ pub async fn approve_command(
 ) -> Result<(), SteerError> {
     let key = WorkloadKey::parse(&args.workload).map_err(SteerError::ParseWorkload)?;
     let digests = if args.digest.is_empty() {
-        awaiting(&key, &args.url).await?
+        let credential = args.coordinator.credential().await?;
+        awaiting(&key, &args.coordinator.url, &credential).await?
     } else {
         let mut digests = Vec::new();
         for text in &args.digest {
@@ -126,8 +130,12 @@ async fn client() -> Result<kube::Client, SteerError> {
 }
 
 /// The digests the coordinator's report at `url` says `key` awaits approval for.
-pub async fn awaiting(key: &WorkloadKey, url: &str) -> Result<Vec<String>, SteerError> {
-    let report = fetch_report(url).await?;
+pub async fn awaiting(
+    key: &WorkloadKey,
+    url: &str,
+    credential: &Credential,
+) -> Result<Vec<String>, SteerError> {
+    let report = fetch_report(url, credential).await?;
     let workload = report
         .workloads
         .iter()

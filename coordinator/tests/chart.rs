@@ -72,10 +72,20 @@ fn name(values: &Option<PathBuf>) -> String {
 }
 
 fn template_with(values: &Option<PathBuf>, set: &[&str]) -> Result<String, String> {
+    template_as(RELEASE, NAMESPACE, values, set)
+}
+
+/// `helm template` of release `release` in `namespace`.
+fn template_as(
+    release: &str,
+    namespace: &str,
+    values: &Option<PathBuf>,
+    set: &[&str],
+) -> Result<String, String> {
     let mut cmd = helm();
-    cmd.args(["template", RELEASE])
+    cmd.args(["template", release])
         .arg(chart_dir())
-        .args(["--namespace", NAMESPACE]);
+        .args(["--namespace", namespace]);
     if let Some(v) = values {
         cmd.arg("--values").arg(v);
     }
@@ -99,11 +109,28 @@ impl Rendered {
     fn of(values: &Option<PathBuf>) -> Rendered {
         let text = template_with(values, &[])
             .unwrap_or_else(|e| panic!("helm template ({}): {e}", name(values)));
-        let docs: Vec<Option<Value>> = serde_saphyr::from_multiple(&text)
-            .unwrap_or_else(|e| panic!("rendered YAML ({}): {e}", name(values)));
+        Rendered::parse(&text, &name(values))
+    }
+
+    /// The default values with `set`.
+    fn with(set: &[&str]) -> Rendered {
+        let text = template_with(&None, set)
+            .unwrap_or_else(|e| panic!("helm template --set {set:?}: {e}"));
+        Rendered::parse(&text, &format!("--set {set:?}"))
+    }
+
+    fn parse(text: &str, what: &str) -> Rendered {
+        let docs: Vec<Option<Value>> = serde_saphyr::from_multiple(text)
+            .unwrap_or_else(|e| panic!("rendered YAML ({what}): {e}"));
         Rendered {
             objects: docs.into_iter().flatten().collect(),
         }
+    }
+
+    fn named(&self, kind: &str, name: &str) -> Option<&Value> {
+        self.all(kind)
+            .into_iter()
+            .find(|o| o["metadata"]["name"] == name)
     }
 
     fn all(&self, kind: &str) -> Vec<&Value> {
@@ -193,6 +220,7 @@ fn every_rendered_object_parses_into_its_type() {
                 }
                 ("monitoring.coreos.com/v1", "ServiceMonitor") => {
                     assert_eq!(object["spec"]["endpoints"][0]["path"], "/metrics");
+                    assert_eq!(object["spec"]["endpoints"][0]["scheme"], "http");
                     Ok(())
                 }
                 other => Err(format!("unexpected object {other:?}")),
@@ -387,6 +415,13 @@ fn rbac_has_no_wildcards_and_never_writes_secrets() {
             ]
             .map(|v| v.iter().any(|s| s.contains('*')));
             assert!(!fields.contains(&true), "{role}: wildcard in {rule:?}");
+            // The one path pattern: the reader's /fleet/* (one node's summary).
+            for url in rule.non_resource_urls.iter().flatten() {
+                assert!(
+                    !url.contains('*') || url == "/fleet/*",
+                    "{role}: wildcard URL in {rule:?}"
+                );
+            }
             let resources = rule.resources.clone().unwrap_or_default();
             if resources.iter().any(|r| r == "secrets") {
                 assert!(
@@ -404,6 +439,13 @@ fn rbac_has_no_wildcards_and_never_writes_secrets() {
             })
         };
         assert!(grants("tokenreviews", "create"));
+        // SubjectAccessReviews for the HTTP port's token check, only while it is on.
+        assert_eq!(
+            grants("subjectaccessreviews", "create"),
+            !name(&values).contains("open-http"),
+            "{}",
+            name(&values)
+        );
         assert!(grants("nodes", "watch"));
         assert!(grants("leases", "update"));
         assert!(grants("deployments", "patch"));
@@ -436,12 +478,16 @@ fn rbac_has_no_wildcards_and_never_writes_secrets() {
 fn namespaced_rbac_makes_one_role_per_namespace() {
     let set = Some(chart_dir().join("ci/namespaced-rbac-values.yaml"));
     let rendered = Rendered::of(&set);
-    // Cluster-wide: only token reviews and reading Nodes (schedulable warm targets).
+    // Cluster-wide: only token and access reviews, reading Nodes (schedulable warm
+    // targets) and the reader's non-resource URLs.
     assert!(rendered.all("ClusterRole").iter().all(|r| {
         r["rules"].as_array().unwrap().iter().all(|rule| {
             rule["resources"] == serde_json::json!(["tokenreviews"])
+                || rule["resources"] == serde_json::json!(["subjectaccessreviews"])
                 || (rule["resources"] == serde_json::json!(["nodes"])
                     && rule["verbs"] == serde_json::json!(["list", "watch"]))
+                || (rule["nonResourceURLs"].is_array()
+                    && rule["verbs"] == serde_json::json!(["get"]))
         })
     }));
     let namespaces: Vec<String> = rendered
@@ -607,8 +653,8 @@ fn own_rbac_credentials_keys_ca_secrets_and_extra_volumes() {
     }
     assert_eq!(
         rendered.all("ServiceAccount").len(),
-        2,
-        "the ServiceAccounts stay"
+        3,
+        "the ServiceAccounts stay (agent, coordinator, reader)"
     );
 
     let deploy: Deployment = rendered.one("Deployment");
@@ -738,4 +784,150 @@ fn registries_by_hostname_pattern_mount_their_secrets_and_cas() {
     let err =
         template_with(&None, &["coordinator.registryAuth.registries[0].secret=s"]).unwrap_err();
     assert!(err.contains("hostnamePattern is required"), "{err}");
+}
+
+/// The coordinator's container args.
+fn coordinator_args(rendered: &Rendered) -> Vec<String> {
+    let deploy: Deployment = rendered.one("Deployment");
+    let pod = deploy.spec.template.spec.unwrap();
+    container(&pod, "coordinator")
+        .args
+        .clone()
+        .unwrap_or_default()
+}
+
+/// The ServiceMonitor's one endpoint.
+fn monitor_endpoint(rendered: &Rendered) -> Value {
+    let monitors = rendered.all("ServiceMonitor");
+    assert_eq!(monitors.len(), 1);
+    monitors[0]["spec"]["endpoints"][0].clone()
+}
+
+#[test]
+fn http_auth_grants_the_readers_and_the_service_monitor_presents_a_token() {
+    const READER: &str = "wr-warmroll-reader";
+    // Default: on, with the reader ClusterRole bound to the chart's reader account.
+    let rendered = Rendered::of(&None);
+    let args = coordinator_args(&rendered);
+    assert!(args.contains(&"--http-auth=true".to_owned()), "{args:?}");
+    assert!(
+        args.contains(&"--http-auth-cache-ttl=30s".to_owned()),
+        "{args:?}"
+    );
+    let role: ClusterRole =
+        serde_json::from_value(rendered.named("ClusterRole", READER).unwrap().clone()).unwrap();
+    let rules = role.rules.unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        rules[0].non_resource_urls.as_deref().unwrap(),
+        ["/metrics", "/report", "/fleet", "/fleet/*"]
+    );
+    assert_eq!(rules[0].verbs, ["get"]);
+    assert!(rules[0].resources.is_none() && rules[0].api_groups.is_none());
+    let subjects = |rendered: &Rendered| {
+        let binding: ClusterRoleBinding = serde_json::from_value(
+            rendered
+                .named("ClusterRoleBinding", READER)
+                .expect("reader binding")
+                .clone(),
+        )
+        .unwrap();
+        assert_eq!(binding.role_ref.name, READER);
+        binding
+            .subjects
+            .unwrap()
+            .into_iter()
+            .map(|s| {
+                assert_eq!(s.kind, "ServiceAccount");
+                format!("{}/{}", s.namespace.unwrap(), s.name)
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(subjects(&rendered), [format!("{NAMESPACE}/{READER}")]);
+    let account: ServiceAccount =
+        serde_json::from_value(rendered.named("ServiceAccount", READER).unwrap().clone()).unwrap();
+    assert_eq!(account.automount_service_account_token, Some(false));
+    assert!(rendered.all("ServiceMonitor").is_empty(), "off by default");
+
+    // Prometheus named as a reader; its ServiceMonitor presents its own token over the
+    // port's scheme.
+    let rendered = Rendered::of(&Some(chart_dir().join("ci/monitoring-values.yaml")));
+    assert_eq!(
+        subjects(&rendered),
+        [
+            format!("{NAMESPACE}/{READER}"),
+            "monitoring/prometheus-k8s".to_owned()
+        ]
+    );
+    let endpoint = monitor_endpoint(&rendered);
+    assert_eq!(endpoint["scheme"], "http");
+    assert_eq!(
+        endpoint["bearerTokenFile"],
+        "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    );
+    assert!(endpoint.get("authorization").is_none());
+
+    // A token Secret instead of the file: prometheus-operator's `authorization`.
+    let rendered = Rendered::with(&[
+        "serviceMonitor.enabled=true",
+        "serviceMonitor.tokenSecret.name=prometheus-reader-token",
+    ]);
+    let endpoint = monitor_endpoint(&rendered);
+    assert_eq!(
+        endpoint["authorization"],
+        serde_json::json!({"type": "Bearer", "credentials": {"name": "prometheus-reader-token", "key": "token"}})
+    );
+    assert!(endpoint.get("bearerTokenFile").is_none());
+
+    // Off: the port is open, nothing to grant or present.
+    let rendered = Rendered::of(&Some(chart_dir().join("ci/open-http-values.yaml")));
+    assert!(coordinator_args(&rendered).contains(&"--http-auth=false".to_owned()));
+    assert!(rendered.named("ClusterRole", READER).is_none());
+    assert!(rendered.named("ClusterRoleBinding", READER).is_none());
+    assert!(rendered.named("ServiceAccount", READER).is_none());
+    let endpoint = monitor_endpoint(&rendered);
+    assert!(endpoint.get("bearerTokenFile").is_none() && endpoint.get("authorization").is_none());
+    assert_eq!(endpoint["scheme"], "http");
+    assert_eq!(
+        rendered.all("NetworkPolicy").len(),
+        1,
+        "the NetworkPolicy stays"
+    );
+
+    let err =
+        template_with(&None, &["coordinator.httpAuth.readers[0].name=prometheus"]).unwrap_err();
+    assert!(
+        err.contains("coordinator.httpAuth.readers[].namespace"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_report_commands_default_reader_is_the_charts_when_installed_as_warmroll() {
+    let text = template_as("warmroll", "warmroll", &None, &[]).unwrap();
+    let rendered = Rendered::parse(&text, "release warmroll");
+    let readers: Vec<String> = rendered
+        .typed::<ServiceAccount>("ServiceAccount")
+        .into_iter()
+        .filter(|a| {
+            a.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l["app.kubernetes.io/component"] == "reader")
+        })
+        .map(|a| {
+            format!(
+                "{}:{}",
+                a.metadata.namespace.unwrap(),
+                a.metadata.name.unwrap()
+            )
+        })
+        .collect();
+    let cli =
+        warmroll_coordinator::cli::Cli::try_parse_from(["warmroll-coordinator", "report"]).unwrap();
+    let warmroll_coordinator::cli::Command::Report(args) = cli.command else {
+        panic!("not report")
+    };
+    let default = &args.coordinator.reader_service_account;
+    assert_eq!(readers, [format!("{}:{}", default.namespace, default.name)]);
 }

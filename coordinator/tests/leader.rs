@@ -27,6 +27,21 @@ use warmroll_tests::scratch;
 
 const NAMESPACE: &str = "warmroll";
 const LEASE: &str = "warmroll-coordinator";
+/// A Prometheus token, allowed `get` on `/metrics` (RBAC's nonResourceURLs).
+const SCRAPER_TOKEN: &str = "scraper-token-3d9c";
+
+/// Registers [`SCRAPER_TOKEN`] and allows its account to read `/metrics`.
+fn allow_scraper(kube: &KubeApi) {
+    let user = "system:serviceaccount:monitoring:prometheus";
+    kube.register_token(
+        SCRAPER_TOKEN,
+        user,
+        vec!["system:serviceaccounts".into()],
+        std::collections::BTreeMap::new(),
+        Vec::new(),
+    );
+    kube.grant_non_resource_urls(user, &["get"], &["/metrics"]);
+}
 
 struct Elector {
     leader: watch::Receiver<bool>,
@@ -183,9 +198,18 @@ impl Process {
         reqwest::get(url).await.ok().map(|r| r.status().as_u16())
     }
 
+    /// `/metrics`, with a token of an account the stand-in lets read it (the HTTP
+    /// port asks for one by default).
     async fn metrics(&self) -> String {
         let url = format!("http://{}/metrics", self.http);
-        reqwest::get(url).await.unwrap().text().await.unwrap()
+        let response = reqwest::Client::new()
+            .get(url)
+            .bearer_auth(SCRAPER_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "/metrics");
+        response.text().await.unwrap()
     }
 
     fn terminate(&self) {
@@ -233,6 +257,7 @@ async fn two_coordinator_processes_only_the_leader_is_ready_and_serves_agents() 
     let kube = KubeApi::start().await.unwrap();
     let tls = Tls::new().unwrap();
     let token = register_token(&kube, &agent_user(), Some("node-0"));
+    allow_scraper(&kube);
     let a = Process::start(&kube, &tls, "coord-a");
     // a leads before b starts, so which one leads is known.
     let deadline = Instant::now() + Duration::from_secs(30);

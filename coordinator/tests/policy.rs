@@ -27,8 +27,9 @@ use warmroll_coordinator::drift::State;
 use warmroll_coordinator::engine::{Engine, spawn};
 use warmroll_coordinator::fleet::auth::service_account_user;
 use warmroll_coordinator::fleet::{FleetView, WarmState};
+use warmroll_coordinator::http::reader::{BearerToken, Credential, ReaderArgs};
 use warmroll_coordinator::report::Report;
-use warmroll_coordinator::run::Context;
+use warmroll_coordinator::run::{Context, ServiceAccount};
 use warmroll_coordinator::steer;
 use warmroll_coordinator::workload::WorkloadKey;
 use warmroll_proto::fleet::{FailureKind, NodeName, WarmOutcome};
@@ -265,6 +266,11 @@ fn start_engine(
         shutdown,
     };
     Ok((spawn(ctx, config, metrics)?, shutdown_tx))
+}
+
+/// No token: the engine's router alone has no gate in front of it.
+fn no_gate() -> Credential {
+    Credential::none("no token (the engine's router alone)")
 }
 
 async fn wait_for(what: &str, mut check: impl FnMut() -> bool) -> Result<()> {
@@ -869,7 +875,16 @@ policies:
     let mut out = Vec::new();
     warmroll_coordinator::engine::report_command(
         warmroll_coordinator::engine::ReportArgs {
-            url,
+            // The engine's router alone has no gate in front of it; the token keeps the
+            // command from reading a kubeconfig of the machine.
+            coordinator: ReaderArgs {
+                url,
+                token: Some(BearerToken::parse("not-checked-here").unwrap()),
+                reader_service_account: ServiceAccount {
+                    namespace: "warmroll".into(),
+                    name: "warmroll-reader".into(),
+                },
+            },
             once: false,
             config: None,
             json: false,
@@ -1638,7 +1653,7 @@ async fn an_approval_by_command_or_annotation_releases_one_patch_and_an_older_di
     .unwrap();
     stays_unpatched(&engine, &bed, "gated", "awaiting-approval").await;
     // `warmroll-coordinator approve` reads what awaits approval from the report.
-    let digests = steer::awaiting(&key, &url).await.unwrap();
+    let digests = steer::awaiting(&key, &url, &no_gate()).await.unwrap();
     assert_eq!(digests, std::slice::from_ref(&second.manifest_digest));
     steer::approve(&operator, &key, &digests).await.unwrap();
     wait_for("the approved patch", || rollouts_of(&bed, "gated") == 1)
@@ -1653,7 +1668,7 @@ async fn an_approval_by_command_or_annotation_releases_one_patch_and_an_older_di
         .unwrap();
     assert_eq!(rollouts_of(&bed, "gated"), 1);
     // Nothing awaits approval now: the command says so.
-    let err = steer::awaiting(&key, &url).await.unwrap_err();
+    let err = steer::awaiting(&key, &url, &no_gate()).await.unwrap_err();
     assert!(err.to_string().contains("awaits no approval"), "{err}");
 
     // The next push needs its own approval; the annotation (kubectl, GitOps) gives it.

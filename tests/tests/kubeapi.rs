@@ -16,9 +16,10 @@ use std::{
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::{
     apps::v1::{Deployment, StatefulSet},
-    authentication::v1::TokenReview,
+    authentication::v1::{TokenRequest, TokenReview},
+    authorization::v1::SubjectAccessReview,
     coordination::v1::Lease,
-    core::v1::{Event as CoreEvent, Node, ObjectReference, Pod, PodStatus, Secret},
+    core::v1::{Event as CoreEvent, Node, ObjectReference, Pod, PodStatus, Secret, ServiceAccount},
 };
 use kube::{
     Api, Client,
@@ -1299,6 +1300,95 @@ async fn token_reviews_answer_for_registered_tokens() {
         kube_api.requests().last().unwrap().user.as_deref(),
         Some("system:node:n1")
     );
+}
+
+#[tokio::test]
+async fn subject_access_reviews_answer_from_non_resource_grants_and_token_requests_mint_tokens() {
+    let kube_api = KubeApi::start().await.unwrap();
+    kube_api.grant_non_resource_urls("readers", &["get"], &["/metrics", "/fleet/*"]);
+    let reviews: Api<SubjectAccessReview> = Api::all(kube_api.client());
+    let may = |user: &str, groups: &[&str], path: &str| {
+        let reviews = reviews.clone();
+        let body: SubjectAccessReview = from_json(json!({"spec": {
+            "user": user, "groups": groups,
+            "nonResourceAttributes": {"verb": "get", "path": path},
+        }}));
+        async move {
+            reviews
+                .create(&PostParams::default(), &body)
+                .await
+                .unwrap()
+                .status
+                .unwrap()
+                .allowed
+        }
+    };
+    assert!(may("prometheus", &["readers"], "/metrics").await);
+    assert!(may("prometheus", &["readers"], "/fleet/nodes/a").await);
+    assert!(!may("prometheus", &["readers"], "/report").await);
+    assert!(!may("stranger", &[], "/metrics").await);
+    assert!(may(ADMIN_USER, &["system:masters"], "/report").await);
+    assert_eq!(api_error(reviews.get("x").await.unwrap_err()).code, 405);
+
+    // TokenRequest: the account must exist; its token then authenticates as it.
+    let accounts: Api<ServiceAccount> = Api::namespaced(kube_api.client(), "warmroll");
+    let request: TokenRequest =
+        from_json(json!({"spec": {"audiences": [], "expirationSeconds": 600}}));
+    let missing = accounts
+        .create_token_request("reader", &PostParams::default(), &request)
+        .await
+        .unwrap_err();
+    assert_eq!(api_error(missing).code, 404);
+    kube_api
+        .insert(&from_json::<ServiceAccount>(
+            json!({"metadata": {"name": "reader", "namespace": "warmroll"}}),
+        ))
+        .unwrap();
+    let minted = accounts
+        .create_token_request("reader", &PostParams::default(), &request)
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    assert!(minted.expiration_timestamp.unwrap().0 > jiff::Timestamp::now());
+    let review: TokenReview = from_json(json!({"spec": {"token": minted.token.unwrap()}}));
+    let status = Api::<TokenReview>::all(kube_api.client())
+        .create(&PostParams::default(), &review)
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(status.authenticated, Some(true));
+    let user = status.user.unwrap();
+    assert_eq!(
+        user.username.as_deref(),
+        Some("system:serviceaccount:warmroll:reader")
+    );
+    assert!(
+        user.groups
+            .unwrap()
+            .contains(&"system:serviceaccounts:warmroll".to_string())
+    );
+    let short: TokenRequest =
+        from_json(json!({"spec": {"audiences": [], "expirationSeconds": 60}}));
+    let err = accounts
+        .create_token_request("reader", &PostParams::default(), &short)
+        .await
+        .unwrap_err();
+    assert_eq!(api_error(err).code, 400);
+
+    // A failing path answers 500 until healed.
+    kube_api.fail_path("/apis/authorization.k8s.io/");
+    let body: SubjectAccessReview = from_json(json!({"spec": {
+        "user": "u", "nonResourceAttributes": {"verb": "get", "path": "/metrics"},
+    }}));
+    let err = reviews
+        .create(&PostParams::default(), &body)
+        .await
+        .unwrap_err();
+    assert_eq!(api_error(err).code, 500);
+    kube_api.heal_paths();
+    reviews.create(&PostParams::default(), &body).await.unwrap();
 }
 
 #[tokio::test]

@@ -152,6 +152,7 @@ async fn warmroll_on_a_real_cluster() {
     chart_installs_and_agents_are_accepted(&bed).await;
     sessions_of_other_accounts_or_nodes_are_refused(&bed).await;
     rbac_allows_the_work_and_nothing_more(&bed).await;
+    the_http_port_wants_an_allowed_token_and_report_gets_one(&bed).await;
     workloads_roll_warm_with_one_patch_and_one_event(&bed).await;
     if_not_present_pods_start_on_the_new_digest(&bed).await;
     a_rollout_that_cannot_come_up_is_held_after_one_patch(&bed).await;
@@ -357,6 +358,14 @@ async fn rbac_allows_the_work_and_nothing_more(bed: &Bed) {
             "",
             true,
         ),
+        (
+            COORDINATOR_USER,
+            "create",
+            "authorization.k8s.io",
+            "subjectaccessreviews",
+            "",
+            true,
+        ),
         (COORDINATOR_USER, "create", "", "secrets", DEMO, false),
         (COORDINATOR_USER, "update", "", "secrets", NAMESPACE, false),
         (COORDINATOR_USER, "create", "", "pods", DEMO, false),
@@ -375,6 +384,51 @@ async fn rbac_allows_the_work_and_nothing_more(bed: &Bed) {
         }
     }
     assert!(wrong.is_empty(), "RBAC:\n{}", wrong.join("\n"));
+}
+
+/// The HTTP port on the real API server: `/report` without a token is 401 (the probes
+/// stay open), with a token of a ServiceAccount RBAC does not let read it 403 (a real
+/// TokenReview and SubjectAccessReview, made by the coordinator's account), and the
+/// release `warmroll-coordinator report` gets in with the admin kubeconfig, whose client
+/// certificate cannot be sent on: it requests a token of the chart's reader account.
+async fn the_http_port_wants_an_allowed_token_and_report_gets_one(bed: &Bed) {
+    let warmroll = bed.warmroll().await;
+    let leader = warmroll.leader(READY_TIMEOUT).await.unwrap();
+    let (status, body) = warmroll.http_as(&leader, "/report", None).await.unwrap();
+    assert_eq!(status, 401, "/report without a token: {body}");
+    let (status, body) = warmroll.http_as(&leader, "/healthz", None).await.unwrap();
+    assert_eq!(status, 200, "/healthz without a token: {body}");
+    let stranger = warmroll.token_of("default").await.unwrap();
+    let (status, body) = warmroll
+        .http_as(&leader, "/report", Some(&stranger))
+        .await
+        .unwrap();
+    assert_eq!(status, 403, "/report as warmroll/default: {body}");
+    assert!(
+        body.contains(
+            "user \"system:serviceaccount:warmroll:default\" cannot get path \"/report\""
+        ),
+        "{body}"
+    );
+    let access_reviews = bed
+        .audit()
+        .into_iter()
+        .filter(|e| {
+            e.user.username == COORDINATOR_USER
+                && e.resource() == "subjectaccessreviews"
+                && e.verb == "create"
+                && e.code() == 201
+        })
+        .count();
+    assert!(
+        access_reviews >= 1,
+        "the coordinator asked the real API server"
+    );
+
+    let relay = warmroll.relay(&leader).await.unwrap();
+    let out = coordinator_command(bed, &["report", "--url", &format!("http://{relay}")]);
+    assert!(out.starts_with("NAMESPACE"), "{out}");
+    assert!(out.contains(" workloads, "), "{out}");
 }
 
 /// A labelled Deployment (Always), StatefulSet and DaemonSet on `demo/app:latest`:

@@ -25,6 +25,11 @@
 {{- printf "%s-coordinator" (include "warmroll.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* The reader: a ServiceAccount and ClusterRole that may GET the HTTP port's inventory. */}}
+{{- define "warmroll.reader.fullname" -}}
+{{- printf "%s-reader" (include "warmroll.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{/* Secret holding the agent channel's TLS certificate, key and CA. */}}
 {{- define "warmroll.tls.secretName" -}}
 {{- if eq .Values.tls.mode "secret" -}}

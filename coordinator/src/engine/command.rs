@@ -1,5 +1,6 @@
 //! `warmroll-coordinator report`: the drift report as a table (or JSON), from a running
-//! coordinator's `/report`, or computed once against a cluster (`--once`).
+//! coordinator's `/report` (with a bearer token, see [`crate::http::reader`]), or
+//! computed once against a cluster (`--once`).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -8,13 +9,14 @@ use clap::Args;
 
 use super::{EngineError, report_once, resolver_for};
 use crate::config::{Config, ConfigError};
+use crate::http::reader::{Credential, ReaderArgs};
 use crate::report::Report;
 
 #[derive(Debug, Args)]
 pub struct ReportArgs {
-    /// Base URL of a running coordinator's HTTP server.
-    #[arg(long, env = "WARMROLL_URL", default_value = "http://127.0.0.1:8080")]
-    pub url: String,
+    /// The running coordinator to ask, and the token to present.
+    #[command(flatten)]
+    pub coordinator: ReaderArgs,
     /// Compute the report directly against the cluster (kubeconfig or in-cluster),
     /// without agents: running digests from the pods' status.
     #[arg(long, env = "WARMROLL_REPORT_ONCE")]
@@ -46,6 +48,25 @@ pub enum ReportError {
         status: u16,
         body: String,
     },
+    #[error("{url} answered {status}: {body} (presented {credential})")]
+    Refused {
+        url: String,
+        status: u16,
+        body: String,
+        /// Which token was presented, never the token.
+        credential: String,
+    },
+    #[error("{url} answered more than {limit} bytes")]
+    TooLarge { url: String, limit: usize },
+    #[error(
+        "cannot get a token of ServiceAccount {account} for the coordinator (TokenRequest; or pass --token): {source}"
+    )]
+    TokenRequest {
+        account: String,
+        source: kube::Error,
+    },
+    #[error("cannot get the kubeconfig's bearer token: {0}")]
+    KubeconfigToken(String),
     #[error("cannot write the output: {0}")]
     Output(#[from] std::io::Error),
     #[error("cannot encode the output: {0}")]
@@ -67,7 +88,8 @@ pub async fn report_command(
             .map_err(ReportError::KubeClient)?;
         report_once(&client, &config, &resolver).await?
     } else {
-        fetch_report(&args.url).await?
+        let credential = args.coordinator.credential().await?;
+        fetch_report(&args.coordinator.url, &credential).await?
     };
     if args.json {
         serde_json::to_writer_pretty(&mut *out, &report)?;
@@ -78,24 +100,55 @@ pub async fn report_command(
     Ok(())
 }
 
-/// A running coordinator's `/report`.
-pub async fn fetch_report(base: &str) -> Result<Report, ReportError> {
+/// The largest `/report` read (a report of ten thousand workloads is a few MiB).
+pub const MAX_REPORT_BYTES: usize = 64 << 20;
+
+/// The largest error answer quoted in a message.
+const MAX_QUOTED_BYTES: usize = 4096;
+
+/// A running coordinator's `/report`, presenting `credential`.
+pub async fn fetch_report(base: &str, credential: &Credential) -> Result<Report, ReportError> {
     let url = format!("{}/report", base.trim_end_matches('/'));
     let fetch_err = |source| ReportError::Fetch {
         url: url.clone(),
         source,
     };
-    let response = reqwest::get(&url).await.map_err(fetch_err)?;
+    let mut request = reqwest::Client::new().get(&url);
+    if let Some(token) = credential.bearer() {
+        request = request.bearer_auth(token.expose());
+    }
+    let mut response = request.send().await.map_err(fetch_err)?;
     let status = response.status();
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(fetch_err)? {
+        if body.len() + chunk.len() > MAX_REPORT_BYTES {
+            return Err(ReportError::TooLarge {
+                url,
+                limit: MAX_REPORT_BYTES,
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
     if !status.is_success() {
-        let body = response.text().await.unwrap_or_default();
-        return Err(ReportError::Status {
-            url,
-            status: status.as_u16(),
-            body: body.trim().to_owned(),
+        let quoted = String::from_utf8_lossy(body.get(..MAX_QUOTED_BYTES).unwrap_or(&body))
+            .trim()
+            .to_owned();
+        let code = status.as_u16();
+        return Err(if matches!(code, 401 | 403) {
+            ReportError::Refused {
+                url,
+                status: code,
+                body: quoted,
+                credential: credential.source().to_owned(),
+            }
+        } else {
+            ReportError::Status {
+                url,
+                status: code,
+                body: quoted,
+            }
         });
     }
-    let body = response.bytes().await.map_err(fetch_err)?;
     serde_json::from_slice(&body).map_err(|e| ReportError::Status {
         url,
         status: status.as_u16(),

@@ -1,6 +1,7 @@
 //! warmroll as installed on a [`KubeCluster`] by [`super::helm`]: its pods, the leader,
-//! its HTTP endpoints (through a relay into the cluster network), its logs as the
-//! kubelet wrote them, and the workloads the tests and the demo put under its policies.
+//! its HTTP endpoints (through a relay into the cluster network, with a token of the
+//! chart's reader account), its logs as the kubelet wrote them, and the workloads the
+//! tests and the demo put under its policies.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -8,9 +9,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DynamicObject, ListParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use kube::api::{DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::discovery::ApiResource;
 use kube::{Api, Client};
 use serde_json::{Value, json};
@@ -24,6 +26,8 @@ pub const COORDINATOR_USER: &str = "system:serviceaccount:warmroll:warmroll-coor
 /// The agents' DaemonSet and ServiceAccount user.
 pub const AGENT: &str = "warmroll-agent";
 pub const AGENT_USER: &str = "system:serviceaccount:warmroll:warmroll-agent";
+/// The ServiceAccount the chart lets read the coordinator's HTTP port.
+pub const READER: &str = "warmroll-reader";
 const COORDINATOR_PODS: &str = "app.kubernetes.io/component=coordinator";
 const AGENT_PODS: &str = "app.kubernetes.io/component=agent";
 const HTTP_PORT: u16 = 8080;
@@ -103,16 +107,54 @@ impl<'a> Warmroll<'a> {
         .await
     }
 
-    /// GET `path` on a coordinator pod's HTTP port; returns the status and body.
+    /// A 10-minute token of ServiceAccount `account` in warmroll's namespace, through
+    /// the TokenRequest API (as `warmroll-coordinator report` gets one).
+    pub async fn token_of(&self, account: &str) -> Result<String> {
+        let accounts: Api<ServiceAccount> = Api::namespaced(self.client.clone(), NAMESPACE);
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                expiration_seconds: Some(600),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let answer = accounts
+            .create_token_request(account, &PostParams::default(), &request)
+            .await
+            .with_context(|| format!("a token of ServiceAccount {account}"))?;
+        answer
+            .status
+            .and_then(|s| s.token)
+            .ok_or_else(|| anyhow!("TokenRequest for {account}: no token"))
+    }
+
+    /// GET `path` on a coordinator pod's HTTP port with a token of the chart's reader
+    /// account (the inventory paths need one); returns the status and body.
     pub async fn http(&self, pod: &Pod, path: &str) -> Result<(u16, String)> {
+        let token = self.token_of(READER).await?;
+        self.http_as(pod, path, Some(&token)).await
+    }
+
+    /// GET `path` on a coordinator pod's HTTP port, presenting `token` if any.
+    pub async fn http_as(
+        &self,
+        pod: &Pod,
+        path: &str,
+        token: Option<&str>,
+    ) -> Result<(u16, String)> {
+        let relay = self.relay(pod).await?;
+        http_get(relay, path, token).await
+    }
+
+    /// A local address relayed to a coordinator pod's HTTP port.
+    pub async fn relay(&self, pod: &Pod) -> Result<SocketAddr> {
         let ip = pod
             .status
             .as_ref()
             .and_then(|s| s.pod_ip.as_deref())
             .ok_or_else(|| anyhow!("pod {:?} has no IP", pod.metadata.name))?;
         let addr = SocketAddr::new(ip.parse().context("pod IP")?, HTTP_PORT);
-        let relay = self.cluster.forward(addr).await?;
-        http_get(relay, path).await
+        self.cluster.forward(addr).await
     }
 
     /// GET `path` on the leader.
@@ -288,14 +330,20 @@ pub fn image_ids(pod: &Pod) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-/// A plain HTTP/1.0 GET: the status and the body.
-async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+/// A plain HTTP/1.0 GET, with `Authorization: Bearer <token>` if given: the status and
+/// the body.
+async fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .with_context(|| format!("connecting to {addr}"))?;
+    let authorization = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: coordinator\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {path} HTTP/1.0\r\nHost: coordinator\r\n{authorization}\r\n").as_bytes(),
+        )
         .await
         .with_context(|| format!("GET {path}"))?;
     let mut response = String::new();

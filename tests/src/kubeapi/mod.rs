@@ -4,20 +4,24 @@
 //!
 //! Served: apps/v1 Deployments, StatefulSets, DaemonSets (+`/status`); core/v1 Pods
 //! (+`/status`), Nodes (+`/status`), Secrets, Events; events.k8s.io/v1 Events (a view of
-//! the core Events); coordination.k8s.io/v1 Leases; authentication.k8s.io/v1
-//! TokenReviews (create). Verbs: get, list (label/field selectors, limit/continue,
+//! the core Events); coordination.k8s.io/v1 Leases; core/v1 ServiceAccounts and their
+//! `token` subresource (TokenRequest: mints a token [`KubeApi`] then authenticates);
+//! authentication.k8s.io/v1 TokenReviews and authorization.k8s.io/v1
+//! SubjectAccessReviews (create; non-resource URLs allowed by
+//! [`KubeApi::grant_non_resource_urls`]). Verbs: get, list (label/field selectors, limit/continue,
 //! `resourceVersionMatch=Exact`), watch (from a resourceVersion, bookmarks,
 //! `sendInitialEvents`, 410 `Expired` past the retained history, `timeoutSeconds`),
 //! create (`generateName`), update, patch (merge, strategic merge, JSON patch; server-side
 //! apply is 415), delete (finalizers, preconditions), deletecollection.
 //!
 //! Not modelled: defaulting and most validation, admission, RBAC (every authenticated
-//! user may do anything, except the cluster-wide lists and watches
+//! user may do anything with resources, except the cluster-wide lists and watches
 //! [`KubeApi::forbid_cluster_scope`] takes away from one user), graceful pod deletion
 //! unless asked for
 //! ([`KubeApiOptions::graceful_pod_deletion`]; else pods go at once, the answer is the pod),
 //! `/scale`, managedFields, Table output, protobuf.
 
+mod access;
 mod patch;
 mod resources;
 mod selectors;
@@ -44,9 +48,11 @@ use tempfile::TempDir;
 use tokio::{net::TcpListener, task::JoinSet};
 use tower::ServiceExt;
 
+pub use access::SUPERUSERS;
 pub use tokenreview::API_AUDIENCE;
 
 use crate::{scratch, tls::TestCa};
+use access::{Grants, NonResourceGrant};
 use server::{ClusterScopeForbidden, Shared, lock};
 use store::{Store, Subresource};
 use tokenreview::{TokenIdentity, Tokens};
@@ -167,6 +173,8 @@ impl KubeApi {
                 store
             }),
             tokens: Mutex::new(tokens),
+            grants: Mutex::new(Grants::default()),
+            failing: Mutex::new(Vec::new()),
             requests: Mutex::new(Vec::new()),
             cluster_scope_forbidden: Mutex::new(Vec::new()),
             bookmark_interval: options.bookmark_interval,
@@ -349,6 +357,29 @@ impl KubeApi {
     /// Allows every cluster-wide list and watch again (RBAC fixed).
     pub fn allow_cluster_scope(&self) {
         lock(&self.shared.cluster_scope_forbidden).clear();
+    }
+
+    /// Grants `verbs` on the non-resource URLs `urls` (`/fleet/*` matches by prefix) to
+    /// the user or group `subject`, for SubjectAccessReviews, as an RBAC ClusterRole with
+    /// `nonResourceURLs` bound to it would. Members of [`SUPERUSERS`] need no grant.
+    pub fn grant_non_resource_urls(&self, subject: &str, verbs: &[&str], urls: &[&str]) {
+        lock(&self.shared.grants).add(NonResourceGrant {
+            subject: subject.to_owned(),
+            verbs: verbs.iter().map(|v| (*v).to_owned()).collect(),
+            urls: urls.iter().map(|u| (*u).to_owned()).collect(),
+        });
+    }
+
+    /// Answers every authenticated request whose path starts with `prefix` with 500
+    /// `InternalError` from now on (recorded first), as an API server whose storage
+    /// times out; [`KubeApi::heal_paths`] undoes it.
+    pub fn fail_path(&self, prefix: &str) {
+        lock(&self.shared.failing).push(prefix.to_owned());
+    }
+
+    /// Answers every path normally again.
+    pub fn heal_paths(&self) {
+        lock(&self.shared.failing).clear();
     }
 
     pub fn reset_requests(&self) {

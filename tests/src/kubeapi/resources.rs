@@ -42,7 +42,7 @@ pub struct ResourceType {
     pub view: View,
     /// A delete answers with the object rather than a `Status` (pods).
     pub return_deleted_object: bool,
-    /// Only `create` is served and nothing is stored (TokenReview).
+    /// Only `create` is served and nothing is stored (TokenReview, SubjectAccessReview).
     pub create_only: bool,
     /// What happens to a `status` sent with a create.
     pub status_on_create: StatusOnCreate,
@@ -237,6 +237,15 @@ pub static RESOURCES: &[ResourceType] = &[
             "authentication.k8s.io",
             "TokenReview",
             "tokenreviews",
+            false,
+        )
+    },
+    ResourceType {
+        create_only: true,
+        ..plain(
+            "authorization.k8s.io",
+            "SubjectAccessReview",
+            "subjectaccessreviews",
             false,
         )
     },

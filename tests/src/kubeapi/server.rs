@@ -18,12 +18,13 @@ use serde_json::{Value, json};
 
 use super::{
     RecordedRequest,
+    access::Grants,
     patch::{self, PatchKind},
     resources::{RESOURCES, ResourceType, find},
     selectors::{FieldSelector, LabelSelector},
     status::{ApiError, deleted_status},
     store::{ReadAt, Selection, Store, Subresource},
-    tokenreview::Tokens,
+    tokenreview::{TokenIdentity, Tokens},
     watch::{WatchOptions, WatchSession},
 };
 
@@ -33,6 +34,10 @@ const BODY_LIMIT: usize = 16 * 1024 * 1024;
 pub struct Shared {
     pub store: Mutex<Store>,
     pub tokens: Mutex<Tokens>,
+    /// Non-resource URL grants SubjectAccessReviews answer from.
+    pub grants: Mutex<Grants>,
+    /// Path prefixes answered 500 (the API failing for them).
+    pub failing: Mutex<Vec<String>>,
     pub requests: Mutex<Vec<RecordedRequest>>,
     /// Cluster-wide lists and watches that answer 403, as for a user with Roles in some
     /// namespaces only.
@@ -85,6 +90,14 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
     let Some(user) = user else {
         return error_response(&ApiError::unauthorized());
     };
+    if lock(&shared.failing)
+        .iter()
+        .any(|prefix| parts.uri.path().starts_with(prefix.as_str()))
+    {
+        return error_response(&ApiError::internal(
+            "etcdserver: request timed out (the test made this path fail)",
+        ));
+    }
     let query: HashMap<String, String> = Query::try_from_uri(&parts.uri)
         .map(|q| q.0)
         .unwrap_or_default();
@@ -194,6 +207,11 @@ enum Route {
         name: String,
         sub: Subresource,
     },
+    /// `serviceaccounts/<name>/token`: create only.
+    TokenRequest {
+        namespace: String,
+        name: String,
+    },
 }
 
 fn parse_route(path: &str, addr: SocketAddr) -> Result<Route, ApiError> {
@@ -243,6 +261,12 @@ fn parse_route(path: &str, addr: SocketAddr) -> Result<Route, ApiError> {
             name: name.to_string(),
             sub: Subresource::Main,
         }),
+        ([name, "token"], Some(namespace)) if rt.plural == "serviceaccounts" => {
+            Ok(Route::TokenRequest {
+                namespace,
+                name: name.to_string(),
+            })
+        }
         ([name, "status"], ns) if rt.status_subresource => Ok(Route::Object {
             rt,
             namespace: ns.unwrap_or_default(),
@@ -263,7 +287,17 @@ fn dispatch(shared: &Shared, path: &str, call: Call<'_>) -> Result<Response, Api
             if call.method != Method::POST {
                 return Err(ApiError::method_not_allowed());
             }
-            let answer = lock(&shared.tokens).review(call.json_body()?)?;
+            let answer = match rt.plural {
+                "subjectaccessreviews" => lock(&shared.grants).review(call.json_body()?)?,
+                _ => lock(&shared.tokens).review(call.json_body()?)?,
+            };
+            Ok(json_response(StatusCode::CREATED, answer))
+        }
+        Route::TokenRequest { namespace, name } => {
+            if call.method != Method::POST {
+                return Err(ApiError::method_not_allowed());
+            }
+            let answer = token_request(shared, &namespace, &name, call.json_body()?)?;
             Ok(json_response(StatusCode::CREATED, answer))
         }
         Route::Object { rt, .. } if rt.create_only => Err(ApiError::method_not_allowed()),
@@ -324,6 +358,69 @@ fn dispatch(shared: &Shared, path: &str, call: Call<'_>) -> Result<Response, Api
             }
         }
     }
+}
+
+/// Mints a token for ServiceAccount `namespace/name` (which must exist), as the
+/// TokenRequest API does: it authenticates as the account, for the requested audiences
+/// (none: the API server's), and TokenReviews answer for it. Expiry is not enforced.
+fn token_request(
+    shared: &Shared,
+    namespace: &str,
+    name: &str,
+    mut request: Value,
+) -> Result<Value, ApiError> {
+    let accounts =
+        super::resources::find("", "v1", "serviceaccounts").ok_or_else(ApiError::unknown_path)?;
+    lock(&shared.store).get(accounts, namespace, name)?;
+    let audiences: Vec<String> = request
+        .pointer("/spec/audiences")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    let seconds = request
+        .pointer("/spec/expirationSeconds")
+        .and_then(Value::as_i64)
+        .unwrap_or(3600);
+    if seconds < 600 {
+        return Err(ApiError::bad_request(
+            "spec.expirationSeconds: Invalid value: may not specify a duration less than 10 minutes",
+        ));
+    }
+    let token = format!("sa-{:032x}", rand::random::<u128>());
+    lock(&shared.tokens).insert(
+        token.clone(),
+        TokenIdentity {
+            username: format!("system:serviceaccount:{namespace}:{name}"),
+            groups: vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{namespace}"),
+                "system:authenticated".into(),
+            ],
+            extra: std::collections::BTreeMap::new(),
+            audiences,
+        },
+    );
+    let expires = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_secs(seconds))
+        .map_err(|e| ApiError::bad_request(format!("spec.expirationSeconds: {e}")))?;
+    if let Some(obj) = request.as_object_mut() {
+        obj.insert("apiVersion".into(), json!("authentication.k8s.io/v1"));
+        obj.insert("kind".into(), json!("TokenRequest"));
+        obj.insert(
+            "metadata".into(),
+            json!({"name": name, "namespace": namespace, "creationTimestamp": null}),
+        );
+        obj.insert(
+            "status".into(),
+            json!({"token": token, "expirationTimestamp": expires.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()}),
+        );
+    }
+    Ok(request)
 }
 
 fn selection(
