@@ -5,7 +5,8 @@
     clippy::indexing_slicing
 )]
 //! warmroll on a real Kubernetes: the official control plane and kubelets built by
-//! `scripts/build-kubernetes`, each node with its own containerd (`tests/src/kube`),
+//! `scripts/build-kubernetes`, each node with its own containerd 2.x from
+//! `scripts/build-containerd` in its default configuration (`tests/src/kube`),
 //! warmroll's images built from the release binaries, the unchanged chart installed
 //! with `helm`.
 //!
@@ -23,6 +24,7 @@ use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
 use serde_json::{Value, json};
+use warmroll_tests::containerd::CONTAINERD2_RELEASE;
 use warmroll_tests::image::{ImageBuilder, Pushed};
 use warmroll_tests::kube::helm::{self, NAMESPACE};
 use warmroll_tests::kube::warmroll::{
@@ -138,8 +140,16 @@ async fn warmroll_on_a_real_cluster() {
     let cluster = KubeCluster::start(&registry, NODES)
         .await
         .expect("the real cluster (scripts/build-kubernetes builds its binaries)");
-    eprintln!("real cluster: Kubernetes {}", cluster.version());
+    eprintln!(
+        "real cluster: Kubernetes {} on {}",
+        cluster.version(),
+        cluster.runtime_version()
+    );
     assert_eq!(cluster.version(), KUBE_RELEASE);
+    assert_eq!(
+        cluster.runtime_version(),
+        format!("containerd://{CONTAINERD2_RELEASE}")
+    );
     let builder = ImageBuilder::new(&registry).unwrap();
     let client = cluster.client().await.unwrap();
     let bed = Bed {
