@@ -148,7 +148,11 @@ async fn warmroll_on_a_real_cluster() {
     assert_eq!(cluster.version(), KUBE_RELEASE);
     assert_eq!(
         cluster.runtime_version(),
-        format!("containerd://{CONTAINERD2_RELEASE}")
+        // CRI names the release without its `v`.
+        format!(
+            "containerd://{}",
+            CONTAINERD2_RELEASE.trim_start_matches('v')
+        )
     );
     let builder = ImageBuilder::new(&registry).unwrap();
     let client = cluster.client().await.unwrap();
@@ -461,6 +465,11 @@ async fn a_rollout_that_cannot_come_up_is_held_after_one_patch(bed: &Bed) {
         1,
     );
     object["spec"]["progressDeadlineSeconds"] = json!(10);
+    // A new pod counts as available only after 5 s Ready: on Kubernetes 1.36 over
+    // containerd 2.x the kubelet reports the crashing container Running for a moment, and
+    // without this the Deployment completes its rollout (deleting the old pod) before
+    // the container exits, so no progress deadline can pass.
+    object["spec"]["minReadySeconds"] = json!(5);
     // Runs on the first build only: any later build exits at once.
     object["spec"]["template"]["spec"]["containers"][0]["command"] = json!([
         "/bin/sh",

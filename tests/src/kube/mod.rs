@@ -511,7 +511,7 @@ impl KubeCluster {
         &self.version
     }
 
-    /// What the nodes' kubelets report as their runtime (`containerd://v2.3.7`).
+    /// What the nodes' kubelets report as their runtime (`containerd://2.3.7`).
     pub fn runtime_version(&self) -> &str {
         &self.runtime_version
     }
