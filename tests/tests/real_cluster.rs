@@ -148,7 +148,7 @@ async fn warmroll_on_a_real_cluster() {
     assert_eq!(cluster.version(), KUBE_RELEASE);
     assert_eq!(
         cluster.runtime_version(),
-        // CRI names the release without its `v`.
+        // The Node's containerRuntimeVersion drops the `v` CRI `Version` has.
         format!(
             "containerd://{}",
             CONTAINERD2_RELEASE.trim_start_matches('v')
