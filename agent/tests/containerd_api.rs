@@ -23,7 +23,7 @@ use warmroll_agent::metrics::{Health, Metrics};
 use warmroll_agent::progress::PullProgress;
 use warmroll_agent::warm::{WarmConfig, Warmer};
 use warmroll_proto::image::{Digest, ImageRef};
-use warmroll_tests::containerd::{ContainerSpec, Containerd, PodSpec};
+use warmroll_tests::containerd::{ContainerSpec, Containerd, PodSpec, Runtime};
 use warmroll_tests::image::ImageBuilder;
 use warmroll_tests::registry::{Registry, RegistryOptions};
 
@@ -78,10 +78,11 @@ const NO_POLL: Intervals = Intervals {
     resync: Duration::from_secs(60),
 };
 
-#[tokio::test]
-async fn containerd_events_make_inventory_changes_at_once() {
+async fn containerd_events_make_inventory_changes_at_once(runtime: Runtime) {
     let registry = Registry::start(RegistryOptions::plain()).await.unwrap();
-    let containerd = Containerd::start_with_registry(&registry).await.unwrap();
+    let containerd = Containerd::start_with_registry_on(runtime, &registry)
+        .await
+        .unwrap();
     let builder = ImageBuilder::new(&registry).unwrap();
     let web = builder.push("shop/web", "main").await.unwrap();
     containerd.pull(&web.reference, None).await.unwrap();
@@ -160,10 +161,11 @@ async fn containerd_events_make_inventory_changes_at_once() {
     task.await.unwrap();
 }
 
-#[tokio::test]
-async fn event_stream_is_followed_again_after_a_containerd_restart() {
+async fn event_stream_is_followed_again_after_a_containerd_restart(runtime: Runtime) {
     let registry = Registry::start(RegistryOptions::plain()).await.unwrap();
-    let mut containerd = Containerd::start_with_registry(&registry).await.unwrap();
+    let mut containerd = Containerd::start_with_registry_on(runtime, &registry)
+        .await
+        .unwrap();
     let web = ImageBuilder::new(&registry)
         .unwrap()
         .push("shop/web", "main")
@@ -222,10 +224,13 @@ fn record(
     })
 }
 
-#[tokio::test]
-async fn warming_a_large_image_reports_growing_progress_that_ends_at_the_layer_sizes() {
+async fn warming_a_large_image_reports_growing_progress_that_ends_at_the_layer_sizes(
+    runtime: Runtime,
+) {
     let registry = Registry::start(RegistryOptions::plain()).await.unwrap();
-    let containerd = Containerd::start_with_registry(&registry).await.unwrap();
+    let containerd = Containerd::start_with_registry_on(runtime, &registry)
+        .await
+        .unwrap();
     let big = ImageBuilder::new(&registry)
         .unwrap()
         .push_random("big/app", "v1", 64 << 20)
@@ -303,10 +308,11 @@ async fn warming_a_large_image_reports_growing_progress_that_ends_at_the_layer_s
     assert_eq!(last.percent(), Some(100));
 }
 
-#[tokio::test]
-async fn pull_command_prints_progress_lines_when_not_on_a_terminal() {
+async fn pull_command_prints_progress_lines_when_not_on_a_terminal(runtime: Runtime) {
     let registry = Registry::start(RegistryOptions::plain()).await.unwrap();
-    let containerd = Containerd::start_with_registry(&registry).await.unwrap();
+    let containerd = Containerd::start_with_registry_on(runtime, &registry)
+        .await
+        .unwrap();
     let big = ImageBuilder::new(&registry)
         .unwrap()
         .push_random("big/cli", "v1", 32 << 20)
@@ -397,10 +403,11 @@ impl CriOnlyProxy {
     }
 }
 
-#[tokio::test]
-async fn without_the_containerd_api_the_agent_works_through_cri_alone() {
+async fn without_the_containerd_api_the_agent_works_through_cri_alone(runtime: Runtime) {
     let registry = Registry::start(RegistryOptions::plain()).await.unwrap();
-    let containerd = Containerd::start_with_registry(&registry).await.unwrap();
+    let containerd = Containerd::start_with_registry_on(runtime, &registry)
+        .await
+        .unwrap();
     let builder = ImageBuilder::new(&registry).unwrap();
     let web = builder.push("shop/web", "main").await.unwrap();
     let proxy = CriOnlyProxy::start(containerd.socket());
@@ -479,3 +486,11 @@ async fn without_the_containerd_api_the_agent_works_through_cri_alone() {
     drop(rx);
     task.await.unwrap();
 }
+
+warmroll_tests::on_each_runtime!(
+    containerd_events_make_inventory_changes_at_once,
+    event_stream_is_followed_again_after_a_containerd_restart,
+    without_the_containerd_api_the_agent_works_through_cri_alone;
+    local_pull: warming_a_large_image_reports_growing_progress_that_ends_at_the_layer_sizes,
+    pull_command_prints_progress_lines_when_not_on_a_terminal
+);

@@ -17,7 +17,7 @@ use warmroll_agent::metrics::{Health, Metrics};
 use warmroll_agent::warm::{WarmConfig, WarmError, Warmer};
 use warmroll_proto::fleet::Credentials;
 use warmroll_proto::image::{Digest, ImageRef};
-use warmroll_tests::containerd::{ContainerSpec, Containerd, ImagePull, PodSpec};
+use warmroll_tests::containerd::{ContainerSpec, Containerd, ImagePull, PodSpec, Runtime};
 use warmroll_tests::image::{ImageBuilder, Pushed};
 use warmroll_tests::registry::{Registry, RegistryOptions};
 
@@ -55,10 +55,11 @@ fn soon(secs: u64) -> Instant {
     Instant::now() + Duration::from_secs(secs)
 }
 
-#[tokio::test]
-async fn inventory_lists_pods_with_labels_and_running_digest_and_follows_changes() {
+async fn inventory_lists_pods_with_labels_and_running_digest_and_follows_changes(runtime: Runtime) {
     let registry = Registry::start(RegistryOptions::plain()).await.unwrap();
-    let containerd = Containerd::start_with_registry(&registry).await.unwrap();
+    let containerd = Containerd::start_with_registry_on(runtime, &registry)
+        .await
+        .unwrap();
     let pushed = ImageBuilder::new(&registry)
         .unwrap()
         .push("shop/web", "main")
@@ -164,10 +165,11 @@ async fn inventory_lists_pods_with_labels_and_running_digest_and_follows_changes
     containerd.stop_pod(&api).await.unwrap();
 }
 
-#[tokio::test]
-async fn warm_moves_the_tag_so_if_not_present_pods_run_the_new_build() {
+async fn warm_moves_the_tag_so_if_not_present_pods_run_the_new_build(runtime: Runtime) {
     let registry = Registry::start(RegistryOptions::plain()).await.unwrap();
-    let containerd = Containerd::start_with_registry(&registry).await.unwrap();
+    let containerd = Containerd::start_with_registry_on(runtime, &registry)
+        .await
+        .unwrap();
     let builder = ImageBuilder::new(&registry).unwrap();
     let old = builder.push("shop/web", "main").await.unwrap();
     containerd.pull(&old.reference, None).await.unwrap();
@@ -247,6 +249,64 @@ async fn warm_moves_the_tag_so_if_not_present_pods_run_the_new_build() {
     containerd.stop_pod(&pod).await.unwrap();
 }
 
+/// An index carrying an attestation manifest (platform `unknown/unknown`, as BuildKit
+/// pushes them) warms, runs and is inventoried exactly like one without it: the node's
+/// tag and the running container name the index digest, never the attestation's.
+async fn an_index_with_an_attestation_warms_and_runs_like_one_without(runtime: Runtime) {
+    let registry = Registry::start(RegistryOptions::plain()).await.unwrap();
+    let containerd = Containerd::start_with_registry_on(runtime, &registry)
+        .await
+        .unwrap();
+    let builder = ImageBuilder::new(&registry).unwrap();
+    let (cri, metrics) = client(&containerd).await;
+    let w = warmer(&cri, &metrics, 0);
+    for (repo, attested) in [("shop/plain", false), ("shop/attested", true)] {
+        let pushed = if attested {
+            builder.push_index_with_attestation(repo, "main").await
+        } else {
+            builder.push_index(repo, "main").await
+        }
+        .unwrap();
+        assert_eq!(pushed.attestation.is_some(), attested);
+        let amd64 = &pushed.children["linux/amd64"];
+        let index = digest(&pushed.index_digest);
+        let image = ImageRef::parse(&pushed.reference).unwrap();
+        let ok = w.warm(&image, Some(&index), None, soon(60)).await.unwrap();
+        assert!(ok.downloaded, "{repo}");
+        assert_eq!(ok.digest, Some(index.clone()), "{repo}");
+        assert_eq!(ok.image_id, amd64.config_digest, "{repo}: the amd64 child");
+
+        let pod_name = repo.replace('/', "-");
+        let pod = containerd
+            .run_pod(&PodSpec::new("shop", &pod_name).container(
+                ContainerSpec::new("web", &pushed.reference).pull(ImagePull::IfNotPresent),
+            ))
+            .await
+            .unwrap();
+        let snap = Collector::new(cri.clone()).snapshot().await.unwrap();
+        let c = snap
+            .containers
+            .values()
+            .find(|c| c.pod.name == pod_name)
+            .unwrap();
+        assert_eq!(c.digest, Some(index.clone()), "{repo}: runs the index");
+        if let Some(attestation) = &pushed.attestation {
+            assert!(
+                snap.images.values().all(|i| !i
+                    .repo_digests
+                    .iter()
+                    .any(|d| d.contains(attestation.as_str()))),
+                "no image is recorded under the attestation: {:#?}",
+                snap.images
+            );
+        }
+        // Warm again: nothing to download, no mismatch against the attestation.
+        let again = w.warm(&image, Some(&index), None, soon(60)).await.unwrap();
+        assert!(!again.downloaded, "{repo}");
+        containerd.stop_pod(&pod).await.unwrap();
+    }
+}
+
 /// A registry with auth holding `team/app:main`, and a containerd trusting it (its
 /// sandbox image from a registry of its own).
 struct Private {
@@ -257,10 +317,10 @@ struct Private {
     image: ImageRef,
 }
 
-async fn private_image(options: RegistryOptions) -> Private {
+async fn private_image(runtime: Runtime, options: RegistryOptions) -> Private {
     let registry = Registry::start(options).await.unwrap();
     let sandbox_registry = Registry::start(RegistryOptions::plain()).await.unwrap();
-    let containerd = Containerd::start_with_registry(&sandbox_registry)
+    let containerd = Containerd::start_with_registry_on(runtime, &sandbox_registry)
         .await
         .unwrap();
     containerd.trust_registry(&registry).unwrap();
@@ -278,15 +338,14 @@ async fn private_image(options: RegistryOptions) -> Private {
     }
 }
 
-#[tokio::test]
-async fn failures_are_precise_and_the_agent_keeps_working() {
+async fn failures_are_precise_and_the_agent_keeps_working(runtime: Runtime) {
     let Private {
         registry,
         _sandbox_registry,
         mut containerd,
         pushed,
         image,
-    } = private_image(RegistryOptions::plain().basic("ci", "s3cret")).await;
+    } = private_image(runtime, RegistryOptions::plain().basic("ci", "s3cret")).await;
     let (cri, metrics) = client(&containerd).await;
     let w = warmer(&cri, &metrics, 0);
     let good = || {
@@ -360,10 +419,11 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
     )
 }
 
-#[tokio::test]
-async fn watch_mode_serves_health_and_metrics_and_survives_a_runtime_restart() {
+async fn watch_mode_serves_health_and_metrics_and_survives_a_runtime_restart(runtime: Runtime) {
     let registry = Registry::start(RegistryOptions::plain()).await.unwrap();
-    let mut containerd = Containerd::start_with_registry(&registry).await.unwrap();
+    let mut containerd = Containerd::start_with_registry_on(runtime, &registry)
+        .await
+        .unwrap();
     let addr = warmroll_tests::scratch::free_loopback_addr().unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_warmroll-agent"))
         .args(["watch", "--inventory-interval", "300ms", "--listen"])
@@ -419,15 +479,18 @@ async fn watch_mode_serves_health_and_metrics_and_survives_a_runtime_restart() {
 /// An identity token (Docker's `identitytoken`, an OAuth2 refresh token) in a warm
 /// order: containerd trades it at the registry's token server and pulls; a wrong one is
 /// an auth failure that names no secret.
-#[tokio::test]
-async fn identity_tokens_pull_through_the_token_server() {
+async fn identity_tokens_pull_through_the_token_server(runtime: Runtime) {
     let Private {
         registry,
         _sandbox_registry,
         containerd,
         pushed,
         image,
-    } = private_image(RegistryOptions::plain().token("ci", "s3cret-token")).await;
+    } = private_image(
+        runtime,
+        RegistryOptions::plain().token("ci", "s3cret-token"),
+    )
+    .await;
     let (cri, metrics) = client(&containerd).await;
     let w = warmer(&cri, &metrics, 0);
 
@@ -456,3 +519,12 @@ async fn identity_tokens_pull_through_the_token_server() {
         registry.requests()
     );
 }
+
+warmroll_tests::on_each_runtime!(
+    inventory_lists_pods_with_labels_and_running_digest_and_follows_changes,
+    warm_moves_the_tag_so_if_not_present_pods_run_the_new_build,
+    failures_are_precise_and_the_agent_keeps_working,
+    watch_mode_serves_health_and_metrics_and_survives_a_runtime_restart,
+    identity_tokens_pull_through_the_token_server,
+    an_index_with_an_attestation_warms_and_runs_like_one_without
+);

@@ -28,7 +28,7 @@ use warmroll_proto::fleet::{
 use warmroll_proto::image::{Digest, ImageRef};
 use warmroll_proto::v1;
 use warmroll_proto::v1::fleet_server::{Fleet, FleetServer};
-use warmroll_tests::containerd::Containerd;
+use warmroll_tests::containerd::{Containerd, Runtime};
 use warmroll_tests::image::ImageBuilder;
 use warmroll_tests::registry::{Registry, RegistryOptions};
 
@@ -61,10 +61,11 @@ impl Fleet for StandIn {
     }
 }
 
-#[tokio::test]
-async fn the_session_reports_pull_progress_then_the_result() {
+async fn the_session_reports_pull_progress_then_the_result(runtime: Runtime) {
     let registry = Registry::start(RegistryOptions::plain()).await.unwrap();
-    let containerd = Containerd::start_with_registry(&registry).await.unwrap();
+    let containerd = Containerd::start_with_registry_on(runtime, &registry)
+        .await
+        .unwrap();
     let big = ImageBuilder::new(&registry)
         .unwrap()
         .push_random("big/session", "v1", 40 << 20)
@@ -220,3 +221,5 @@ async fn the_session_reports_pull_progress_then_the_result() {
     inventory.abort();
     server.abort();
 }
+
+warmroll_tests::on_each_runtime!(; local_pull: the_session_reports_pull_progress_then_the_result);

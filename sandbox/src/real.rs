@@ -123,8 +123,9 @@ pub async fn demo(options: &RealOptions) -> Result<Outcome> {
     registry.set_latency(options.latency);
     let cluster = KubeCluster::start(&registry, options.nodes).await?;
     println!(
-        "   Kubernetes {} (official kube-apiserver, controller-manager, scheduler, kube-proxy, CoreDNS; {} kubelets each with its own containerd) up in {}",
+        "   Kubernetes {} on {} (official kube-apiserver, controller-manager, scheduler, kube-proxy, CoreDNS; {} kubelets each with its own containerd) up in {}",
         cluster.version(),
+        cluster.runtime_version(),
         cluster.nodes().len(),
         secs(started.elapsed())
     );

@@ -100,6 +100,9 @@ pub struct PushedIndex {
     pub index_digest: String,
     /// Children by platform (`"linux/amd64"`, `"linux/arm64"`).
     pub children: BTreeMap<String, Pushed>,
+    /// `sha256:...` of the attestation manifest the index lists, if any
+    /// ([`ImageBuilder::push_index_with_attestation`]).
+    pub attestation: Option<String>,
 }
 
 /// A runnable image of one host binary, for [`ImageBuilder::push_binary`].
@@ -200,6 +203,19 @@ impl ImageBuilder {
     /// children under `repo:tag`. Both children share the build id; the arm64 child
     /// carries the same x86-64 busybox (it exists to be listed and resolved, not run).
     pub async fn push_index(&self, repo: &str, tag: &str) -> Result<PushedIndex> {
+        self.push_index_of(repo, tag, false).await
+    }
+
+    /// [`Self::push_index`] with an attestation manifest for the linux/amd64 child
+    /// listed in the index too, as BuildKit pushes them (provenance on, Docker Hub's
+    /// default): platform `unknown/unknown`, annotations `vnd.docker.reference.type:
+    /// attestation-manifest` and `vnd.docker.reference.digest: <child>`, one in-toto
+    /// layer. Nothing can run it; a runtime must never pick it as a platform.
+    pub async fn push_index_with_attestation(&self, repo: &str, tag: &str) -> Result<PushedIndex> {
+        self.push_index_of(repo, tag, true).await
+    }
+
+    async fn push_index_of(&self, repo: &str, tag: &str, attest: bool) -> Result<PushedIndex> {
         let reference = self.reference(repo, tag)?;
         let build_id = self.next_build_id(repo, tag);
         let base = self.push_base(&reference).await?;
@@ -252,6 +268,16 @@ impl ImageBuilder {
                 },
             );
         }
+        let attestation = match children.get("linux/amd64") {
+            Some(child) if attest => {
+                let (digest, entry) = self
+                    .push_attestation(&reference, repo, &child.manifest_digest)
+                    .await?;
+                entries.push(entry);
+                Some(digest)
+            }
+            _ => None,
+        };
         let index = serde_json::to_vec(&json!({
             "schemaVersion": 2,
             "mediaType": INDEX_MEDIA_TYPE,
@@ -270,7 +296,74 @@ impl ImageBuilder {
             reference: reference.whole(),
             index_digest,
             children,
+            attestation,
         })
+    }
+
+    /// Pushes an in-toto provenance statement about `subject` as an attestation manifest;
+    /// returns its digest and its index entry.
+    async fn push_attestation(
+        &self,
+        reference: &Reference,
+        repo: &str,
+        subject: &str,
+    ) -> Result<(String, serde_json::Value)> {
+        const IN_TOTO: &str = "application/vnd.in-toto+json";
+        const PROVENANCE: &str = "https://slsa.dev/provenance/v0.2";
+        let statement = Bytes::from(serde_json::to_vec(&json!({
+            "_type": "https://in-toto.io/Statement/v0.1",
+            "predicateType": PROVENANCE,
+            "subject": [{"name": "_", "digest": {"sha256": subject.trim_start_matches("sha256:")}}],
+            "predicate": {"builder": {"id": "warmroll-tests"}},
+        }))?);
+        let statement_digest = sha256(&statement);
+        let statement_len = statement.len() as u64;
+        self.push_blob(reference, statement, &statement_digest)
+            .await?;
+        let config = Bytes::from(serde_json::to_vec(&json!({
+            "architecture": "unknown",
+            "os": "unknown",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [statement_digest]},
+        }))?);
+        let config_digest = sha256(&config);
+        let config_len = config.len() as u64;
+        self.push_blob(reference, config, &config_digest).await?;
+        let mut layer = descriptor(IN_TOTO, &statement_digest, statement_len);
+        if let Some(layer) = layer.as_object_mut() {
+            layer.insert(
+                "annotations".into(),
+                json!({"in-toto.io/predicate-type": PROVENANCE}),
+            );
+        }
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": MANIFEST_MEDIA_TYPE,
+            "config": descriptor(CONFIG_MEDIA_TYPE, &config_digest, config_len),
+            "layers": [layer],
+        }))?;
+        let digest = sha256(&manifest);
+        let by_digest = self.reference_by_digest(repo, &digest)?;
+        let len = manifest.len();
+        self.client
+            .push_manifest_raw(
+                &by_digest,
+                manifest,
+                http::HeaderValue::from_static(MANIFEST_MEDIA_TYPE),
+            )
+            .await
+            .with_context(|| format!("pushing the attestation manifest of {reference}"))?;
+        let entry = json!({
+            "mediaType": MANIFEST_MEDIA_TYPE,
+            "digest": digest,
+            "size": len,
+            "platform": {"architecture": "unknown", "os": "unknown"},
+            "annotations": {
+                "vnd.docker.reference.type": "attestation-manifest",
+                "vnd.docker.reference.digest": subject,
+            },
+        });
+        Ok((digest, entry))
     }
 
     /// Pushes a new linux/amd64 build with an extra uncompressed layer holding

@@ -67,7 +67,8 @@ use k8s_cri::v1::{
     AuthConfig, ContainerState, ContainerStatusRequest, ListPodSandboxRequest, PodSandboxState,
 };
 use warmroll_tests::containerd::{
-    ContainerSpec, Containerd, ImagePull, PodSpec, RunningPod, mounts_under, processes_mentioning,
+    CONTAINERD2_RELEASE, ContainerSpec, Containerd, ImagePull, PodSpec, RunningPod, Runtime,
+    mounts_under, processes_mentioning,
 };
 use warmroll_tests::image::ImageBuilder;
 use warmroll_tests::registry::{Registry, RegistryOptions};
@@ -299,6 +300,35 @@ async fn drop_with_a_running_pod_leaves_no_process_or_mount() {
         !processes_mentioning(containerd.socket()).is_empty(),
         "shims run"
     );
+    drop(containerd);
+    assert_nothing_left(&dir, &[pid]);
+}
+
+/// containerd 2.x (config version 3) runs a pod with its own release's runc shim, not
+/// Debian's 1.6 one on PATH, and leaves nothing behind either.
+#[tokio::test]
+async fn containerd_2_runs_pods_with_its_own_shim_and_leaves_nothing_after_drop() {
+    let registry = Registry::start(RegistryOptions::plain()).await.unwrap();
+    let containerd = Containerd::start_with_registry_on(Runtime::Containerd2, &registry)
+        .await
+        .unwrap();
+    let version = containerd.version().await.unwrap();
+    assert_eq!(version.runtime_name, "containerd");
+    assert_eq!(version.runtime_version, CONTAINERD2_RELEASE);
+    let (_pod, pid) = running_pod(&registry, &containerd).await;
+    let dir = containerd.dir().to_path_buf();
+    let shims = processes_mentioning(containerd.socket());
+    assert!(!shims.is_empty(), "shims run");
+    let shim_dir = Runtime::Containerd2.binaries().unwrap().shim_dir.unwrap();
+    for (shim, _) in &shims {
+        let exe = std::fs::read_link(format!("/proc/{shim}/exe")).unwrap();
+        assert!(
+            exe.starts_with(&shim_dir),
+            "shim {shim} runs {}, not the 2.x shim in {}",
+            exe.display(),
+            shim_dir.display()
+        );
+    }
     drop(containerd);
     assert_nothing_left(&dir, &[pid]);
 }

@@ -5,7 +5,8 @@
     clippy::indexing_slicing
 )]
 //! warmroll on a real Kubernetes: the official control plane and kubelets built by
-//! `scripts/build-kubernetes`, each node with its own containerd (`tests/src/kube`),
+//! `scripts/build-kubernetes`, each node with its own containerd 2.x from
+//! `scripts/build-containerd` in its default configuration (`tests/src/kube`),
 //! warmroll's images built from the release binaries, the unchanged chart installed
 //! with `helm`.
 //!
@@ -23,6 +24,7 @@ use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
 use serde_json::{Value, json};
+use warmroll_tests::containerd::CONTAINERD2_RELEASE;
 use warmroll_tests::image::{ImageBuilder, Pushed};
 use warmroll_tests::kube::helm::{self, NAMESPACE};
 use warmroll_tests::kube::warmroll::{
@@ -138,8 +140,20 @@ async fn warmroll_on_a_real_cluster() {
     let cluster = KubeCluster::start(&registry, NODES)
         .await
         .expect("the real cluster (scripts/build-kubernetes builds its binaries)");
-    eprintln!("real cluster: Kubernetes {}", cluster.version());
+    eprintln!(
+        "real cluster: Kubernetes {} on {}",
+        cluster.version(),
+        cluster.runtime_version()
+    );
     assert_eq!(cluster.version(), KUBE_RELEASE);
+    assert_eq!(
+        cluster.runtime_version(),
+        // The Node's containerRuntimeVersion drops the `v` CRI `Version` has.
+        format!(
+            "containerd://{}",
+            CONTAINERD2_RELEASE.trim_start_matches('v')
+        )
+    );
     let builder = ImageBuilder::new(&registry).unwrap();
     let client = cluster.client().await.unwrap();
     let bed = Bed {
@@ -556,6 +570,11 @@ async fn a_rollout_that_cannot_come_up_is_held_after_one_patch(bed: &Bed) {
         1,
     );
     object["spec"]["progressDeadlineSeconds"] = json!(10);
+    // A new pod counts as available only after 5 s Ready: on Kubernetes 1.36 over
+    // containerd 2.x the kubelet reports the crashing container Running for a moment, and
+    // without this the Deployment completes its rollout (deleting the old pod) before
+    // the container exits, so no progress deadline can pass.
+    object["spec"]["minReadySeconds"] = json!(5);
     // Runs on the first build only: any later build exits at once.
     object["spec"]["template"]["spec"]["containers"][0]["command"] = json!([
         "/bin/sh",

@@ -1,8 +1,10 @@
 //! A real containerd (with its built-in CRI v1 plugin) per test.
 //!
-//! [`Containerd::start`] runs `/usr/bin/containerd` with its own root, state, socket,
-//! runc root and registry hosts dir under a `warmroll-testbed-ctrd-*` temp dir, with the
-//! CRI settings this machine needs (see `shared/TESTBED.md`): `restrict_oom_score_adj`,
+//! [`Containerd::start_on`] runs a containerd of the given [`Runtime`] (Debian's 1.6, or
+//! 2.x built by `scripts/build-containerd`; [`Containerd::start`] takes 1.6) with its own
+//! root, state, socket, runc root and registry hosts dir under a
+//! `warmroll-testbed-ctrd-*` temp dir, with the CRI settings this machine needs (see
+//! `shared/TESTBED.md`): `restrict_oom_score_adj`,
 //! a sandbox image served by a test registry, a `config_path` hosts dir that
 //! [`Containerd::trust_registry`] fills at runtime. Pods run the way kubelet runs them
 //! ([`Containerd::run_pod`]), with host networking so no CNI is needed.
@@ -14,6 +16,7 @@
 
 pub(crate) mod cleanup;
 mod pod;
+mod runtime;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -41,9 +44,9 @@ use crate::scratch;
 
 pub use cleanup::{mounts_under, processes_mentioning};
 pub use pod::{ContainerSpec, ImagePull, PodRuntime, PodSpec, RunningContainer, RunningPod};
-
-/// The containerd binary the test bed runs (Debian package `containerd`).
-pub const CONTAINERD_BIN: &str = "/usr/bin/containerd";
+pub use runtime::{CONTAINERD2_BIN_ENV, CONTAINERD2_RELEASE, Runtime, RuntimeBinaries};
+pub(crate) use runtime::{CriPaths, config_toml};
+use runtime::{toml_path, toml_str};
 /// The containerd namespace the CRI plugin uses.
 pub const CRI_NAMESPACE: &str = "k8s.io";
 
@@ -104,6 +107,8 @@ impl Paths {
 pub struct Containerd {
     /// `None` once dropped.
     dir: Option<TempDir>,
+    runtime: Runtime,
+    binaries: RuntimeBinaries,
     paths: Paths,
     sandbox_image: String,
     process: Option<Child>,
@@ -113,6 +118,7 @@ pub struct Containerd {
 impl std::fmt::Debug for Containerd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Containerd")
+            .field("runtime", &self.runtime)
             .field("dir", &self.paths.dir)
             .field("sandbox_image", &self.sandbox_image)
             .field("pid", &self.pid())
@@ -121,24 +127,35 @@ impl std::fmt::Debug for Containerd {
 }
 
 impl Containerd {
-    /// Starts containerd whose pod sandboxes use `sandbox_image` (an image a test
-    /// registry serves; trust that registry with [`Self::trust_registry`] before running
-    /// a pod), and waits until CRI `Version` answers.
-    ///
-    /// Fails with a message naming what to install when not root or when containerd,
-    /// runc or the runc shim are missing.
+    /// [`Self::start_on`] Debian's containerd 1.6.
     pub async fn start(sandbox_image: &str) -> Result<Self> {
+        Self::start_on(Runtime::Containerd16, sandbox_image).await
+    }
+
+    /// Starts a containerd of `runtime` whose pod sandboxes use `sandbox_image` (an
+    /// image a test registry serves; trust that registry with [`Self::trust_registry`]
+    /// before running a pod), and waits until CRI `Version` answers.
+    ///
+    /// Fails with a message naming what to install or build when not root or when
+    /// containerd, runc or the runc shim are missing.
+    pub async fn start_on(runtime: Runtime, sandbox_image: &str) -> Result<Self> {
+        let binaries = runtime.binaries()?;
         preflight()?;
         let dir = scratch::temp_dir("ctrd")?;
         let paths = Paths::new(dir.path());
         for d in [&paths.hosts, &paths.pod_logs] {
             fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
-        fs::write(&paths.config, standalone_config(&paths, sandbox_image))
-            .with_context(|| format!("writing {}", paths.config.display()))?;
+        fs::write(
+            &paths.config,
+            standalone_config(runtime, &paths, sandbox_image),
+        )
+        .with_context(|| format!("writing {}", paths.config.display()))?;
         let channel = unix_channel(&paths.socket)?;
         let mut containerd = Self {
             dir: Some(dir),
+            runtime,
+            binaries,
             paths,
             sandbox_image: sandbox_image.to_string(),
             process: None,
@@ -157,13 +174,23 @@ impl Containerd {
     /// containerd pulls the sandbox image without credentials: use a registry without
     /// auth here (plain or TLS), and [`Self::trust_registry`] for authenticated ones.
     pub async fn start_with_registry(registry: &Registry) -> Result<Self> {
+        Self::start_with_registry_on(Runtime::Containerd16, registry).await
+    }
+
+    /// [`Self::start_with_registry`] on a containerd of `runtime`.
+    pub async fn start_with_registry_on(runtime: Runtime, registry: &Registry) -> Result<Self> {
         let sandbox = ImageBuilder::new(registry)?
             .push(SANDBOX_REPO, SANDBOX_TAG)
             .await
             .context("pushing the sandbox image")?;
-        let containerd = Self::start(&sandbox.reference).await?;
+        let containerd = Self::start_on(runtime, &sandbox.reference).await?;
         containerd.trust_registry(registry)?;
         Ok(containerd)
+    }
+
+    /// Which containerd this is.
+    pub fn kind(&self) -> Runtime {
+        self.runtime
     }
 
     /// The CRI (and containerd API) socket.
@@ -324,14 +351,20 @@ impl Containerd {
         let log_err = log
             .try_clone()
             .context("duplicating the containerd log file")?;
-        let child = Command::new(CONTAINERD_BIN)
+        let binary = &self.binaries.containerd;
+        let mut command = Command::new(binary);
+        command
             .arg("--config")
             .arg(&self.paths.config)
             .stdin(Stdio::null())
             .stdout(log)
-            .stderr(log_err)
+            .stderr(log_err);
+        if let Some(path) = self.binaries.path_env() {
+            command.env("PATH", path);
+        }
+        let child = command
             .spawn()
-            .with_context(|| format!("starting {CONTAINERD_BIN}"))?;
+            .with_context(|| format!("starting {}", binary.display()))?;
         self.process = Some(child);
         Ok(())
     }
@@ -476,9 +509,6 @@ fn preflight() -> Result<()> {
              run the suite as root, e.g. `sudo scripts/test`"
         );
     }
-    if !Path::new(CONTAINERD_BIN).is_file() {
-        bail!("{CONTAINERD_BIN} not found: install the Debian package `containerd`");
-    }
     for (binary, package) in [("containerd-shim-runc-v2", "containerd"), ("runc", "runc")] {
         if find_in_path(binary).is_none() {
             bail!("`{binary}` not found in PATH: install the Debian package `{package}`");
@@ -494,31 +524,11 @@ fn find_in_path(binary: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// A TOML basic string.
-fn toml_str(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
-fn toml_path(p: &Path) -> String {
-    toml_str(&p.to_string_lossy())
-}
-
-/// Where one containerd keeps everything, for [`config_toml`].
-pub(crate) struct CriPaths<'a> {
-    pub root: &'a Path,
-    pub state: &'a Path,
-    pub socket: &'a Path,
-    pub dir: &'a Path,
-    pub runc_root: &'a Path,
-    pub cni_bin: &'a Path,
-    pub cni_conf: &'a Path,
-    pub hosts: &'a Path,
-}
-
 /// The config of a test-bed containerd: everything under its temp dir.
-fn standalone_config(paths: &Paths, sandbox_image: &str) -> String {
+fn standalone_config(runtime: Runtime, paths: &Paths, sandbox_image: &str) -> String {
     let dir = &paths.dir;
     config_toml(
+        runtime,
         &CriPaths {
             root: &dir.join("root"),
             state: &dir.join("state"),
@@ -530,71 +540,6 @@ fn standalone_config(paths: &Paths, sandbox_image: &str) -> String {
             hosts: &paths.hosts,
         },
         sandbox_image,
-    )
-}
-
-/// containerd 1.6 config (version 2) for one test instance; `dir` holds the ttrpc
-/// socket and the `opt` dir.
-pub(crate) fn config_toml(paths: &CriPaths<'_>, sandbox_image: &str) -> String {
-    let dir = paths.dir;
-    let cri = r#"plugins."io.containerd.grpc.v1.cri""#;
-    format!(
-        r#"version = 2
-root = {root}
-state = {state}
-disabled_plugins = [
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.tracing.processor.v1.otlp",
-  "io.containerd.internal.v1.tracing",
-]
-
-[grpc]
-  address = {socket}
-
-[ttrpc]
-  address = {ttrpc}
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = {opt}
-
-[{cri}]
-  sandbox_image = {sandbox_image}
-  # Lowering oom_score_adj is denied here; without this every RunPodSandbox fails.
-  restrict_oom_score_adj = true
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-
-[{cri}.containerd]
-  snapshotter = "overlayfs"
-  default_runtime_name = "runc"
-
-[{cri}.containerd.runtimes.runc]
-  runtime_type = "io.containerd.runc.v2"
-
-[{cri}.containerd.runtimes.runc.options]
-  # Our own runc state, so cleanup can force-delete what containerd left behind.
-  Root = {runc_root}
-
-[{cri}.cni]
-  bin_dir = {cni_bin}
-  conf_dir = {cni_conf}
-
-[{cri}.registry]
-  config_path = {hosts}
-"#,
-        root = toml_path(paths.root),
-        state = toml_path(paths.state),
-        socket = toml_path(paths.socket),
-        ttrpc = toml_path(&dir.join("c.sock.ttrpc")),
-        opt = toml_path(&dir.join("opt")),
-        sandbox_image = toml_str(sandbox_image),
-        runc_root = toml_path(paths.runc_root),
-        cni_bin = toml_path(paths.cni_bin),
-        cni_conf = toml_path(paths.cni_conf),
-        hosts = toml_path(paths.hosts),
     )
 }
 
@@ -628,7 +573,7 @@ mod tests {
     #[test]
     fn config_points_everything_into_the_temp_dir() {
         let paths = Paths::new(Path::new("/tmp/warmroll-testbed-ctrd-x"));
-        let config = standalone_config(&paths, "127.0.0.1:1/pause:1");
+        let config = standalone_config(Runtime::Containerd16, &paths, "127.0.0.1:1/pause:1");
         assert!(config.contains("address = \"/tmp/warmroll-testbed-ctrd-x/c.sock\""));
         assert!(config.contains("restrict_oom_score_adj = true"));
         assert!(config.contains("sandbox_image = \"127.0.0.1:1/pause:1\""));

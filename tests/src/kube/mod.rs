@@ -1,7 +1,8 @@
 //! A real Kubernetes cluster on this machine, built from the official sources
 //! (`scripts/build-kubernetes`): etcd, kube-apiserver, kube-controller-manager,
 //! kube-scheduler, kube-proxy, CoreDNS and N nodes, each a real kubelet with its own
-//! real containerd (see [`node`]).
+//! real containerd 2.x in its default configuration (`scripts/build-containerd`; see
+//! [`node`]).
 //!
 //! Everything runs in one network namespace of its own ([`netns`]) with private
 //! addresses: the control plane on `10.200.0.1` (the API server on :6443, CoreDNS on
@@ -45,12 +46,15 @@ pub use node::Node;
 use node::{NodeEnv, NodeSpec};
 use pki::Pki;
 
+use crate::containerd::Runtime;
 use crate::image::ImageBuilder;
 use crate::registry::Registry;
 use crate::scratch;
 
 /// The release `scripts/build-kubernetes` builds (see `docs/real-kubernetes.md`).
-pub const KUBE_RELEASE: &str = "v1.34.4";
+pub const KUBE_RELEASE: &str = "v1.36.3";
+/// What every node runs under its kubelet (see `docs/real-kubernetes.md`).
+pub const NODE_RUNTIME: Runtime = Runtime::Containerd2;
 /// Where `scripts/test` says the binaries are; else the build script's default cache.
 pub const KUBE_BIN_ENV: &str = "WARMROLL_KUBE_BIN";
 const DEFAULT_CACHE: &str = "/var/cache/warmroll/kubernetes";
@@ -130,6 +134,7 @@ pub struct KubeCluster {
     registry_host: String,
     host_registry: String,
     version: String,
+    runtime_version: String,
     dir: Option<TempDir>,
 }
 
@@ -139,6 +144,7 @@ impl KubeCluster {
     pub async fn start(registry: &Registry, nodes: u8) -> Result<KubeCluster> {
         preflight()?;
         let bins = ClusterBins::locate()?;
+        let runtime_bins = NODE_RUNTIME.binaries()?;
         let dir = scratch::temp_dir("kube")?;
         let root = dir.path().to_path_buf();
         let pki = Pki::create(&root.join("pki"))?;
@@ -158,6 +164,7 @@ impl KubeCluster {
             registry_host: format!("{CONTROL_PLANE_IP}:{registry_port}"),
             host_registry: registry.host().to_string(),
             version: String::new(),
+            runtime_version: String::new(),
             dir: Some(dir),
         };
         let specs: Vec<NodeSpec> = (0..nodes).map(NodeSpec::new).collect();
@@ -185,6 +192,8 @@ impl KubeCluster {
                 net: &cluster.net,
                 pki: &cluster.pki,
                 bins: &bins,
+                runtime: NODE_RUNTIME,
+                runtime_bins: &runtime_bins,
                 server: &server,
                 sandbox_image: &sandbox_image,
                 registry_host: &cluster.registry_host,
@@ -446,6 +455,15 @@ impl KubeCluster {
                 Err(_) => 0,
             };
             if ready == self.nodes.len() {
+                if let Ok(list) = &listed {
+                    self.runtime_version = list
+                        .items
+                        .iter()
+                        .filter_map(|n| n.status.as_ref()?.node_info.as_ref())
+                        .map(|info| info.container_runtime_version.clone())
+                        .next()
+                        .unwrap_or_default();
+                }
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -491,6 +509,11 @@ impl KubeCluster {
     /// The API server's `gitVersion`.
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// What the nodes' kubelets report as their runtime (`containerd://2.3.7`).
+    pub fn runtime_version(&self) -> &str {
+        &self.runtime_version
     }
 
     /// The cluster CA in PEM.
@@ -617,7 +640,6 @@ fn preflight() -> Result<()> {
         bail!("the real cluster must run as root (running as uid {uid}): run the suite as root");
     }
     for (path, package) in [
-        ("/usr/bin/containerd", "containerd"),
         ("/usr/sbin/runc", "runc"),
         ("/usr/bin/nsenter", "util-linux"),
         ("/usr/bin/unshare", "util-linux"),

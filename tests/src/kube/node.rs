@@ -20,7 +20,7 @@ use super::netns::NetNs;
 use super::pki::Pki;
 use super::{CLUSTER_DNS, ClusterBins};
 use crate::containerd::cleanup::{is_alive, processes, remove_all_pods, wait_gone};
-use crate::containerd::{CriPaths, config_toml, hosts_toml};
+use crate::containerd::{CriPaths, Runtime, RuntimeBinaries, config_toml, hosts_toml};
 
 const CGROUP_FS: &str = "/sys/fs/cgroup";
 const CNI_BIN: &str = "/usr/lib/cni";
@@ -57,13 +57,16 @@ impl NodeSpec {
     }
 }
 
-/// What every node shares: the cluster's dir, network, CA and binaries, the API
-/// server's in-cluster URL, the sandbox image and the registry host to trust.
+/// What every node shares: the cluster's dir, network, CA and binaries (Kubernetes'
+/// and containerd's), the API server's in-cluster URL, the sandbox image and the
+/// registry host to trust.
 pub struct NodeEnv<'a> {
     pub cluster_dir: &'a Path,
     pub net: &'a NetNs,
     pub pki: &'a Pki,
     pub bins: &'a ClusterBins,
+    pub runtime: Runtime,
+    pub runtime_bins: &'a RuntimeBinaries,
     pub server: &'a str,
     pub sandbox_image: &'a str,
     pub registry_host: &'a str,
@@ -88,6 +91,8 @@ impl Node {
             net,
             pki,
             bins,
+            runtime,
+            runtime_bins,
             server,
             sandbox_image,
             registry_host,
@@ -151,6 +156,7 @@ impl Node {
         write(
             &paths.containerd_config,
             &config_toml(
+                runtime,
                 &CriPaths {
                     root: Path::new(VAR_LIB_CONTAINERD),
                     state: &Path::new(RUN_CONTAINERD).join("state"),
@@ -164,8 +170,12 @@ impl Node {
                 sandbox_image,
             ),
         )?;
-        let mut containerd = node.command("/usr/bin/containerd");
+        let mut containerd = node.command(&runtime_bins.containerd);
         containerd.arg("--config").arg(&paths.containerd_config);
+        if let Some(path) = runtime_bins.path_env() {
+            // containerd starts its own release's runc shim, found on PATH.
+            containerd.env("PATH", path);
+        }
         node.containerd = Some(Daemon::spawn(
             &format!("{} containerd", node.spec.name),
             containerd,
@@ -445,6 +455,9 @@ fn kubelet_config(
         "tlsCertFile": cert,
         "tlsPrivateKeyFile": key,
         "cgroupDriver": "cgroupfs",
+        // Test-bed concession: this machine's kernel is cgroup v1, which kubelets from
+        // 1.35 refuse unless told otherwise (KEP-5573). Clusters people run are v2.
+        "failCgroupV1": false,
         "cgroupRoot": cgroup_root,
         "failSwapOn": false,
         "containerRuntimeEndpoint": format!("unix://{RUN_CONTAINERD}/containerd.sock"),
@@ -578,5 +591,6 @@ mod tests {
             "unix:///run/containerd/containerd.sock"
         );
         assert_eq!(config["podLogsDir"], "/t/node-2/pod-logs");
+        assert_eq!(config["failCgroupV1"], false, "this machine is cgroup v1");
     }
 }

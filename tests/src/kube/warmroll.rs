@@ -187,7 +187,26 @@ impl<'a> Warmroll<'a> {
                 .and_then(|s| s.node_name.clone())
                 .unwrap_or_default();
             let name = pod.metadata.name.clone().unwrap_or_default();
-            for line in self.cluster.container_log(NAMESPACE, &name, container)? {
+            // A pod whose container has not started yet has no log; a terminating pod's
+            // log may be gone already (the kubelet removes it with the pod).
+            let started = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .is_some_and(|statuses| {
+                    statuses.iter().any(|c| {
+                        c.name == container
+                            && c.state
+                                .as_ref()
+                                .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+                    })
+                });
+            let logs = match self.cluster.container_log(NAMESPACE, &name, container) {
+                Ok(logs) => logs,
+                Err(_) if !started || pod.metadata.deletion_timestamp.is_some() => continue,
+                Err(e) => return Err(e),
+            };
+            for line in logs {
                 if let Ok(value) = serde_json::from_str::<Value>(&line.text) {
                     out.push((node.clone(), line.time, value));
                 }
