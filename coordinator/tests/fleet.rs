@@ -11,28 +11,13 @@ mod support;
 
 use std::time::Duration;
 
-use support::{FleetBed, agent_user, register_token};
+use support::{FleetBed, agent_user, hello, node, register_token};
 use tonic::{Code, Status};
 use warmroll_coordinator::fleet::{FleetEventKind, FleetView};
-use warmroll_proto::fleet::{AgentMessage, MAX_MESSAGE_BYTES, NodeName, Runtime};
+use warmroll_proto::fleet::MAX_MESSAGE_BYTES;
 use warmroll_proto::v1;
 use warmroll_tests::containerd::{ContainerSpec, PodSpec};
 use warmroll_tests::image::ImageBuilder;
-
-fn node(name: &str) -> NodeName {
-    NodeName::parse(name).unwrap()
-}
-
-fn hello(name: &str) -> v1::AgentMessage {
-    AgentMessage::Hello(warmroll_agent::session::hello(
-        node(name),
-        Runtime {
-            name: "containerd".into(),
-            version: "1.6".into(),
-        },
-    ))
-    .into()
-}
 
 fn pods_on(view: &FleetView, name: &str) -> Vec<String> {
     view.node(&node(name))

@@ -13,29 +13,14 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{FleetBed, agent_user, raw_session, register_token};
+use support::{FleetBed, agent_user, hello, node, raw_session, register_token};
 use tonic::Code;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use warmroll_coordinator::fleet::{FleetView, WarmRequest};
-use warmroll_proto::fleet::{AgentMessage, NodeName, Runtime, WarmOutcome};
+use warmroll_proto::fleet::WarmOutcome;
 use warmroll_proto::image::ImageRef;
 use warmroll_proto::v1;
 use warmroll_tests::image::ImageBuilder;
-
-fn node(name: &str) -> NodeName {
-    NodeName::parse(name).unwrap()
-}
-
-fn hello(name: &str) -> v1::AgentMessage {
-    AgentMessage::Hello(warmroll_agent::session::hello(
-        node(name),
-        Runtime {
-            name: "containerd".into(),
-            version: "1.6".into(),
-        },
-    ))
-    .into()
-}
 
 fn container(id: usize, labels: usize) -> v1::Container {
     v1::Container {
@@ -97,17 +82,19 @@ fn rss_bytes() -> u64 {
     kib * 1024
 }
 
+/// An order to pull `image` by tag, whatever digest it has.
+fn request(image: &ImageRef, timeout: Duration) -> WarmRequest {
+    WarmRequest {
+        image: image.clone(),
+        expected: None,
+        credentials: None,
+        timeout,
+    }
+}
+
 async fn warm_on(view: &FleetView, name: &str, image: &ImageRef) -> WarmOutcome {
     let mut ticket = view
-        .send_order(
-            &node(name),
-            WarmRequest {
-                image: image.clone(),
-                expected: None,
-                credentials: None,
-                timeout: Duration::from_secs(60),
-            },
-        )
+        .send_order(&node(name), request(image, Duration::from_secs(60)))
         .unwrap();
     tokio::time::timeout(Duration::from_secs(60), ticket.finished())
         .await
@@ -159,16 +146,8 @@ async fn an_agent_that_stops_reading_is_dropped_at_once_and_the_others_warm() {
             sent < 5_000,
             "the session is still open after {sent} orders"
         );
-        view.send_order(
-            &node("stuck"),
-            WarmRequest {
-                image: image.clone(),
-                expected: None,
-                credentials: None,
-                timeout: Duration::from_secs(600),
-            },
-        )
-        .unwrap();
+        view.send_order(&node("stuck"), request(&image, Duration::from_secs(600)))
+            .unwrap();
         sent += 1;
         // Let the server write what it can.
         tokio::task::yield_now().await;
@@ -228,15 +207,7 @@ async fn an_order_outstanding_while_the_agent_restarts_reaches_the_new_agent() {
     .await
     .unwrap();
     let mut ticket = view
-        .send_order(
-            &node("node-0"),
-            WarmRequest {
-                image: image.clone(),
-                expected: None,
-                credentials: None,
-                timeout: Duration::from_secs(60),
-            },
-        )
+        .send_order(&node("node-0"), request(&image, Duration::from_secs(60)))
         .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!matches!(

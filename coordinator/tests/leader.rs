@@ -14,13 +14,12 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
-use support::{AGENT_ACCOUNT, AGENT_NAMESPACE, AUDIENCE, Tls, agent_user, register_token};
+use support::{AGENT_ACCOUNT, AGENT_NAMESPACE, AUDIENCE, Tls, agent_user, hello, register_token};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::Code;
 use warmroll_coordinator::leader::{KubeLeases, LeaseConfig, elect};
-use warmroll_proto::fleet::{AgentMessage, NodeName, Runtime};
 use warmroll_proto::v1;
 use warmroll_tests::kubeapi::KubeApi;
 use warmroll_tests::scratch;
@@ -220,17 +219,6 @@ impl Process {
         )
         .unwrap();
     }
-}
-
-fn hello(node: &str) -> v1::AgentMessage {
-    AgentMessage::Hello(warmroll_agent::session::hello(
-        NodeName::parse(node).unwrap(),
-        Runtime {
-            name: "containerd".into(),
-            version: "1.6".into(),
-        },
-    ))
-    .into()
 }
 
 /// Opens a session to `process` as node-0's agent; `Ok` once the welcome arrived.

@@ -265,7 +265,7 @@ async fn sessions_of_other_accounts_or_nodes_are_refused(bed: &Bed) {
     }
     // The agent's own account and node, but a token requested without pod binding (so
     // it names no node), mounted in place of the projected one.
-    let unbound = unbound_agent_token(bed).await;
+    let unbound = agent_token(bed, None).await;
     let secrets: Api<k8s_openapi::api::core::v1::Secret> =
         Api::namespaced(warmroll.client.clone(), NAMESPACE);
     secrets
@@ -966,7 +966,7 @@ async fn a_forged_pod_report_triggers_no_rollout(bed: &Bed) {
         .into_iter()
         .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some("node-1"))
         .expect("node-1's agent");
-    let token = agent_token_bound_to(bed, &agent).await;
+    let token = agent_token(bed, Some(&agent)).await;
     let forged = warmroll_proto::v1::Container {
         id: "f".repeat(64),
         pod: Some(warmroll_proto::v1::PodRef {
@@ -1003,32 +1003,10 @@ async fn a_forged_pod_report_triggers_no_rollout(bed: &Bed) {
     drop(session);
 }
 
-/// A token of the agents' ServiceAccount for warmroll's audience bound to nothing: it
-/// names no node.
-async fn unbound_agent_token(bed: &Bed) -> String {
-    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-    use k8s_openapi::api::core::v1::ServiceAccount;
-    let accounts: Api<ServiceAccount> = Api::namespaced(bed.client.clone(), NAMESPACE);
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            audiences: Some(vec!["warmroll".into()]),
-            expiration_seconds: Some(3600),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    accounts
-        .create_token_request(AGENT, &PostParams::default(), &request)
-        .await
-        .unwrap()
-        .status
-        .and_then(|s| s.token)
-        .expect("the TokenRequest's token")
-}
-
 /// A token of the agents' ServiceAccount for warmroll's audience, bound to `pod` (so it
-/// carries the pod's node), as the kubelet would project it.
-async fn agent_token_bound_to(bed: &Bed, pod: &Pod) -> String {
+/// carries the pod's node, as the kubelet projects it), or to nothing (so it names no
+/// node).
+async fn agent_token(bed: &Bed, pod: Option<&Pod>) -> String {
     use k8s_openapi::api::authentication::v1::{
         BoundObjectReference, TokenRequest, TokenRequestSpec,
     };
@@ -1037,7 +1015,7 @@ async fn agent_token_bound_to(bed: &Bed, pod: &Pod) -> String {
     let request = TokenRequest {
         spec: Some(TokenRequestSpec {
             audiences: Some(vec!["warmroll".into()]),
-            bound_object_ref: Some(BoundObjectReference {
+            bound_object_ref: pod.map(|pod| BoundObjectReference {
                 api_version: Some("v1".into()),
                 kind: Some("Pod".into()),
                 name: pod.metadata.name.clone(),

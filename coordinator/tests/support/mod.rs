@@ -57,6 +57,23 @@ pub fn agent_user() -> String {
     service_account_user(AGENT_NAMESPACE, AGENT_ACCOUNT)
 }
 
+/// A node name.
+pub fn node(name: &str) -> NodeName {
+    NodeName::parse(name).unwrap()
+}
+
+/// The agent's hello for node `name`, on containerd.
+pub fn hello(name: &str) -> v1::AgentMessage {
+    warmroll_proto::fleet::AgentMessage::Hello(warmroll_agent::session::hello(
+        node(name),
+        warmroll_proto::fleet::Runtime {
+            name: "containerd".into(),
+            version: "1.6".into(),
+        },
+    ))
+    .into()
+}
+
 /// Registers a fresh token for `user` with warmroll's audience, bound to `node` when
 /// given (as a pod-bound projected token is), and returns it.
 pub fn register_token(kube: &KubeApi, user: &str, node: Option<&str>) -> String {
