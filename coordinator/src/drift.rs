@@ -827,22 +827,16 @@ pub fn running_of<'a>(
         .collect()
 }
 
-/// Whether an agent's report of `digest` in a container named like `container` of a
-/// tracked template would count against the tag's current digest: it would start a
-/// rollout (drift) or hold one back (not converged). Such reports are confirmed with
-/// the API server before they count; a report on the current digest, with no digest, or
-/// of an image not resolved is no evidence either way.
-pub fn would_count(
-    container: &TemplateContainer,
-    lookup: Option<&Lookup>,
-    digest: Option<&Digest>,
-) -> bool {
+/// Whether an agent's report of `digest` in a container whose template runs `image`
+/// would count against the tag's current digest: it would start a rollout (drift) or
+/// hold one back (not converged). Such reports are confirmed with the API server before
+/// they count; a report on the current digest, with no digest, of a pinned image or of
+/// an image not resolved is no evidence either way.
+pub fn would_count(image: &ImageRef, lookup: Option<&Lookup>, digest: Option<&Digest>) -> bool {
     let (Some(Lookup::Tag(resolved)), Some(digest)) = (lookup, digest) else {
         return false;
     };
-    let tracked = ImageRef::parse(&container.image)
-        .is_ok_and(|image| !matches!(image.tracking(), Tracking::Pinned(_)));
-    tracked && !digest_matches(digest, resolved)
+    !matches!(image.tracking(), Tracking::Pinned(_)) && !digest_matches(digest, resolved)
 }
 
 #[cfg(test)]

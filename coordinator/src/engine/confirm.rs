@@ -94,7 +94,6 @@ impl PodConfirmer {
                 }
             }
         }
-        let mut answers = Vec::with_capacity(ask.len());
         let mut lookups = futures::stream::iter(ask.into_iter().map(|report| {
             let client = self.client.clone();
             async move {
@@ -103,10 +102,7 @@ impl PodConfirmer {
             }
         }))
         .buffer_unordered(CONCURRENT);
-        while let Some(answer) = lookups.next().await {
-            answers.push(answer);
-        }
-        for (report, verdict) in answers {
+        while let Some((report, verdict)) = lookups.next().await {
             let Some(verdict) = verdict else { continue };
             self.verdicts.insert(report.uid.clone(), verdict);
             if verdict == Verdict::Refuted {

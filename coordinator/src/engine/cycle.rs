@@ -120,15 +120,19 @@ fn suspects(
         let Some(in_ns) = running.get(&workload.key.namespace) else {
             continue;
         };
+        // Parsed and looked up once per workload, not per reported pod.
+        let templates: Vec<(&str, ImageRef, Option<&Lookup>)> =
+            tracked_containers(workload, policy)
+                .filter_map(|t| {
+                    let image = ImageRef::parse(&t.image).ok()?;
+                    let lookup = lookups.get(&image);
+                    Some((t.name.as_str(), image, lookup))
+                })
+                .collect();
         for (node, c) in in_ns {
-            if !workload.selector.matches(&c.pod_labels) {
-                continue;
-            }
-            let counts = tracked_containers(workload, policy)
-                .filter(|t| t.name == c.name)
-                .any(|t| {
-                    let lookup = ImageRef::parse(&t.image).ok().and_then(|i| lookups.get(&i));
-                    drift::would_count(t, lookup, c.digest.as_ref())
+            let counts = workload.selector.matches(&c.pod_labels)
+                && templates.iter().any(|(name, image, lookup)| {
+                    *name == c.name && drift::would_count(image, *lookup, c.digest.as_ref())
                 });
             if counts {
                 out.insert(PodReport {

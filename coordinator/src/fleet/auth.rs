@@ -123,7 +123,12 @@ pub fn identity_from_review(
     Ok(Identity { username, node })
 }
 
-type TokenHash = [u8; 32];
+/// A SHA-256 of a bearer token: what token caches are keyed by, never the token.
+pub type TokenHash = [u8; 32];
+
+pub fn token_hash(token: &str) -> TokenHash {
+    Sha256::digest(token.as_bytes()).into()
+}
 
 /// The claims of a Kubernetes projected ServiceAccount token that [`precheck`] reads.
 #[derive(Debug, Default, serde::Deserialize)]
@@ -159,7 +164,8 @@ struct NamedClaim {
     name: Option<String>,
 }
 
-/// The most bytes a token may have: projected tokens are about a kilobyte.
+/// The most bytes a bearer token may have (agents' and HTTP readers'): projected tokens
+/// are about a kilobyte.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
 /// What a token says about itself before anyone checked its signature: only good for
@@ -399,7 +405,7 @@ impl TokenReviewAuthenticator {
 impl Authenticator for TokenReviewAuthenticator {
     #[instrument(skip_all, fields(audience = %self.audience))]
     async fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
-        let hash: TokenHash = Sha256::digest(token.as_bytes()).into();
+        let hash = token_hash(token);
         let result = self.review(token, hash).await;
         self.count(&result);
         result

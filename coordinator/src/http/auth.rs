@@ -34,6 +34,8 @@ use k8s_openapi::api::authorization::v1::{
 use kube::api::{Api, PostParams};
 use moka::future::Cache;
 use sha2::{Digest as _, Sha256};
+
+use crate::fleet::auth::{MAX_TOKEN_BYTES, TokenHash, token_hash};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
@@ -42,10 +44,6 @@ use warmroll_proto::units::parse_duration;
 /// Paths anyone may request: the kubelet's probes, and the registry webhook, which
 /// checks its own shared secret.
 pub const OPEN_PATHS: [&str; 3] = ["/healthz", "/readyz", "/webhooks/registry"];
-
-/// Longer bearer tokens are refused without a review (service account tokens are about
-/// 1 KiB, OIDC ID tokens a few).
-pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
 /// Cached answers, per cache (users by token, decisions by token, verb and path).
 pub const CACHE_ENTRIES: u64 = 4_096;
@@ -261,14 +259,6 @@ fn redact(text: &str, token: &str) -> String {
     } else {
         text.replace(token, "<token>")
     }
-}
-
-/// A SHA-256 of a bearer token: what the caches are keyed by, never the token (as the
-/// agents' TokenReview cache, [`crate::fleet::auth`]).
-type TokenHash = [u8; 32];
-
-fn token_hash(token: &str) -> TokenHash {
-    Sha256::digest(token.as_bytes()).into()
 }
 
 /// The cache key of one decision: the token, the verb and the path, hashed together.
